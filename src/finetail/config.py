@@ -1,0 +1,89 @@
+"""Study configuration: schema validation (with defaults) and the checks a schema cannot state.
+
+The schema is ``workflow/schemas/config.schema.yaml``; the Snakefile validates with
+Snakemake's ``validate`` and then calls :func:`check_config`; tools outside Snakemake (tests,
+benchmarks, ``finetail check-config``) call :func:`load_config`, which does both.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+__all__ = ["ConfigError", "SCHEMA", "check_config", "load_config", "train_spec"]
+
+ROOT = Path(__file__).resolve().parents[2]
+SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """A study configuration that cannot run, with the offending key in the message."""
+
+
+def _validate_with_defaults(config: dict, schema: dict) -> None:
+    import jsonschema
+
+    base = jsonschema.Draft202012Validator
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if isinstance(sub, dict) and "default" in sub:
+                    instance.setdefault(name, sub["default"])
+        yield from base.VALIDATORS["properties"](validator, properties, instance, schema)
+
+    cls = jsonschema.validators.extend(base, {"properties": set_defaults})
+    errors = sorted(cls(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = []
+        for e in errors:
+            where = "/".join(str(p) for p in e.absolute_path) or "<top level>"
+            lines.append(f"  at {where}: {e.message}")
+        raise ConfigError("invalid study configuration:\n" + "\n".join(lines))
+
+
+def check_config(config: dict) -> None:
+    """Cross-field checks: every dataset a stage names is declared, and so on."""
+    datasets = config.get("datasets", {})
+    cb = config.get("cbloss")
+    if cb:
+        for name in cb["datasets"]:
+            if name not in datasets:
+                raise ConfigError(f"cbloss.datasets names {name!r}, which is not declared under datasets: {sorted(datasets)}")
+        r = cb["recipe"]
+        if len(r.get("milestones", [])) != len(r.get("lr_factors", [])):
+            raise ConfigError("cbloss.recipe: milestones and lr_factors must have the same length")
+        for key, loss in cb["losses"].items():
+            if loss["type"] != "focal" and loss.get("gamma", 0):
+                raise ConfigError(f"cbloss.losses.{key}: gamma applies to the focal loss only")
+    shots = config.get("shots", {})
+    if shots and shots.get("few", 20) > shots.get("many", 100):
+        raise ConfigError("shots.few must not exceed shots.many")
+    for name, spec in datasets.items():
+        if spec.get("kind") == "world":
+            from .world import WORLD_DATASETS
+
+            if name not in WORLD_DATASETS:
+                raise ConfigError(f"datasets.{name}: kind 'world' makes only {list(WORLD_DATASETS)}")
+
+
+def load_config(path: str | Path, schema: str | Path = SCHEMA) -> dict:
+    """Read a study YAML, validate it (filling defaults) and run :func:`check_config`."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    config = yaml.safe_load(path.read_text()) or {}
+    _validate_with_defaults(config, yaml.safe_load(Path(schema).read_text()))
+    check_config(config)
+    return config
+
+
+def imbalance_tag(imbalance: float) -> str:
+    """Imbalance factor as used in paths: 100 -> "100", 12.5 -> "12.5"."""
+    return f"{imbalance:g}"
+
+
+def train_spec(recipe: dict, loss: dict, shots: dict) -> dict:
+    """The config subtree a training job depends on, as the CLI's ``--spec`` takes it."""
+    return {"recipe": dict(recipe), "loss": dict(loss), "shots": dict(shots)}

@@ -1,0 +1,373 @@
+"""One training engine for pretraining, fine-tuning and the CB-loss grid.
+
+Small images live on the training device as uint8 ``(N, 3, H, W)`` tensors; random crop
+(zero padding) and horizontal flip run batched on that device; normalisation is fused into
+the uint8 -> float conversion. Every random draw of epoch ``e`` comes from a generator seeded
+by ``(seed, e)``, so a run resumed at epoch ``e`` replays exactly what an uninterrupted run
+does. Checkpoints (a dict of state_dicts + ``epoch`` + ``asdict(cfg)``) are written to a temp
+file then ``os.replace``-d, and loaded with ``weights_only=True``.
+
+The engine imports neither snakemake nor mlflow: tracking is an ``on_epoch`` callback.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .losses import LOSS_TYPES, ClassBalancedLoss
+from .metrics import classification_metrics
+from .models import Classifier, build_model, init_head_bias, param_groups
+
+__all__ = ["TrainConfig", "Preempted", "augment_batch", "evaluate", "load_checkpoint", "lr_at", "resume_extra", "train"]
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training job depends on. Units in comments."""
+
+    model: str = "resnet32"  # registry name (finetail.models)
+    width: int = 16  # first-stage filters of CIFAR ResNets
+    weights: str | None = None  # torchvision pretrained-weights enum name
+    epochs: int = 200
+    batch_size: int = 128  # images per step
+    lr: float = 0.1  # peak learning rate for batch_size images
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 2e-4
+    warmup_epochs: float = 5.0  # linear warm-up from lr/iters to lr, per iteration
+    milestones: list[int] = field(default_factory=lambda: [160, 180])  # epochs (0-based) where...
+    lr_factors: list[float] = field(default_factory=lambda: [0.01, 0.0001])  # ...lr becomes lr * factor
+    crop_pad: int = 4  # random-crop padding, pixels (0 = no crop)
+    flip: bool = True  # random horizontal flip
+    eval_every: int = 10  # evaluate every N epochs (and after the last)
+    linear_probe: bool = False  # train the head only (frozen backbone, BN in eval mode)
+    loss: str = "softmax"  # softmax | sigmoid | focal
+    beta: float = 0.0  # class-balanced beta, 0 = unweighted
+    gamma: float = 0.0  # focal gamma
+    many_shot: int = 100  # classes with > many_shot training images are many-shot
+    few_shot: int = 20  # classes with < few_shot training images are few-shot
+    seed: int = 0
+    deterministic: bool = False  # torch.use_deterministic_algorithms
+    amp: bool = True  # bf16 autocast (CUDA only; CPU always fp32)
+    channels_last: bool = True  # CUDA only
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown training setting(s) {unknown}; known: {sorted(known)}")
+        cfg = cls(**d)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.loss not in LOSS_TYPES:
+            raise ValueError(f"loss must be one of {LOSS_TYPES}, got {self.loss!r}")
+        if len(self.milestones) != len(self.lr_factors):
+            raise ValueError("milestones and lr_factors must have the same length")
+        if list(self.milestones) != sorted(self.milestones):
+            raise ValueError(f"milestones must increase, got {self.milestones}")
+        for name in ("epochs", "batch_size", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+class Preempted(RuntimeError):
+    """Raised after a SIGTERM: the last completed epoch is checkpointed."""
+
+
+def lr_at(cfg: TrainConfig, epoch: int, it: int, iters_per_epoch: int) -> float:
+    """Learning rate at iteration ``it`` of ``epoch``: linear warm-up, then step factors.
+
+    >>> cfg = TrainConfig(lr=0.1, warmup_epochs=1, milestones=[2], lr_factors=[0.01])
+    >>> [round(lr_at(cfg, e, 0, 2), 6) for e in range(3)]
+    [0.05, 0.1, 0.001]
+    """
+    t = epoch * iters_per_epoch + it + 1
+    warm = cfg.warmup_epochs * iters_per_epoch
+    if t <= warm:
+        return cfg.lr * t / warm
+    factor = 1.0
+    for m, f in zip(cfg.milestones, cfg.lr_factors, strict=True):
+        if epoch >= m:
+            factor = f
+    return cfg.lr * factor
+
+
+def augment_batch(x: torch.Tensor, gen: torch.Generator, pad: int, flip: bool) -> torch.Tensor:
+    """Batched random crop with zero padding and horizontal flip of uint8 ``(B, C, H, W)``."""
+    b, _, h, w = x.shape
+    if pad > 0:
+        xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+        oy = torch.randint(0, 2 * pad + 1, (b,), generator=gen, device=x.device)
+        ox = torch.randint(0, 2 * pad + 1, (b,), generator=gen, device=x.device)
+        rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (B,1,H,1)
+        cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (B,1,1,W)
+        bidx = torch.arange(b, device=x.device)[:, None, None, None]
+        cidx = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+        x = xp[bidx, cidx, rows, cols]
+    if flip:
+        mask = torch.rand(b, generator=gen, device=x.device) < 0.5
+        x = torch.where(mask[:, None, None, None], x.flip(3), x)
+    return x
+
+
+class _DeviceData:
+    """A split as a uint8 tensor on the device plus normalisation constants."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, device: torch.device) -> None:
+        self.x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous().to(device)
+        self.y = torch.from_numpy(labels.astype(np.int64)).to(device)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+def _normalise(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    x = (x.float() - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def _seed_all(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: _DeviceData, mean, std, cfg: TrainConfig, batch: int = 1024) -> np.ndarray:
+    model.eval()
+    cuda = data.x.device.type == "cuda"
+    out = []
+    for i in range(0, len(data), batch):
+        xb = _normalise(data.x[i : i + batch], mean, std, cuda and cfg.channels_last)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and cfg.amp):
+            out.append(model(xb).argmax(1))
+    return torch.cat(out).cpu().numpy()
+
+
+def evaluate(model, data: _DeviceData, mean, std, cfg: TrainConfig, train_counts: np.ndarray) -> dict:
+    pred = predict(model, data, mean, std, cfg)
+    return classification_metrics(pred, data.y.cpu().numpy(), train_counts, cfg.many_shot, cfg.few_shot)
+
+
+def _save_atomic(obj: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _data_key(cfg: TrainConfig, train_counts: np.ndarray, init_digest: str | None) -> dict:
+    return {"cfg": asdict(cfg), "train_counts": [int(c) for c in train_counts], "init": init_digest or ""}
+
+
+def resume_extra(
+    checkpoint: str | Path, cfg: TrainConfig, train_labels: np.ndarray, num_classes: int, init_digest: str | None
+) -> dict | None:
+    """The ``extra_state`` of a checkpoint that :func:`train` would resume, else ``None``."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.exists():
+        return None
+    state = load_checkpoint(checkpoint)
+    counts = np.bincount(train_labels, minlength=num_classes)[:num_classes]
+    if state.get("key") != _data_key(cfg, counts, init_digest):
+        return None
+    return {"epoch": int(state["epoch"]), **json.loads(state.get("extra", "{}"))}
+
+
+def train(
+    cfg: TrainConfig,
+    train_images: np.ndarray,
+    train_labels: np.ndarray,
+    test_images: np.ndarray,
+    test_labels: np.ndarray,
+    num_classes: int,
+    checkpoint: str | Path,
+    *,
+    init_backbone: dict | None = None,
+    init_digest: str | None = None,
+    device: str = "auto",
+    on_epoch: Callable[[int, dict], None] | None = None,
+    log: Callable[[str], None] = print,
+    progress: bool = False,
+    extra_state: dict | None = None,
+) -> dict:
+    """Train (or resume) and return ``{"metrics": ..., "history": [...], "model": Classifier, ...}``.
+
+    ``checkpoint`` is resumed when it exists and was written for the same config, data counts
+    and initial weights; otherwise training starts afresh. ``init_backbone`` is a backbone
+    state_dict to start from (fine-tuning); the head is always new. ``extra_state`` (e.g. a
+    tracking run id) is stored in the checkpoint and handed back as ``result["extra_state"]``.
+    SIGTERM makes the engine checkpoint the last finished epoch and raise :class:`Preempted`.
+    """
+    cfg.validate()
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    train_counts = np.bincount(train_labels, minlength=num_classes)[:num_classes]
+    key = _data_key(cfg, train_counts, init_digest)
+    checkpoint = Path(checkpoint)
+
+    _seed_all(cfg.seed)
+    model: Classifier = build_model(cfg.model, num_classes, cfg.width, cfg.weights)
+    if init_backbone is not None:
+        model.backbone.load_state_dict(init_backbone)
+    init_head_bias(model, cfg.loss)
+    if cfg.linear_probe:
+        for p in model.backbone.parameters():
+            p.requires_grad_(False)
+    model.to(dev)
+    if dev.type == "cuda" and cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    loss_fn = ClassBalancedLoss(np.maximum(train_counts, 1), cfg.loss, cfg.beta, cfg.gamma).to(dev)
+    opt = torch.optim.SGD(
+        param_groups(model, cfg.weight_decay, decay_head_bias=cfg.loss == "softmax"),
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov,
+    )
+
+    tr = _DeviceData(train_images, train_labels, dev)
+    te = _DeviceData(test_images, test_labels, dev)
+    mean = tr.x.float().mean(dim=(0, 2, 3), keepdim=True)
+    std = tr.x.float().std(dim=(0, 2, 3), keepdim=True).clamp_min(1.0)
+
+    start_epoch, history = 0, []
+    extra = dict(extra_state or {})
+    if checkpoint.exists():
+        state = load_checkpoint(checkpoint)
+        if state.get("key") == key:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            start_epoch = int(state["epoch"]) + 1
+            history = json.loads(state["history"])
+            extra = {**json.loads(state.get("extra", "{}")), **extra}
+            log(f"resuming from checkpoint {checkpoint} at epoch {start_epoch} of {cfg.epochs}")
+        else:
+            log(f"checkpoint {checkpoint} was written for other settings or data: starting afresh")
+
+    stop = {"flag": False}
+    previous = None
+    try:
+        previous = signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("flag", True))
+    except ValueError:  # not the main thread
+        previous = None
+
+    def save(epoch: int) -> None:
+        _save_atomic(
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "epoch": epoch,
+                "cfg": json.dumps(asdict(cfg)),
+                "key": key,
+                "history": json.dumps(history),
+                "extra": json.dumps(extra),
+            },
+            checkpoint,
+        )
+
+    iters = max(1, math.ceil(len(tr) / cfg.batch_size))
+    cuda = dev.type == "cuda"
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.epochs, initial=start_epoch, unit="epoch", dynamic_ncols=True)
+    metrics: dict = history[-1]["eval"] if history and "eval" in history[-1] else {}
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            gen = torch.Generator(device=dev).manual_seed(cfg.seed * 1_000_003 + epoch)
+            model.train()
+            if cfg.linear_probe:
+                model.backbone.eval()
+            t0 = time.perf_counter()
+            perm = torch.randperm(len(tr), generator=gen, device=dev)
+            total_loss = torch.zeros((), device=dev)
+            total_hit = torch.zeros((), device=dev)
+            for it in range(iters):
+                idx = perm[it * cfg.batch_size : (it + 1) * cfg.batch_size]
+                xb = augment_batch(tr.x[idx], gen, cfg.crop_pad, cfg.flip)
+                xb = _normalise(xb, mean, std, cuda and cfg.channels_last)
+                yb = tr.y[idx]
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(cfg, epoch, it, iters)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and cfg.amp):
+                    logits = model(xb)
+                loss = loss_fn(logits.float(), yb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total_loss += loss.detach() * len(idx)
+                total_hit += (logits.argmax(1) == yb).sum()
+                if stop["flag"]:
+                    break
+            if stop["flag"]:
+                # The epoch is incomplete: keep the checkpoint of the last finished one.
+                log(f"SIGTERM received in epoch {epoch}: last checkpoint is epoch {epoch - 1}; exiting")
+                raise Preempted(f"preempted during epoch {epoch}")
+            if cuda:
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            row = {
+                "epoch": epoch,
+                "train_loss": float(total_loss) / len(tr),
+                "train_acc": float(total_hit) / len(tr),
+                "lr": lr_at(cfg, epoch, iters - 1, iters),
+                "images_per_s": len(tr) / dt,
+            }
+            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                metrics = evaluate(model, te, mean, std, cfg, train_counts)
+                row["eval"] = metrics
+                row["test_top1_error"] = metrics["top1_error"]
+                row["test_balanced_acc"] = metrics["balanced_acc"]
+            history.append(row)
+            save(epoch)
+            if on_epoch is not None:
+                on_epoch(epoch, {k: v for k, v in row.items() if isinstance(v, float)})
+            msg = f"epoch {epoch + 1}/{cfg.epochs} loss {row['train_loss']:.4f} {row['images_per_s']:.0f} img/s"
+            if "eval" in row:
+                msg += f" test err {100 * metrics['top1_error']:.2f}%"
+            if bar is not None:
+                bar.set_postfix_str(msg)
+                bar.update(1)
+            else:
+                log(msg)
+    finally:
+        if bar is not None:
+            bar.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if not metrics:
+        metrics = evaluate(model, te, mean, std, cfg, train_counts)
+    return {
+        "metrics": metrics,
+        "history": history,
+        "model": model,
+        "train_counts": train_counts,
+        "normalisation": {"mean": mean.flatten().tolist(), "std": std.flatten().tolist()},
+        "extra_state": extra,
+        "device": str(dev),
+    }

@@ -1,0 +1,147 @@
+"""Manifests: the contract between stages.
+
+A manifest is a parquet table, one row per image, with at least
+
+- ``label`` (int, 0..C-1), ``class_name`` (str, a stable id), ``split`` ("train"/"test"),
+- either ``store`` + ``index`` (a uint8 ``(N, H, W, 3)`` ``.npy`` array store, path relative to
+  the manifest's folder, and the row in it) or ``path`` (an image file, relative likewise).
+
+Long-tailed and selected subsets are manifests that point into their parent's store, so no
+image is copied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "ArraySplit",
+    "class_table",
+    "file_sha256",
+    "load_array_split",
+    "read_manifest",
+    "write_array_dataset",
+    "write_manifest",
+]
+
+REQUIRED = ("label", "class_name", "split")
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_manifest(df: pd.DataFrame, path: str | Path) -> None:
+    """Validate and write a manifest atomically."""
+    missing = [c for c in REQUIRED if c not in df.columns]
+    if missing:
+        raise ValueError(f"manifest lacks required columns {missing}")
+    if "path" not in df.columns and not {"store", "index"} <= set(df.columns):
+        raise ValueError("manifest needs either a 'path' column or 'store' and 'index' columns")
+    bad = set(df["split"].unique()) - {"train", "test", "val"}
+    if bad:
+        raise ValueError(f"unknown split values {sorted(bad)}")
+    _atomic(Path(path), lambda tmp: df.reset_index(drop=True).to_parquet(tmp, index=False))
+
+
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"manifest {path} does not exist: run the datasets stage that writes it")
+    df = pd.read_parquet(path)
+    missing = [c for c in REQUIRED if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: manifest lacks required columns {missing}")
+    return df
+
+
+def write_array_dataset(
+    folder: str | Path, images: np.ndarray, labels: np.ndarray, class_names: list[str], split: np.ndarray
+) -> pd.DataFrame:
+    """Write ``images.npy`` and ``manifest.parquet`` for an in-memory dataset; return the manifest."""
+    folder = Path(folder)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(images))
+
+    _atomic(folder / "images.npy", save)
+    df = pd.DataFrame(
+        {
+            "store": "images.npy",
+            "index": np.arange(len(images), dtype=np.int64),
+            "label": labels.astype(np.int64),
+            "class_name": np.asarray(class_names, dtype=object)[labels],
+            "split": np.asarray(split, dtype=object),
+        }
+    )
+    write_manifest(df, folder / "manifest.parquet")
+    return df
+
+
+def rebase_store(df: pd.DataFrame, src_manifest: str | Path, dst_manifest: str | Path) -> pd.DataFrame:
+    """Rewrite ``store`` paths of rows read from ``src_manifest`` to be relative to ``dst_manifest``."""
+    if "store" not in df.columns:
+        return df
+    src_dir = Path(src_manifest).resolve().parent
+    dst_dir = Path(dst_manifest).resolve().parent
+    out = df.copy()
+    out["store"] = [os.path.relpath(src_dir / s, dst_dir) for s in out["store"]]
+    return out
+
+
+def class_table(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per class: label, class_name, train_count, test_count."""
+    names = df.groupby("label")["class_name"].first()
+    counts = df.groupby(["label", "split"]).size().unstack(fill_value=0)
+    out = pd.DataFrame({"label": names.index, "class_name": names.to_numpy()})
+    for s in ("train", "test"):
+        out[f"{s}_count"] = counts[s].reindex(names.index, fill_value=0).to_numpy() if s in counts else 0
+    return out.reset_index(drop=True)
+
+
+@dataclass
+class ArraySplit:
+    """One split of an array-store manifest, in memory."""
+
+    images: np.ndarray  # uint8 (N, H, W, 3)
+    labels: np.ndarray  # int64 (N,)
+    class_names: list[str]  # all C classes of the manifest, by label
+
+
+def load_array_split(manifest_path: str | Path, split: str) -> ArraySplit:
+    """Load one split's images from the array store(s) a manifest points into."""
+    manifest_path = Path(manifest_path)
+    df = read_manifest(manifest_path)
+    if "store" not in df.columns:
+        raise ValueError(f"{manifest_path} is a file-based manifest; the array path needs a 'store' column")
+    names = df.groupby("label")["class_name"].first()
+    class_names = [str(names.get(i, f"class{i}")) for i in range(int(df["label"].max()) + 1)]
+    part = df[df["split"] == split]
+    if part.empty:
+        raise ValueError(f"{manifest_path} has no rows in split {split!r}")
+    chunks, labels = [], []
+    for store, rows in part.groupby("store", sort=True):
+        arr = np.load(manifest_path.parent / store, mmap_mode="r")
+        chunks.append(np.asarray(arr[np.sort(rows["index"].to_numpy())]))
+        labels.append(rows.sort_values("index")["label"].to_numpy())
+    return ArraySplit(np.concatenate(chunks), np.concatenate(labels).astype(np.int64), class_names)

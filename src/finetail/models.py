@@ -1,0 +1,167 @@
+"""Model registry: the CB-loss paper's CIFAR ResNets and torchvision architectures by name.
+
+Every model is a :class:`Classifier`: a ``backbone`` that maps images to penultimate features
+``(B, D)`` and a linear ``head``. Feature extraction uses the backbone; fine-tuning keeps the
+backbone's weights and puts on a new head.
+
+Names:
+
+- ``resnet8``, ``resnet14``, ``resnet20``, ``resnet32``, ``resnet44``, ``resnet56``,
+  ``resnet110``: He et al.'s CIFAR ResNets (v1 basic blocks, 3 stages of 16/32/64 filters
+  times ``width/16``, parameter-free shortcuts), depth = 6n + 2. ``resnet32`` is the CB-loss
+  paper's network.
+- ``tv:<name>``: any ``torchvision.models`` architecture (``tv:resnet50``,
+  ``tv:inception_v3``...), optionally with its pretrained-weights enum (``weights:
+  IMAGENET1K_V2``), which downloads from the hub on first use.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["CIFAR_RESNETS", "Classifier", "build_model", "init_head_bias", "param_groups"]
+
+CIFAR_RESNETS = {f"resnet{6 * n + 2}": n for n in (1, 2, 3, 5, 7, 9, 18)}
+
+
+class Classifier(nn.Module):
+    """``head(backbone(x))`` with ``backbone: images -> (B, D)`` and ``head: Linear(D, C)``."""
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.feature_dim = feature_dim
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    def reset_head(self, num_classes: int) -> None:
+        self.head = nn.Linear(self.feature_dim, num_classes)
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.stride = stride
+        self.pad = cout - cin
+
+    def _shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        # Option A of He et al.: subsample and zero-pad the channels, no parameters.
+        if self.stride != 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        if self.pad:
+            x = F.pad(x, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self._shortcut(x))
+
+
+class CifarResNetBackbone(nn.Module):
+    """ResNet-(6n+2) for small images: conv3x3, 3 stages of n basic blocks, global average pool."""
+
+    def __init__(self, blocks_per_stage: int, width: int = 16) -> None:
+        super().__init__()
+        widths = [width, 2 * width, 4 * width]
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        layers: list[nn.Module] = []
+        cin = width
+        for stage, cout in enumerate(widths):
+            for b in range(blocks_per_stage):
+                layers.append(_BasicBlock(cin, cout, 2 if (stage > 0 and b == 0) else 1))
+                cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.out_dim = cin
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layers(self.stem(x))
+        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+
+
+def _torchvision_backbone(name: str, weights: str | None) -> tuple[nn.Module, int]:
+    import torchvision
+
+    if name not in torchvision.models.list_models():
+        raise ValueError(f"unknown torchvision model {name!r}; see torchvision.models.list_models()")
+    kwargs: dict = {}
+    if weights:
+        kwargs["weights"] = torchvision.models.get_model_weights(name)[weights]
+    elif name in {"inception_v3", "googlenet"}:
+        kwargs["aux_logits"] = False
+        kwargs["init_weights"] = True
+    net = torchvision.models.get_model(name, **kwargs)
+    if hasattr(net, "AuxLogits"):
+        net.AuxLogits = None
+        net.aux_logits = False
+    # The classifier is the last Linear layer: replace it by Identity to expose features.
+    parent, attr, last = None, None, None
+    for mod_name, mod in net.named_modules():
+        if isinstance(mod, nn.Linear):
+            last = (mod_name, mod)
+    if last is None:
+        raise ValueError(f"torchvision model {name!r} has no final Linear layer to replace")
+    path = last[0].split(".")
+    parent = net
+    for p in path[:-1]:
+        parent = getattr(parent, p)
+    attr = path[-1]
+    setattr(parent, attr, nn.Identity())
+    return net, last[1].in_features
+
+
+def build_model(name: str, num_classes: int, width: int = 16, weights: str | None = None) -> Classifier:
+    """Build a registered model.
+
+    Parameters
+    ----------
+    name : a CIFAR ResNet (``resnet32``) or ``tv:<torchvision name>``.
+    num_classes : C, outputs of the head.
+    width : first-stage filters of CIFAR ResNets (16 in the paper).
+    weights : torchvision pretrained-weights enum member name, e.g. ``IMAGENET1K_V1``.
+    """
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if name in CIFAR_RESNETS:
+        if weights:
+            raise ValueError(f"{name} has no pretrained weights; pretrain it in the pipeline")
+        bb = CifarResNetBackbone(CIFAR_RESNETS[name], width)
+        return Classifier(bb, bb.out_dim, num_classes)
+    if name.startswith("tv:"):
+        bb, dim = _torchvision_backbone(name[3:], weights)
+        return Classifier(bb, dim, num_classes)
+    raise ValueError(f"unknown model {name!r}: use one of {sorted(CIFAR_RESNETS)} or 'tv:<torchvision name>'")
+
+
+def init_head_bias(model: Classifier, loss_type: str) -> None:
+    """Sigmoid and focal heads start at bias ``-log(C - 1)`` (prior 1/C); softmax at 0."""
+    c = model.head.out_features
+    with torch.no_grad():
+        if loss_type in ("sigmoid", "focal") and c > 1:
+            model.head.bias.fill_(-math.log(c - 1))
+        else:
+            model.head.bias.zero_()
+
+
+def param_groups(model: Classifier, weight_decay: float, decay_head_bias: bool) -> list[dict]:
+    """Optimizer groups: everything decays except the head bias when ``decay_head_bias`` is False."""
+    no_decay = [] if decay_head_bias else [model.head.bias]
+    ids = {id(p) for p in no_decay}
+    decay = [p for p in model.parameters() if id(p) not in ids and p.requires_grad]
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay and no_decay[0].requires_grad:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups

@@ -1,0 +1,192 @@
+"""The study's report: tables and figures from every ``metrics.json``, the papers' numbers beside ours.
+
+Everything here reads result files only (never the tracking store), so a report can be
+rebuilt from ``results/`` alone.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["build_report", "cbloss_frame", "paper_table", "to_markdown"]
+
+PAPER_CIFAR = {"cifar10", "cifar100"}
+
+
+def paper_table(name: str) -> pd.DataFrame:
+    """A reference table shipped with the package (``finetail/reference/<name>.csv``)."""
+    with resources.files("finetail").joinpath("reference", f"{name}.csv").open() as f:
+        return pd.read_csv(f, comment="#")
+
+
+def to_markdown(df: pd.DataFrame, floatfmt: str = "{:.2f}") -> str:
+    """A GitHub-flavoured Markdown table (no extra dependency)."""
+    cols = list(df.columns)
+
+    def cell(v) -> str:
+        if v is None or (isinstance(v, float) and np.isnan(v)):
+            return "—"
+        if isinstance(v, float | np.floating):
+            return floatfmt.format(v)
+        return str(v)
+
+    lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for row in df.itertuples(index=False):
+        lines.append("| " + " | ".join(cell(v) for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _loss_label(spec: dict) -> str:
+    t, beta, gamma = spec["type"], spec.get("beta", 0.0), spec.get("gamma", 0.0)
+    s = t if t != "focal" else f"focal γ={gamma:g}"
+    return s if not beta else f"CB {s} β={beta:g}"
+
+
+def _paper_row(spec: dict) -> str:
+    if spec.get("beta", 0.0):
+        return "class_balanced_best"
+    if spec["type"] == "focal":
+        return f"focal_g{spec.get('gamma', 0.0):.1f}"
+    return spec["type"]
+
+
+def cbloss_frame(results: Path, cb: dict) -> pd.DataFrame:
+    """One row per CB-loss cell: settings and final metrics (percentages)."""
+    rows = []
+    for ds in cb["datasets"]:
+        for imb in cb["imbalance"]:
+            for name, spec in cb["losses"].items():
+                path = results / "cbloss" / ds / f"if{imb:g}" / name / "metrics.json"
+                if not path.exists():
+                    raise FileNotFoundError(f"{path} is missing: run the cbloss job for this cell first")
+                m = json.loads(path.read_text())
+                f = m["final"]
+                pct = lambda v: None if v is None else 100.0 * v  # noqa: E731
+                rows.append(
+                    {
+                        "dataset": ds, "imbalance": float(imb), "loss": name, "setting": _loss_label(spec),
+                        "type": spec["type"], "beta": spec.get("beta", 0.0), "gamma": spec.get("gamma", 0.0),
+                        "top1_error": pct(f["top1_error"]), "balanced_acc": pct(f["balanced_acc"]),
+                        "many_acc": pct(f["many_acc"]), "medium_acc": pct(f["medium_acc"]),
+                        "few_acc": pct(f["few_acc"]), "run_id": m.get("run_id"), "wall_s": m.get("wall_s"),
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def _error_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Paper's Table 2 shape: rows = loss settings, columns = imbalance factors, top-1 error (%)."""
+    wide = df.pivot_table(index=["dataset", "loss", "setting"], columns="imbalance", values="top1_error", sort=False)
+    wide.columns = [f"if{c:g}" for c in wide.columns]
+    return wide.reset_index()
+
+
+def _with_paper(table: pd.DataFrame, df: pd.DataFrame) -> pd.DataFrame:
+    paper = paper_table("cbloss_cifar_table2")
+    specs = df.drop_duplicates("loss").set_index("loss")
+    out = table.copy()
+    for col in [c for c in table.columns if c.startswith("if")]:
+        vals = []
+        for _, r in table.iterrows():
+            hit = pd.DataFrame()
+            if r["dataset"] in PAPER_CIFAR and col in paper.columns:
+                key = _paper_row(specs.loc[r["loss"]].to_dict())
+                hit = paper[(paper["dataset"] == r["dataset"]) & (paper["loss"] == key)]
+            vals.append(float(hit[col].iloc[0]) if len(hit) else np.nan)
+        out[f"paper_{col}"] = vals
+    return out
+
+
+def _plot_error_vs_if(df: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = list(dict.fromkeys(df["dataset"]))
+    fig, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 3.8), squeeze=False)
+    for ax, ds in zip(axes[0], sets, strict=True):
+        part = df[df["dataset"] == ds]
+        for (loss, setting), g in part.groupby(["loss", "setting"], sort=False):
+            g = g.sort_values("imbalance")
+            ax.plot(g["imbalance"], g["top1_error"], marker="o", label=setting)
+        ax.set_xscale("log")
+        ax.set_xticks(sorted(part["imbalance"].unique()))
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_xlabel("imbalance factor")
+        ax.set_ylabel("top-1 error (%)")
+        ax.set_title(ds)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_per_class(results: Path, df: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = list(dict.fromkeys(df["dataset"]))
+    fig, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 3.8), squeeze=False)
+    for ax, ds in zip(axes[0], sets, strict=True):
+        part = df[df["dataset"] == ds]
+        imb = part["imbalance"].max()
+        for _, r in part[part["imbalance"] == imb].iterrows():
+            pc = pd.read_csv(results / "cbloss" / ds / f"if{imb:g}" / r["loss"] / "per_class.csv")
+            pc = pc.sort_values("train_count")
+            ax.plot(pc["train_count"], 100 * pc["accuracy"], marker=".", ls="-", alpha=0.8, label=r["setting"])
+        ax.set_xscale("log")
+        ax.set_xlabel("training images of the class")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"{ds}, imbalance {imb:g}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def build_report(results: Path, spec: dict, out: Path) -> list[Path]:
+    """Write the report files under ``out`` and return their paths (summary.md last)."""
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    sections = [f"# finetail report: study `{spec.get('study', results.name)}`\n"]
+    cb = spec.get("cbloss")
+    if cb:
+        df = cbloss_frame(results, cb)
+        df.to_csv(out / "cbloss_cells.csv", index=False)
+        table = _with_paper(_error_table(df), df)
+        table.to_csv(out / "cbloss_table.csv", index=False)
+        md = to_markdown(table.drop(columns=[c for c in table.columns if table[c].isna().all()]))
+        (out / "cbloss_table.md").write_text(md)
+        shots = df[["dataset", "imbalance", "setting", "top1_error", "balanced_acc", "many_acc", "medium_acc", "few_acc"]]
+        (out / "cbloss_shots.md").write_text(to_markdown(shots))
+        _plot_error_vs_if(df, out / "cbloss_error_vs_if.png")
+        _plot_per_class(results, df, out / "cbloss_per_class.png")
+        written += [out / n for n in ("cbloss_cells.csv", "cbloss_table.csv", "cbloss_table.md", "cbloss_shots.md",
+                                      "cbloss_error_vs_if.png", "cbloss_per_class.png")]
+        has_paper = bool(table.filter(like="paper_").notna().any().any())
+        sections += [
+            "## Class-balanced loss: top-1 error (%)\n",
+            "Rows: loss settings; columns: imbalance factor (Cui et al. 2019, Table 2 shape)."
+            + (" `paper_*`: the paper's numbers (CB rows: its best class-balanced setting)." if has_paper else
+               " The paper's numbers are printed for CIFAR datasets only; see `cbloss_table.csv`.") + "\n",
+            md,
+            "\n## Many / medium / few-shot accuracy (%)\n",
+            to_markdown(shots),
+            "\n![error vs imbalance](cbloss_error_vs_if.png)\n\n![per-class accuracy](cbloss_per_class.png)\n",
+        ]
+    summary = out / "summary.md"
+    tmp = summary.with_name("summary.md.tmp")
+    tmp.write_text("\n".join(sections))
+    tmp.replace(summary)
+    written.append(summary)
+    return written

@@ -1,0 +1,30 @@
+# The class-balanced loss grid: one training job (and one MLflow run) per
+# dataset x imbalance factor x loss setting.
+
+
+rule cbloss:
+    input:
+        manifest=f"{RESULTS}/longtail/{{dataset}}_if{{imbalance}}/manifest.parquet",
+    output:
+        metrics=f"{RESULTS}/cbloss/{{dataset}}/if{{imbalance}}/{{loss}}/metrics.json",
+        per_class=f"{RESULTS}/cbloss/{{dataset}}/if{{imbalance}}/{{loss}}/per_class.csv",
+        history=f"{RESULTS}/cbloss/{{dataset}}/if{{imbalance}}/{{loss}}/history.csv",
+    params:
+        spec=get_cbloss_spec,
+        wildcards=get_wildcards_json,
+        out_dir=lambda wildcards, output: os.path.dirname(output.metrics),
+        checkpoint=f"{RESULTS}/checkpoints/cbloss/{{dataset}}/if{{imbalance}}/{{loss}}/last.pt",
+        study_dir=RESULTS,
+        experiment=EXPERIMENT,
+        tracking_uri=config["tracking"]["uri"] or "",
+    log:
+        f"{LOGS}/cbloss/{{dataset}}/if{{imbalance}}/{{loss}}.log",
+    threads: 1
+    resources:
+        mem_mb=3000,
+        runtime=240,
+    shell:
+        "finetail train --manifest {input.manifest} --spec {params.spec:q} "
+        "--out-dir {params.out_dir} --checkpoint {params.checkpoint} --study-dir {params.study_dir} "
+        "--rule {rule} --wildcards {params.wildcards:q} --experiment {params.experiment:q} "
+        "--tracking-uri {params.tracking_uri:q} --threads {threads} > {log} 2>&1"

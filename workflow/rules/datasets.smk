@@ -1,0 +1,20 @@
+# Datasets: each becomes a manifest (+ array store) under results/<study>/datasets/<name>/.
+
+
+rule generate_world:
+    output:
+        manifest=f"{RESULTS}/datasets/{{dataset}}/manifest.parquet",
+        store=f"{RESULTS}/datasets/{{dataset}}/images.npy",
+        classes=f"{RESULTS}/datasets/{{dataset}}/classes.csv",
+        source=f"{RESULTS}/datasets/{{dataset}}/source.json",
+    params:
+        spec=get_world_spec,
+        out_dir=lambda wildcards, output: os.path.dirname(output.manifest),
+    log:
+        f"{LOGS}/generate_world/{{dataset}}.log",
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "finetail generate --dataset {wildcards.dataset} --spec {params.spec:q} "
+        "--out-dir {params.out_dir} > {log} 2>&1"

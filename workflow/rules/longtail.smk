@@ -1,0 +1,21 @@
+# Long-tailed training subsets: manifests that point into the balanced set's store.
+
+
+rule longtail:
+    input:
+        manifest=f"{RESULTS}/datasets/{{dataset}}/manifest.parquet",
+    output:
+        manifest=f"{RESULTS}/longtail/{{dataset}}_if{{imbalance}}/manifest.parquet",
+        counts=f"{RESULTS}/longtail/{{dataset}}_if{{imbalance}}/counts.csv",
+    params:
+        profile=config["longtail"]["profile"],
+        seed=config["longtail"]["seed"],
+        out_dir=lambda wildcards, output: os.path.dirname(output.manifest),
+    log:
+        f"{LOGS}/longtail/{{dataset}}_if{{imbalance}}.log",
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    shell:
+        "finetail longtail --input {input.manifest} --imbalance {wildcards.imbalance} "
+        "--profile {params.profile} --seed {params.seed} --out-dir {params.out_dir} > {log} 2>&1"

@@ -1,0 +1,20 @@
+# The report: tables and figures from every metrics.json, with the papers' numbers beside ours.
+
+
+rule report:
+    input:
+        cbloss=get_cbloss_metrics(),
+    output:
+        summary=f"{RESULTS}/report/summary.md",
+    params:
+        spec=as_json({"cbloss": CB, "datasets": config["datasets"], "study": STUDY}),
+        out_dir=lambda wildcards, output: os.path.dirname(output.summary),
+        results=RESULTS,
+    log:
+        f"{LOGS}/report/report.log",
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    shell:
+        "finetail report --results {params.results} --spec {params.spec:q} "
+        "--out-dir {params.out_dir} > {log} 2>&1"
