@@ -1,0 +1,34 @@
+"""Shared fixtures: a tiny learnable image dataset written as a real manifest + array store."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from finetail.manifest import write_array_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def toy_images(n_per_class: int, num_classes: int = 3, size: int = 16, seed: int = 0):
+    """Class c is a bright square in quadrant c (plus noise): easy for a CNN, hard for chance."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(num_classes), n_per_class)
+    imgs = rng.integers(0, 60, size=(len(labels), size, size, 3)).astype(np.uint8)
+    h = size // 2
+    for i, c in enumerate(labels):
+        y0, x0 = (c // 2) * h, (c % 2) * h
+        imgs[i, y0 + 1 : y0 + h - 1, x0 + 1 : x0 + h - 1, c % 3] = 230
+    return imgs, labels
+
+
+@pytest.fixture
+def toy_manifest(tmp_path):
+    xtr, ytr = toy_images(24, seed=0)
+    xte, yte = toy_images(10, seed=1)
+    images = np.concatenate([xtr, xte])
+    labels = np.concatenate([ytr, yte])
+    split = np.array(["train"] * len(ytr) + ["test"] * len(yte), dtype=object)
+    folder = tmp_path / "toy"
+    write_array_dataset(folder, images, labels, ["c0", "c1", "c2"], split)
+    return folder / "manifest.parquet"

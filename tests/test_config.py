@@ -1,0 +1,77 @@
+"""Config validation: the schema rejects unknown keys (naming them) and fills defaults."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from finetail.config import ConfigError, load_config
+
+from conftest import ROOT
+
+
+def _write(tmp_path, cfg):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def _default():
+    return yaml.safe_load((ROOT / "config.yaml").read_text())
+
+
+def test_default_config_is_valid_and_defaults_are_filled(tmp_path):
+    cfg = _default()
+    del cfg["shots"]
+    out = load_config(_write(tmp_path, cfg))
+    assert out["shots"] == {"many": 100, "few": 20}
+    assert out["cbloss"]["recipe"]["nesterov"] is False  # default from the schema
+
+
+@pytest.mark.parametrize(
+    "path,key",
+    [((), "studdy"), (("cbloss", "recipe"), "epochz"), (("world",), "imagesize"), (("cbloss", "losses", "cb_focal"), "gama")],
+)
+def test_misspelt_key_fails_and_is_named(tmp_path, path, key):
+    cfg = _default()
+    node = cfg
+    for p in path:
+        node = node[p]
+    node[key] = 1
+    with pytest.raises(ConfigError, match=key):
+        load_config(_write(tmp_path, cfg))
+
+
+def test_cross_checks(tmp_path):
+    cfg = _default()
+    cfg["cbloss"]["datasets"].append("gen1000")
+    with pytest.raises(ConfigError, match="gen1000"):
+        load_config(_write(tmp_path, cfg))
+    cfg = _default()
+    cfg["cbloss"]["losses"]["softmax"]["gamma"] = 1.0
+    with pytest.raises(ConfigError, match="focal"):
+        load_config(_write(tmp_path, cfg))
+    cfg = _default()
+    cfg["cbloss"]["losses"]["cb_focal"]["beta"] = 1.0
+    with pytest.raises(ConfigError, match="beta"):
+        load_config(_write(tmp_path, cfg))
+
+
+def test_snakemake_names_the_misspelt_key(tmp_path):
+    cfg = _default()
+    cfg["cbloss"]["recipe"]["epochz"] = 3
+    p = _write(tmp_path, cfg)
+    r = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile", str(p)],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert r.returncode != 0
+    assert "epochz" in r.stdout + r.stderr
+
+
+def test_check_config_cli(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "finetail.cli", "check-config", str(ROOT / "config.yaml")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "valid" in r.stdout
