@@ -5,13 +5,25 @@ from snakemake.utils import min_version, validate
 min_version("9.0")
 
 
-configfile: "config.yaml"
+# The default study, unless a study file is given with --configfile: a study file replaces it
+# whole (Snakemake would otherwise merge the two, e.g. mixing both studies' datasets).
+if not workflow.config_settings.configfiles:
+
+    configfile: "config.yaml"
 
 
 validate(config, schema="workflow/schemas/config.schema.yaml")
 
 
 include: "workflow/rules/common.smk"
+
+
+wildcard_constraints:
+    dataset=alternation(config["datasets"]),
+    imbalance=alternation(imbalance_tag(i) for i in CB["imbalance"]) if CB else "^$",
+    loss=alternation(CB["losses"]) if CB else "^$",
+
+
 include: "workflow/rules/datasets.smk"
 include: "workflow/rules/longtail.smk"
 include: "workflow/rules/cbloss.smk"

@@ -264,3 +264,7 @@ def main(argv: list[str] | None = None) -> None:
             raise
         _log(f"error: {e}")
         raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

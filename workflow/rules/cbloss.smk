@@ -14,9 +14,11 @@ rule cbloss:
         wildcards=get_wildcards_json,
         out_dir=lambda wildcards, output: os.path.dirname(output.metrics),
         checkpoint=f"{RESULTS}/checkpoints/cbloss/{{dataset}}/if{{imbalance}}/{{loss}}/last.pt",
-        study_dir=RESULTS,
+        study_dir=lambda wildcards, output: str(Path(output.metrics).parents[4]),
         experiment=EXPERIMENT,
-        tracking_uri=config["tracking"]["uri"] or "",
+        tracking=TRACKING_ARGS,
+    conda:
+        "../../envs/finetail.yaml"
     log:
         f"{LOGS}/cbloss/{{dataset}}/if{{imbalance}}/{{loss}}.log",
     threads: 1
@@ -26,5 +28,5 @@ rule cbloss:
     shell:
         "finetail train --manifest {input.manifest} --spec {params.spec:q} "
         "--out-dir {params.out_dir} --checkpoint {params.checkpoint} --study-dir {params.study_dir} "
-        "--rule {rule} --wildcards {params.wildcards:q} --experiment {params.experiment:q} "
-        "--tracking-uri {params.tracking_uri:q} --threads {threads} > {log} 2>&1"
+        "--rule cbloss --wildcards {params.wildcards:q} --experiment {params.experiment:q} "
+        "{params.tracking} --threads {threads} > {log} 2>&1"

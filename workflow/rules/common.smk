@@ -1,15 +1,30 @@
-# Helpers shared by the rule files: paths, config subtrees as JSON, wildcard constraints.
+# Helpers shared by the stages: paths, config subtrees as JSON, wildcard alternations.
 import json
+import shlex
+import shutil
+import sys
+from pathlib import Path
 
 from finetail.config import check_config, imbalance_tag
 
 check_config(config)
+
+# Jobs call `finetail`, found on PATH (passed on to remote jobs too). When Snakemake runs
+# from a virtual environment that is not activated (.venv/bin/snakemake), put that
+# environment's bin/ on the jobs' PATH.
+envvars:
+    "PATH",
+
+
+if shutil.which("finetail") is None:
+    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 
 STUDY = config["study"]
 RESULTS = f"results/{STUDY}"
 LOGS = f"logs/{STUDY}"
 EXPERIMENT = config["tracking"]["experiment"] or f"finetail-{STUDY}"
 CB = config.get("cbloss")
+TRACKING_ARGS = f"--tracking-uri {shlex.quote(config['tracking']['uri'])}" if config["tracking"]["uri"] else ""
 
 
 def as_json(obj):
@@ -19,12 +34,6 @@ def as_json(obj):
 
 def alternation(values):
     return "|".join(sorted(re.escape(str(v)) for v in values)) or "^$"
-
-
-wildcard_constraints:
-    dataset=alternation(config["datasets"]),
-    imbalance=alternation(imbalance_tag(i) for i in CB["imbalance"]) if CB else "^$",
-    loss=alternation(CB["losses"]) if CB else "^$",
 
 
 def get_world_spec(wildcards):

@@ -10,6 +10,8 @@ rule generate_world:
     params:
         spec=get_world_spec,
         out_dir=lambda wildcards, output: os.path.dirname(output.manifest),
+    conda:
+        "../../envs/finetail.yaml"
     log:
         f"{LOGS}/generate_world/{{dataset}}.log",
     resources:

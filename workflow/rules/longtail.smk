@@ -11,6 +11,8 @@ rule longtail:
         profile=config["longtail"]["profile"],
         seed=config["longtail"]["seed"],
         out_dir=lambda wildcards, output: os.path.dirname(output.manifest),
+    conda:
+        "../../envs/finetail.yaml"
     log:
         f"{LOGS}/longtail/{{dataset}}_if{{imbalance}}.log",
     resources:

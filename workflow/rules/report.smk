@@ -9,7 +9,9 @@ rule report:
     params:
         spec=as_json({"cbloss": CB, "datasets": config["datasets"], "study": STUDY}),
         out_dir=lambda wildcards, output: os.path.dirname(output.summary),
-        results=RESULTS,
+        results=lambda wildcards, output: str(Path(output.summary).parents[1]),
+    conda:
+        "../../envs/finetail.yaml"
     log:
         f"{LOGS}/report/report.log",
     resources:

@@ -1,0 +1,131 @@
+"""The real Snakemake DAG on a reduced study: outputs, MLflow runs, and what a change reruns."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from finetail.longtail import class_counts
+from finetail.manifest import file_sha256
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "study": "tiny",
+    "world": {"seed": 0, "image_size": 16},
+    "datasets": {"gen10": {"kind": "world", "train_per_class": 40, "test_per_class": 10}},
+    "cbloss": {
+        "datasets": ["gen10"],
+        "imbalance": [4, 10],
+        "losses": {"softmax": {"type": "softmax"}, "cb_focal": {"type": "focal", "beta": 0.99, "gamma": 0.5}},
+        "recipe": {"model": "resnet8", "width": 4, "epochs": 3, "batch_size": 32, "lr": 0.05, "warmup_epochs": 1,
+                   "milestones": [2], "lr_factors": [0.1], "eval_every": 1, "crop_pad": 2},
+    },
+    "shots": {"many": 30, "few": 10},
+}
+
+
+def snakemake(workdir: Path, config: dict, *args: str) -> subprocess.CompletedProcess:
+    cfg = workdir / "study.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(workdir),
+           "--configfile", str(cfg), "--cores", "2", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+
+
+def planned(result: subprocess.CompletedProcess) -> dict[str, int]:
+    """Job counts from a dry run's 'Job stats' table."""
+    out = result.stdout + result.stderr
+    if "Nothing to be done" in out:
+        return {}
+    table = out.split("Job stats:", 1)[1].split("\n\n", 1)[0]
+    return {m[0]: int(m[1]) for m in re.findall(r"^(\w+)\s+(\d+)$", table, flags=re.M) if m[0] != "total"}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    work = tmp_path_factory.mktemp("study")
+    r = snakemake(work, TINY)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return work
+
+
+def test_outputs_of_every_stage(study):
+    res = study / "results" / "tiny"
+    man = pd.read_parquet(res / "datasets" / "gen10" / "manifest.parquet")
+    assert len(man) == 10 * 50 and set(man["split"]) == {"train", "test"}
+    for imb in (4, 10):
+        counts = pd.read_csv(res / "longtail" / f"gen10_if{imb}" / "counts.csv")
+        assert counts["train_count"].tolist() == class_counts(40, 10, imb)
+        for loss in ("softmax", "cb_focal"):
+            m = json.loads((res / "cbloss" / "gen10" / f"if{imb}" / loss / "metrics.json").read_text())
+            assert 0.0 <= m["final"]["top1_error"] <= 1.0
+            want, got = TINY["cbloss"]["losses"][loss], m["config"]["loss"]
+            assert (got["type"], got["beta"]) == (want["type"], want.get("beta", 0.0))
+            assert m["inputs"]["manifest_sha256"] == file_sha256(res / "longtail" / f"gen10_if{imb}" / "manifest.parquet")
+            per_class = pd.read_csv(res / "cbloss" / "gen10" / f"if{imb}" / loss / "per_class.csv")
+            assert per_class["train_count"].tolist() == class_counts(40, 10, imb)
+    table = pd.read_csv(res / "report" / "cbloss_table.csv")
+    assert sorted(table["loss"]) == ["cb_focal", "softmax"]
+    assert {"if4", "if10"} <= set(table.columns)
+    cells = pd.read_csv(res / "report" / "cbloss_cells.csv")
+    for _, row in cells.iterrows():
+        m = json.loads((res / "cbloss" / "gen10" / f"if{row['imbalance']:g}" / row["loss"] / "metrics.json").read_text())
+        assert row["top1_error"] == pytest.approx(100 * m["final"]["top1_error"])
+    for png in ("cbloss_error_vs_if.png", "cbloss_per_class.png"):
+        assert (res / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "top-1 error" in (res / "report" / "summary.md").read_text()
+
+
+def test_one_mlflow_run_per_training_job(study):
+    from mlflow.tracking import MlflowClient
+
+    res = study / "results" / "tiny"
+    client = MlflowClient(f"sqlite:///{res / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("finetail-tiny")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 4
+    for run in runs:
+        tags, params = run.data.tags, run.data.params
+        assert run.info.status == "FINISHED"
+        assert tags["finetail.rule"] == "cbloss"
+        ds, imb, loss = (tags[f"finetail.wildcard.{k}"] for k in ("dataset", "imbalance", "loss"))
+        assert re.fullmatch(r"[0-9a-f]{40}|unknown", tags["mlflow.source.git.commit"])
+        assert len(tags["finetail.config_digest"]) == 64
+        manifest = res / "longtail" / f"{ds}_if{imb}" / "manifest.parquet"
+        assert tags["finetail.input.manifest.sha256"] == file_sha256(manifest)
+        assert params["recipe.epochs"] == "3" and params["loss.type"] in ("softmax", "focal")
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+        assert sorted(steps) == [0, 1, 2]
+        assert "final_top1_error" in run.data.metrics
+        record = json.loads((res / "cbloss" / ds / f"if{imb}" / loss / "metrics.json").read_text())
+        assert record["run_id"] == run.info.run_id
+        names = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"per_class.csv", "history.csv"} <= names and any(n.startswith("metrics.json") for n in names)
+
+
+def test_nothing_to_do_after_a_full_run(study):
+    r = snakemake(study, TINY, "-n")
+    assert r.returncode == 0
+    assert planned(r) == {}
+
+
+def test_changing_one_beta_reruns_only_its_cells_and_the_report(study):
+    cfg = json.loads(json.dumps(TINY))
+    cfg["cbloss"]["losses"]["cb_focal"]["beta"] = 0.9
+    r = snakemake(study, cfg, "-n")
+    assert r.returncode == 0, r.stderr
+    assert planned(r) == {"cbloss": 2, "report": 1, "all": 1}
+
+
+def test_lint_is_clean():
+    r = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Lints for" not in r.stdout + r.stderr
