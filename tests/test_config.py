@@ -1,5 +1,6 @@
 """Config validation: the schema rejects unknown keys (naming them) and fills defaults."""
 
+import re
 import subprocess
 import sys
 
@@ -75,3 +76,14 @@ def test_check_config_cli(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "valid" in r.stdout
+
+
+def test_paper_grid_study_plans_the_full_grid():
+    r = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile", "workflow/studies/cbloss_paper_grid.yaml"],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    # 5 plain losses + 4 betas x (softmax, sigmoid, 3 focal gammas) = 25 losses; x 6 IFs x 2 sets
+    assert re.search(r"^cbloss\s+300$", r.stdout, flags=re.M)
+    assert re.search(r"^longtail\s+12$", r.stdout, flags=re.M)
