@@ -22,11 +22,16 @@ wildcard_constraints:
     dataset=alternation(config["datasets"]),
     imbalance=alternation(imbalance_tag(i) for i in CB["imbalance"]) if CB else "^$",
     loss=alternation(CB["losses"]) if CB else "^$",
+    source=alternation(ALL_SOURCES + ["scratch"]) if TR else "^$",
+    target=alternation(TARGETS) if TR else "^$",
+    fdataset=alternation(ALL_SOURCES + TARGETS) if TR else "^$",
 
 
 include: "workflow/rules/datasets.smk"
 include: "workflow/rules/longtail.smk"
 include: "workflow/rules/cbloss.smk"
+include: "workflow/rules/similarity.smk"
+include: "workflow/rules/transfer.smk"
 include: "workflow/rules/report.smk"
 
 

@@ -106,10 +106,17 @@ def cmd_train(a: argparse.Namespace) -> None:
     num_classes = len(tr.class_names)
     digest = config_digest(spec)
     inputs = {"manifest": str(manifest), "manifest_sha256": file_sha256(manifest)}
+    init_backbone = normalisation = parent_run = None
+    if a.init_model:
+        init = torch.load(a.init_model, map_location="cpu", weights_only=True)
+        init_backbone = init["backbone"]
+        normalisation = json.loads(init["normalisation"])
+        parent_run = init.get("run_id") or None
+        inputs.update(init_model=str(a.init_model), init_model_sha256=file_sha256(a.init_model))
 
     uri = resolve_tracking_uri(a.tracking_uri, Path(a.study_dir) / "mlflow.db")
     tracker = Tracker(uri, a.experiment, artifact_root=Path(a.study_dir) / "mlartifacts")  # fails fast if down
-    prev = resume_extra(a.checkpoint, cfg, tr.labels, num_classes, None)
+    prev = resume_extra(a.checkpoint, cfg, tr.labels, num_classes, inputs.get("init_model_sha256"))
     commit, dirty = git_commit(Path(__file__).parent)
     wildcards = json.loads(a.wildcards)
     tags = {
@@ -122,6 +129,12 @@ def cmd_train(a: argparse.Namespace) -> None:
         "finetail.input.manifest.sha256": inputs["manifest_sha256"],
         "finetail.output_dir": str(Path(a.out_dir).resolve()),
     }
+    if a.init_model:
+        tags["finetail.input.init_model"] = inputs["init_model"]
+        tags["finetail.input.init_model.sha256"] = inputs["init_model_sha256"]
+    if parent_run:
+        tags["mlflow.parentRunId"] = parent_run
+        tags["finetail.parent_runs"] = parent_run
     run_name = a.rule + ":" + "/".join(str(v) for v in wildcards.values())
     run_id = tracker.start(run_name, spec, tags, resume_run_id=(prev or {}).get("run_id"))
     if prev:
@@ -132,6 +145,7 @@ def cmd_train(a: argparse.Namespace) -> None:
     try:
         res = train(
             cfg, tr.images, tr.labels, te.images, te.labels, num_classes, a.checkpoint,
+            init_backbone=init_backbone, init_digest=inputs.get("init_model_sha256"), normalisation=normalisation,
             device=a.device, on_epoch=lambda e, m: tracker.log_metrics(m, step=e), log=_log,
             progress=a.progress, extra_state={"run_id": run_id},
         )
@@ -159,6 +173,7 @@ def cmd_train(a: argparse.Namespace) -> None:
         "config": spec,
         "config_digest": digest,
         "inputs": inputs,
+        "parent_run_id": parent_run,
         "git_commit": commit,
         "num_classes": num_classes,
         "num_train": int(len(tr.labels)),
@@ -185,6 +200,93 @@ def cmd_train(a: argparse.Namespace) -> None:
     tracker.end("FINISHED")
     os.replace(out / "metrics.json.partial", out / "metrics.json")
     _log(f"done: top-1 error {100 * final['top1_error']:.2f}% in {wall:.1f}s -> {out / 'metrics.json'}")
+
+
+# --------------------------------------------------------------------------- transfer half
+def cmd_pool(a: argparse.Namespace) -> None:
+    """Concatenate source manifests (optionally only some classes) into one relabelled manifest."""
+    import pandas as pd
+
+    from .manifest import class_table, read_manifest, rebase_store, write_manifest
+
+    out = Path(a.out_dir) / "manifest.parquet"
+    parts = []
+    for m in a.inputs:
+        df = read_manifest(m)
+        parts.append(rebase_store(df, m, out).assign(source=Path(m).parent.name))
+    df = pd.concat(parts, ignore_index=True)
+    dup = df.groupby("class_name")["source"].nunique()
+    if (dup > 1).any():
+        raise ValueError(f"class names shared between pooled sources: {sorted(dup[dup > 1].index)[:5]}")
+    if a.classes:
+        keep = pd.read_csv(a.classes)["class_name"]
+        missing = sorted(set(keep) - set(df["class_name"]))
+        if missing:
+            raise ValueError(f"{a.classes} names classes that no input has: {missing[:5]}")
+        df = df[df["class_name"].isin(set(keep))]
+    order = df.drop_duplicates("class_name")[["source", "label", "class_name"]].sort_values(["source", "label"])
+    relabel = {c: i for i, c in enumerate(order["class_name"])}
+    df = df.assign(label=df["class_name"].map(relabel).astype("int64"))
+    write_manifest(df, out)
+    class_table(df).to_csv(Path(a.out_dir) / "classes.csv", index=False)
+    _log(f"pooled {len(a.inputs)} manifest(s): {len(relabel)} classes, {int((df['split'] == 'train').sum())} training images")
+
+
+def cmd_features(a: argparse.Namespace) -> None:
+    import torch
+
+    from .features import class_mean_features, load_feature_model
+    from .manifest import file_sha256, load_array_split
+    from .similarity import ClassStats, save_class_stats
+
+    torch.set_num_threads(a.threads)
+    fm = load_feature_model(a.model, a.weights)
+    split = load_array_split(a.manifest, a.split)
+    means, counts = class_mean_features(fm, split.images, split.labels, len(split.class_names), device=a.device)
+    keep = counts > 0
+    stats = ClassStats(means[keep], counts[keep], [n for n, k in zip(split.class_names, keep, strict=True) if k])
+    ident = fm.identity
+    save_class_stats(
+        a.out, stats, model=a.model_name, model_kind=ident["kind"], model_run_id=ident.get("run_id", ""),
+        model_weights=ident.get("weights", ""), model_sha256=ident["sha256"],
+        manifest=str(a.manifest), manifest_sha256=file_sha256(a.manifest), split=a.split,
+    )
+    _log(f"features of {a.manifest} ({a.split}): {stats.means.shape[0]} classes x {stats.means.shape[1]} dims -> {a.out}")
+
+
+def cmd_similarity(a: argparse.Namespace) -> None:
+    from .similarity import load_class_stats, plot_similarity_heatmap, similarity_matrix
+
+    spec = json.loads(a.spec)
+    sources = {}
+    for name, parts in spec["sources"].items():
+        from .selection import concat_class_stats
+
+        sources[name] = concat_class_stats(*(load_class_stats(Path(a.features_dir) / f"{p}.npz") for p in parts))
+    targets = {t: load_class_stats(Path(a.features_dir) / f"{t}.npz") for t in spec["targets"]}
+    sim, emd = similarity_matrix(sources, targets, spec.get("gamma", 0.01), spec.get("min_source_images", 0))
+    out = Path(a.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sim.to_csv(out / "matrix.csv", float_format="%.6f")
+    emd.to_csv(out / "emd.csv", float_format="%.6f")
+    plot_similarity_heatmap(sim, out / "heatmap.png", title=f"domain similarity exp(-{spec.get('gamma', 0.01):g} EMD)")
+    _log(f"similarity matrix {sim.shape[0]} sources x {sim.shape[1]} targets -> {out / 'matrix.csv'}")
+
+
+def cmd_select(a: argparse.Namespace) -> None:
+    from .selection import concat_class_stats, greedy_select
+    from .similarity import load_class_stats
+
+    spec = json.loads(a.spec)
+    pool = concat_class_stats(*(load_class_stats(Path(a.features_dir) / f"{p}.npz") for p in spec["pool"]))
+    targets = {t: load_class_stats(Path(a.features_dir) / f"{t}.npz") for t in spec["targets"]}
+    chosen = greedy_select(
+        pool, targets, top_k=spec.get("top_k"), threshold=spec.get("threshold"),
+        gamma=spec.get("gamma", 0.01), min_source_images=spec.get("min_source_images", 0),
+    )
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    chosen.to_csv(a.out, index=False, float_format="%.6f")
+    _log(f"selected {len(chosen)} of {len(pool.class_names)} source classes -> {a.out}")
 
 
 # --------------------------------------------------------------------------- report
@@ -236,10 +338,40 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--experiment", default="finetail", help="MLflow experiment name")
     t.add_argument("--tracking-uri", default=None, help="MLflow URI (MLFLOW_TRACKING_URI wins)")
     t.add_argument("--save-model", default=None, help="also write the final weights here")
+    t.add_argument("--init-model", default=None, help="start the backbone from this model.pt (fine-tuning); new head")
     t.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     t.add_argument("--device", default=os.environ.get("FINETAIL_DEVICE", "auto"), help="auto, cpu, cuda, cuda:1...")
     t.add_argument("--progress", action="store_true", help="show a progress bar instead of a line per epoch")
     t.set_defaults(func=cmd_train)
+
+    po = sub.add_parser("pool", help="pool source manifests (optionally a class list) into one relabelled manifest")
+    po.add_argument("--inputs", nargs="+", required=True, help="manifest.parquet files")
+    po.add_argument("--classes", default=None, help="CSV with a class_name column: keep only these classes")
+    po.add_argument("--out-dir", required=True, help="writes manifest.parquet and classes.csv")
+    po.set_defaults(func=cmd_pool)
+
+    fe = sub.add_parser("features", help="per-class mean penultimate features of a dataset split")
+    fe.add_argument("--model", required=True, help="a pipeline model.pt, or tv:<torchvision name>")
+    fe.add_argument("--weights", default=None, help="torchvision pretrained-weights enum name (tv: models)")
+    fe.add_argument("--model-name", required=True, help="the feature model's name, stored with the features")
+    fe.add_argument("--manifest", required=True)
+    fe.add_argument("--split", default="train")
+    fe.add_argument("--out", required=True, help=".npz with means, counts, class_names and the model's identity")
+    fe.add_argument("--threads", type=int, default=1)
+    fe.add_argument("--device", default=os.environ.get("FINETAIL_DEVICE", "cpu"))
+    fe.set_defaults(func=cmd_features)
+
+    si = sub.add_parser("similarity", help="source x target domain similarity exp(-gamma EMD), CSV + heatmap")
+    si.add_argument("--features-dir", required=True, help="folder of <dataset>.npz class statistics")
+    si.add_argument("--spec", required=True, help='JSON: {"sources": {name: [datasets]}, "targets": [...], "gamma", "min_source_images"}')
+    si.add_argument("--out-dir", required=True, help="writes matrix.csv, emd.csv, heatmap.png")
+    si.set_defaults(func=cmd_similarity)
+
+    se = sub.add_parser("select", help="greedy selection of the source classes most similar to the targets")
+    se.add_argument("--features-dir", required=True)
+    se.add_argument("--spec", required=True, help='JSON: {"pool": [...], "targets": [...], "top_k" or "threshold", ...}')
+    se.add_argument("--out", required=True, help="classes.csv: class_name, score, best_target, targets, count")
+    se.set_defaults(func=cmd_select)
 
     r = sub.add_parser("report", help="tables and figures from every metrics.json of a study")
     r.add_argument("--results", required=True, help="results/<study>")

@@ -57,6 +57,9 @@ def check_config(config: dict) -> None:
         for key, loss in cb["losses"].items():
             if loss["type"] != "focal" and loss.get("gamma", 0):
                 raise ConfigError(f"cbloss.losses.{key}: gamma applies to the focal loss only")
+    tr = config.get("transfer")
+    if tr:
+        _check_transfer(tr, datasets)
     shots = config.get("shots", {})
     if shots and shots.get("few", 20) > shots.get("many", 100):
         raise ConfigError("shots.few must not exceed shots.many")
@@ -66,6 +69,45 @@ def check_config(config: dict) -> None:
 
             if name not in WORLD_DATASETS:
                 raise ConfigError(f"datasets.{name}: kind 'world' makes only {list(WORLD_DATASETS)}")
+
+
+def _check_transfer(tr: dict, datasets: dict) -> None:
+    from .engine import TrainConfig
+
+    for name, parts in tr["sources"].items():
+        for d in parts:
+            if d not in datasets:
+                raise ConfigError(f"transfer.sources.{name} pools {d!r}, which is not declared under datasets")
+    for t in tr["targets"]:
+        if t not in datasets:
+            raise ConfigError(f"transfer.targets names {t!r}, which is not declared under datasets")
+    sel = tr.get("selection")
+    if sel:
+        if (sel.get("top_k") is None) == (sel.get("threshold") is None):
+            raise ConfigError("transfer.selection needs exactly one of top_k and threshold")
+        for p in sel["pool"]:
+            if p not in tr["sources"]:
+                raise ConfigError(f"transfer.selection.pool names {p!r}, which is not a transfer source")
+        if sel.get("name", "selected") in tr["sources"] or sel.get("name") == "scratch":
+            raise ConfigError(f"transfer.selection.name {sel.get('name')!r} clashes with a source name")
+    if "scratch" in tr["sources"]:
+        raise ConfigError("'scratch' is reserved for training from random weights; rename that source")
+    fmodel = tr.get("features", {}).get("model")
+    if fmodel is None:
+        raise ConfigError("transfer.features.model is required: a source name or tv:<torchvision name>")
+    if not fmodel.startswith("tv:") and fmodel not in tr["sources"]:
+        raise ConfigError(f"transfer.features.model {fmodel!r} is neither a transfer source nor tv:<name>")
+    for t, over in tr["finetune"].get("per_target", {}).items():
+        if t not in tr["targets"]:
+            raise ConfigError(f"transfer.finetune.per_target names {t!r}, which is not a target")
+        try:
+            TrainConfig.from_dict({**tr["finetune"]["recipe"], **over})
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"transfer.finetune.per_target.{t}: {e}") from None
+    pre, fine = tr["pretrain"]["recipe"], tr["finetune"]["recipe"]
+    for key in ("model", "width"):
+        if pre.get(key) != fine.get(key):
+            raise ConfigError(f"transfer: finetune.recipe.{key} must equal pretrain.recipe.{key} (the backbone is reused)")
 
 
 def load_config(path: str | Path, schema: str | Path = SCHEMA) -> dict:

@@ -205,6 +205,7 @@ def train(
     *,
     init_backbone: dict | None = None,
     init_digest: str | None = None,
+    normalisation: dict | None = None,
     device: str = "auto",
     on_epoch: Callable[[int, dict], None] | None = None,
     log: Callable[[str], None] = print,
@@ -215,7 +216,9 @@ def train(
 
     ``checkpoint`` is resumed when it exists and was written for the same config, data counts
     and initial weights; otherwise training starts afresh. ``init_backbone`` is a backbone
-    state_dict to start from (fine-tuning); the head is always new. ``extra_state`` (e.g. a
+    state_dict to start from (fine-tuning); the head is always new. ``normalisation``
+    (``{"mean": [3], "std": [3]}`` in pixel units) defaults to the training set's statistics;
+    fine-tuning passes the pretrained model's. ``extra_state`` (e.g. a
     tracking run id) is stored in the checkpoint and handed back as ``result["extra_state"]``.
     SIGTERM makes the engine checkpoint the last finished epoch and raise :class:`Preempted`.
     """
@@ -251,8 +254,12 @@ def train(
 
     tr = _DeviceData(train_images, train_labels, dev)
     te = _DeviceData(test_images, test_labels, dev)
-    mean = tr.x.float().mean(dim=(0, 2, 3), keepdim=True)
-    std = tr.x.float().std(dim=(0, 2, 3), keepdim=True).clamp_min(1.0)
+    if normalisation is not None:
+        mean = torch.tensor(normalisation["mean"], dtype=torch.float32, device=dev).view(1, -1, 1, 1)
+        std = torch.tensor(normalisation["std"], dtype=torch.float32, device=dev).view(1, -1, 1, 1)
+    else:
+        mean = tr.x.float().mean(dim=(0, 2, 3), keepdim=True)
+        std = tr.x.float().std(dim=(0, 2, 3), keepdim=True).clamp_min(1.0)
 
     start_epoch, history = 0, []
     extra = dict(extra_state or {})

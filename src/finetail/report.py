@@ -154,6 +154,125 @@ def _plot_per_class(results: Path, df: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
+# Our world's sources play the paper's: rows of the paper's tables beside ours.
+PAPER_SOURCE = {"generic": "imagenet", "natural": "inat2017", "generic+natural": "imagenet+inat2017"}
+
+
+def transfer_frame(results: Path, sources: list[str], targets: list[str]) -> pd.DataFrame:
+    """One row per fine-tune: source, target, top-1 accuracy (%), run ids."""
+    rows = []
+    for s in sources:
+        for t in targets:
+            path = results / "finetune" / s / t / "metrics.json"
+            if not path.exists():
+                raise FileNotFoundError(f"{path} is missing: run the finetune job for {s} -> {t} first")
+            m = json.loads(path.read_text())
+            rows.append({"source": s, "target": t, "top1_acc": 100.0 * m["final"]["top1_acc"],
+                         "run_id": m.get("run_id"), "parent_run_id": m.get("parent_run_id")})
+    return pd.DataFrame(rows)
+
+
+def correlations(x: np.ndarray, y: np.ndarray) -> dict:
+    """Spearman's rho and Kendall's tau (with p-values) of paired samples."""
+    from scipy import stats
+
+    rho = stats.spearmanr(x, y)
+    tau = stats.kendalltau(x, y)
+    return {"n": int(len(x)), "spearman": float(rho.statistic), "spearman_p": float(rho.pvalue),
+            "kendall": float(tau.statistic), "kendall_p": float(tau.pvalue)}
+
+
+def _plot_similarity_vs_accuracy(pairs: pd.DataFrame, corr: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    markers = dict(zip(sorted(pairs["source"].unique()), "osD^vP*X", strict=False))
+    for t, g in pairs.groupby("target"):
+        for _, r in g.iterrows():
+            ax.scatter(r["similarity"], r["gain"], marker=markers[r["source"]], color=f"C{sorted(pairs['target'].unique()).index(t)}",
+                       s=40, label=t if r["source"] == g["source"].iloc[0] else None)
+    for s, m in markers.items():
+        ax.scatter([], [], marker=m, color="grey", label=s)
+    ax.set_xlabel("domain similarity exp(-γ EMD)")
+    ax.set_ylabel("fine-tune accuracy minus target mean (points)")
+    ax.set_title(f"Spearman ρ={corr['spearman']:.2f}, Kendall τ={corr['kendall']:.2f} (n={corr['n']})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _transfer_section(results: Path, spec: dict, out: Path) -> tuple[list[str], list[Path]]:
+    tr = spec["transfer"]
+    targets = tr["targets"]
+    rows = list(spec["sources"]) + (["scratch"] if tr["finetune"].get("scratch", True) else [])
+    df = transfer_frame(results, rows, targets)
+    df.to_csv(out / "transfer_cells.csv", index=False)
+    table = df.pivot(index="source", columns="target", values="top1_acc").reindex(index=rows, columns=targets)
+    table["mean"] = table.mean(axis=1)
+    table = table.reset_index()
+    table.to_csv(out / "transfer_table.csv", index=False)
+    paper = paper_table("transfer_table")
+    sim_dir = results / "similarity" / spec["feature_model"]
+    sim = pd.read_csv(sim_dir / "matrix.csv", index_col=0)
+    paper_sim = paper_table("domain_similarity")
+
+    # Pairs (source, target) with a similarity and an accuracy. Accuracy differs by target far
+    # more than by source, so the scatter and the correlation use the accuracy minus the
+    # target's mean over sources ("gain"), as well as the raw accuracy.
+    pairs = df[df["source"].isin(sim.index)].copy()
+    pairs["similarity"] = [float(sim.loc[s, t]) for s, t in zip(pairs["source"], pairs["target"], strict=True)]
+    pairs["gain"] = pairs["top1_acc"] - pairs.groupby("target")["top1_acc"].transform("mean")
+    scratch = df[df["source"] == "scratch"].set_index("target")["top1_acc"]
+    if len(scratch):
+        pairs["gain_over_scratch"] = pairs["top1_acc"] - pairs["target"].map(scratch)
+    pairs.to_csv(out / "similarity_vs_accuracy.csv", index=False)
+    corr_gain = correlations(pairs["similarity"].to_numpy(), pairs["gain"].to_numpy())
+    corr_raw = correlations(pairs["similarity"].to_numpy(), pairs["top1_acc"].to_numpy())
+    per_target = [correlations(g["similarity"].to_numpy(), g["top1_acc"].to_numpy())["kendall"]
+                  for _, g in pairs.groupby("target") if len(g) > 2]
+    corr = {"vs_gain": corr_gain, "vs_accuracy": corr_raw,
+            "mean_within_target_kendall": float(np.nanmean(per_target)) if per_target else None}
+    (out / "transfer_correlation.json").write_text(json.dumps(corr, indent=2) + "\n")
+    _plot_similarity_vs_accuracy(pairs, corr_gain, out / "similarity_vs_accuracy.png")
+
+    best = table.set_index("source").drop(index="scratch", errors="ignore")[targets].idxmax()
+    lines = [
+        "## Transfer: fine-tune top-1 accuracy (%)\n",
+        "Rows: pretraining source (`scratch` = random weights), columns: targets (Cui et al. 2018 table shape).\n",
+        to_markdown(table),
+        "\nBest source per target: " + ", ".join(f"{t}: **{s}**" for t, s in best.items()) + "\n",
+        "\nThe paper's table (Inception-v3, real data; our sources play: "
+        + ", ".join(f"{k} = {v}" for k, v in PAPER_SOURCE.items()) + ", selected = selected_585):\n",
+        to_markdown(paper),
+        f"\n## Domain similarity (feature model `{spec['feature_model']}`)\n",
+        to_markdown(sim.reset_index().rename(columns={"index": "source"}), "{:.3f}"),
+        "\nThe paper's (ResNet-101 features):\n",
+        to_markdown(paper_sim, "{:.3f}"),
+        "\n![similarity](../similarity/" + spec["feature_model"] + "/heatmap.png)\n",
+        "\n## Similarity vs fine-tune accuracy\n",
+        f"Over {corr_gain['n']} (source, target) pairs, similarity vs accuracy relative to the target's mean: "
+        f"Spearman ρ = {corr_gain['spearman']:.3f} (p = {corr_gain['spearman_p']:.3g}), "
+        f"Kendall τ = {corr_gain['kendall']:.3f} (p = {corr_gain['kendall_p']:.3g}). "
+        f"Raw accuracy: Spearman ρ = {corr_raw['spearman']:.3f}, Kendall τ = {corr_raw['kendall']:.3f}. "
+        + (f"Mean within-target Kendall τ: {corr['mean_within_target_kendall']:.3f}.\n"
+           if corr["mean_within_target_kendall"] is not None else "\n"),
+        "\n![similarity vs accuracy](similarity_vs_accuracy.png)\n",
+    ]
+    sel = spec.get("selected")
+    if sel:
+        chosen = pd.read_csv(results / "selection" / sel / "classes.csv")
+        lines.append(f"\nSelected source `{sel}`: {len(chosen)} classes (greedy, union over targets); "
+                     f"list with scores in `selection/{sel}/classes.csv`.\n")
+    files = [out / n for n in ("transfer_cells.csv", "transfer_table.csv", "transfer_correlation.json",
+                               "similarity_vs_accuracy.csv", "similarity_vs_accuracy.png")]
+    return lines, files
+
+
 def build_report(results: Path, spec: dict, out: Path) -> list[Path]:
     """Write the report files under ``out`` and return their paths (summary.md last)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -184,6 +303,10 @@ def build_report(results: Path, spec: dict, out: Path) -> list[Path]:
             to_markdown(shots),
             "\n![error vs imbalance](cbloss_error_vs_if.png)\n\n![per-class accuracy](cbloss_per_class.png)\n",
         ]
+    if spec.get("transfer"):
+        lines, files = _transfer_section(results, spec, out)
+        sections += lines
+        written += files
     summary = out / "summary.md"
     tmp = summary.with_name("summary.md.tmp")
     tmp.write_text("\n".join(sections))

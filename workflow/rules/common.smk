@@ -65,5 +65,59 @@ def get_cbloss_metrics():
     )
 
 
+
+
+# ---------------------------------------------------------------- transfer half
+TR = config.get("transfer")
+SEL = (TR or {}).get("selection")
+SELECTED = SEL["name"] if SEL else None
+SOURCES = list(TR["sources"]) if TR else []
+ALL_SOURCES = SOURCES + ([SELECTED] if SELECTED else [])
+TARGETS = list(TR["targets"]) if TR else []
+FMODEL = TR["features"]["model"] if TR else ""
+FMODEL_TAG = FMODEL.replace(":", "_")
+
+
+def get_pretrain_spec(wildcards):
+    return as_json({"recipe": TR["pretrain"]["recipe"], "loss": TR["pretrain"]["loss"], "shots": config["shots"]})
+
+
+def get_finetune_spec(wildcards):
+    recipe = {**TR["finetune"]["recipe"], **TR["finetune"]["per_target"].get(wildcards.target, {})}
+    return as_json({"recipe": recipe, "loss": {"type": "softmax"}, "shots": config["shots"]})
+
+
+def get_source_inputs(wildcards):
+    """Manifests a source pools: its datasets, or (selected) the selection pool's sources."""
+    if wildcards.source == SELECTED:
+        return {
+            "manifests": [f"{RESULTS}/sources/{s}/manifest.parquet" for s in SEL["pool"]],
+            "classes": f"{RESULTS}/selection/{SELECTED}/classes.csv",
+        }
+    return {"manifests": [f"{RESULTS}/datasets/{d}/manifest.parquet" for d in TR["sources"][wildcards.source]]}
+
+
+def get_features_manifest(wildcards):
+    if wildcards.fdataset in ALL_SOURCES:
+        return f"{RESULTS}/sources/{wildcards.fdataset}/manifest.parquet"
+    return f"{RESULTS}/datasets/{wildcards.fdataset}/manifest.parquet"
+
+
+def get_feature_model(wildcards):
+    """The pipeline-pretrained feature model's weights, or nothing for a torchvision model."""
+    return [] if FMODEL.startswith("tv:") else [f"{RESULTS}/pretrain/{FMODEL}/model.pt"]
+
+
+def get_finetune_init(wildcards):
+    return [] if wildcards.source == "scratch" else [f"{RESULTS}/pretrain/{wildcards.source}/model.pt"]
+
+
+def get_transfer_metrics():
+    if not TR:
+        return []
+    rows = ALL_SOURCES + (["scratch"] if TR["finetune"]["scratch"] else [])
+    return expand(f"{RESULTS}/finetune/{{source}}/{{target}}/metrics.json", source=rows, target=TARGETS)
+
+
 def get_final_outputs():
     return [f"{RESULTS}/report/summary.md"]

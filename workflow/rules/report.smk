@@ -4,10 +4,24 @@
 rule report:
     input:
         cbloss=get_cbloss_metrics(),
+        finetune=get_transfer_metrics(),
+        pretrain=expand(f"{RESULTS}/pretrain/{{source}}/metrics.json", source=ALL_SOURCES),
+        similarity=[f"{RESULTS}/similarity/{FMODEL_TAG}/matrix.csv"] if TR else [],
+        selection=[f"{RESULTS}/selection/{SELECTED}/classes.csv"] if SELECTED else [],
     output:
         summary=f"{RESULTS}/report/summary.md",
     params:
-        spec=as_json({"cbloss": CB, "datasets": config["datasets"], "study": STUDY}),
+        spec=as_json(
+            {
+                "cbloss": CB,
+                "transfer": TR,
+                "feature_model": FMODEL_TAG,
+                "sources": ALL_SOURCES,
+                "selected": SELECTED,
+                "datasets": config["datasets"],
+                "study": STUDY,
+            }
+        ),
         out_dir=lambda wildcards, output: os.path.dirname(output.summary),
         results=lambda wildcards, output: str(Path(output.summary).parents[1]),
     conda:

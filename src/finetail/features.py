@@ -1,0 +1,98 @@
+"""Per-class mean features of a network's penultimate layer (the input of domain similarity).
+
+The feature model is either one the pipeline pretrained (a ``model.pt`` written by
+``finetail train --save-model``) or a torchvision network with its pretrained-weights enum
+(``tv:resnet101`` + ``IMAGENET1K_V2``; needs the internet on first use). Its identity (tracking
+run id or weights name, plus a sha256 digest of its weights) travels with the features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .models import Classifier, build_model
+
+__all__ = ["FeatureModel", "class_mean_features", "load_feature_model", "state_digest"]
+
+
+@dataclass
+class FeatureModel:
+    backbone: torch.nn.Module
+    mean: torch.Tensor  # (1, 3, 1, 1), pixel units 0..255
+    std: torch.Tensor
+    identity: dict  # {"kind", "name", "run_id" or "weights", "sha256"}
+    resize: int | None = None  # torchvision models: resize the short side to this many pixels
+
+
+def state_digest(state: dict) -> str:
+    """sha256 over a state_dict's names and tensor bytes (stable across save formats)."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_feature_model(spec: str, weights: str | None = None, num_classes: int = 1) -> FeatureModel:
+    """``spec`` is a path to a pipeline ``model.pt`` or ``tv:<name>`` (then ``weights`` names its enum)."""
+    if spec.startswith("tv:"):
+        model = build_model(spec, num_classes, weights=weights)
+        mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
+        std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
+        ident = {"kind": "torchvision", "name": spec, "weights": weights or "", "sha256": state_digest(model.backbone.state_dict())}
+        return FeatureModel(model.backbone, mean, std, ident, resize=224)
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"feature model {path} does not exist: run the pretrain job that writes it")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    cfg = json.loads(state["cfg"])["recipe"]
+    norm = json.loads(state["normalisation"])
+    num = state["model"]["head.weight"].shape[0]
+    model: Classifier = build_model(cfg.get("model", "resnet32"), num, cfg.get("width", 16))
+    model.load_state_dict(state["model"])
+    ident = {"kind": "pipeline", "name": str(path), "run_id": state.get("run_id", ""), "sha256": state_digest(state["backbone"])}
+    return FeatureModel(
+        model.backbone,
+        torch.tensor(norm["mean"]).view(1, 3, 1, 1),
+        torch.tensor(norm["std"]).view(1, 3, 1, 1),
+        ident,
+    )
+
+
+@torch.no_grad()
+def class_mean_features(
+    fm: FeatureModel, images: np.ndarray, labels: np.ndarray, num_classes: int, batch: int = 512, device: str = "cpu"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean penultimate feature and image count per class.
+
+    Parameters
+    ----------
+    images : uint8 (N, H, W, 3); labels : (N,) in 0..C-1.
+
+    Returns
+    -------
+    means : (C, D) float64 (rows of classes without images are 0); counts : (C,) int64.
+    """
+    net = fm.backbone.to(device).eval()
+    mean, std = fm.mean.to(device), fm.std.to(device)
+    sums: torch.Tensor | None = None
+    y = torch.from_numpy(labels.astype(np.int64))
+    for i in range(0, len(images), batch):
+        x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch])).to(device).permute(0, 3, 1, 2).float()
+        if fm.resize:
+            x = torch.nn.functional.interpolate(x, size=fm.resize, mode="bilinear", antialias=True, align_corners=False)
+        f = net((x - mean) / std).double().cpu()
+        if sums is None:
+            sums = torch.zeros(num_classes, f.shape[1], dtype=torch.float64)
+        sums.index_add_(0, y[i : i + batch], f)
+    counts = np.bincount(labels, minlength=num_classes)[:num_classes].astype(np.int64)
+    if sums is None:
+        raise ValueError("no images to extract features from")
+    means = sums.numpy() / np.maximum(counts, 1)[:, None]
+    return means, counts

@@ -1,0 +1,72 @@
+# Domain similarity: class-mean features of a feature model, the source x target EMD
+# similarity matrix, and the greedy selection of the most similar source classes.
+
+
+rule features:
+    input:
+        manifest=get_features_manifest,
+        model=get_feature_model,
+    output:
+        f"{RESULTS}/features/{FMODEL_TAG}/{{fdataset}}.npz",
+    params:
+        model=lambda wildcards, input: input.model[0] if input.model else FMODEL,
+        model_name=FMODEL,
+        weights=lambda wildcards: f"--weights {TR['features']['weights']}" if TR["features"]["weights"] else "",
+    conda:
+        "../../envs/finetail.yaml"
+    log:
+        f"{LOGS}/features/{FMODEL_TAG}/{{fdataset}}.log",
+    threads: 1
+    resources:
+        mem_mb=3000,
+        runtime=60,
+    shell:
+        "finetail features --model {params.model:q} {params.weights} --model-name {params.model_name:q} "
+        "--manifest {input.manifest} --out {output} --threads {threads} > {log} 2>&1"
+
+
+rule similarity:
+    input:
+        expand(f"{RESULTS}/features/{FMODEL_TAG}/{{d}}.npz", d=ALL_SOURCES + TARGETS),
+    output:
+        matrix=f"{RESULTS}/similarity/{FMODEL_TAG}/matrix.csv",
+        emd=f"{RESULTS}/similarity/{FMODEL_TAG}/emd.csv",
+        heatmap=report(f"{RESULTS}/similarity/{FMODEL_TAG}/heatmap.png", caption="../report/similarity.rst", category="transfer"),
+    params:
+        spec=lambda wildcards: as_json(
+            {"sources": {s: [s] for s in ALL_SOURCES}, "targets": TARGETS, **TR["similarity"]}
+        ),
+        features_dir=lambda wildcards, input: os.path.dirname(input[0]),
+        out_dir=lambda wildcards, output: os.path.dirname(output.matrix),
+    conda:
+        "../../envs/finetail.yaml"
+    log:
+        f"{LOGS}/similarity/{FMODEL_TAG}.log",
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "finetail similarity --features-dir {params.features_dir} --spec {params.spec:q} "
+        "--out-dir {params.out_dir} > {log} 2>&1"
+
+
+rule selection:
+    input:
+        expand(f"{RESULTS}/features/{FMODEL_TAG}/{{d}}.npz", d=(SEL or {}).get("pool", []) + TARGETS),
+    output:
+        f"{RESULTS}/selection/{{source}}/classes.csv",
+    params:
+        spec=lambda wildcards: as_json(
+            {"pool": SEL["pool"], "targets": TARGETS, "top_k": SEL["top_k"], "threshold": SEL["threshold"],
+             **TR["similarity"]}
+        ),
+        features_dir=lambda wildcards, input: os.path.dirname(input[0]),
+    conda:
+        "../../envs/finetail.yaml"
+    log:
+        f"{LOGS}/selection/{{source}}.log",
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "finetail select --features-dir {params.features_dir} --spec {params.spec:q} --out {output} > {log} 2>&1"
