@@ -174,6 +174,7 @@ def cmd_train(a: argparse.Namespace) -> None:
         "config_digest": digest,
         "inputs": inputs,
         "parent_run_id": parent_run,
+        "start_backbone_sha256": res["start_backbone_sha256"],
         "git_commit": commit,
         "num_classes": num_classes,
         "num_train": int(len(tr.labels)),

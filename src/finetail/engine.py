@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .losses import LOSS_TYPES, ClassBalancedLoss
+from .features import state_digest
 from .metrics import classification_metrics
 from .models import Classifier, build_model, init_head_bias, param_groups
 
@@ -237,6 +238,7 @@ def train(
     model: Classifier = build_model(cfg.model, num_classes, cfg.width, cfg.weights)
     if init_backbone is not None:
         model.backbone.load_state_dict(init_backbone)
+    start_backbone = state_digest(model.backbone.state_dict())
     init_head_bias(model, cfg.loss)
     if cfg.linear_probe:
         for p in model.backbone.parameters():
@@ -377,4 +379,5 @@ def train(
         "normalisation": {"mean": mean.flatten().tolist(), "std": std.flatten().tolist()},
         "extra_state": extra,
         "device": str(dev),
+        "start_backbone_sha256": start_backbone,
     }
