@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -29,6 +30,17 @@ TINY = {
                    "milestones": [2], "lr_factors": [0.1], "eval_every": 1, "crop_pad": 2},
     },
     "shots": {"many": 30, "few": 10},
+}
+TINY["datasets"].update({d: {"kind": "world", "train_per_class": 12, "test_per_class": 6}
+                         for d in ("generic", "natural", "cub200", "stanford_cars")})
+TINY["transfer"] = {
+    "sources": {"generic": ["generic"], "natural": ["natural"], "generic+natural": ["generic", "natural"]},
+    "selection": {"pool": ["generic", "natural"], "top_k": 3},
+    "targets": ["cub200", "stanford_cars"],
+    "features": {"model": "generic+natural"},
+    "similarity": {"min_source_images": 2},
+    "pretrain": {"recipe": TINY["cbloss"]["recipe"] | {"epochs": 1}},
+    "finetune": {"recipe": TINY["cbloss"]["recipe"] | {"epochs": 2}},
 }
 
 
@@ -91,8 +103,15 @@ def test_one_mlflow_run_per_training_job(study):
     client = MlflowClient(f"sqlite:///{res / 'mlflow.db'}")
     exp = client.get_experiment_by_name("finetail-tiny")
     runs = client.search_runs([exp.experiment_id])
-    assert len(runs) == 4
+    by_rule = {}
     for run in runs:
+        by_rule.setdefault(run.data.tags["finetail.rule"], []).append(run)
+    assert {k: len(v) for k, v in by_rule.items()} == {"cbloss": 4, "pretrain": 4, "finetune": 10}
+    pretrain_ids = {r.data.tags["finetail.wildcard.source"]: r.info.run_id for r in by_rule["pretrain"]}
+    for run in by_rule["finetune"]:
+        src = run.data.tags["finetail.wildcard.source"]
+        assert run.data.tags.get("mlflow.parentRunId") == pretrain_ids.get(src)  # None for scratch
+    for run in by_rule["cbloss"]:
         tags, params = run.data.tags, run.data.params
         assert run.info.status == "FINISHED"
         assert tags["finetail.rule"] == "cbloss"
@@ -109,6 +128,24 @@ def test_one_mlflow_run_per_training_job(study):
         assert record["run_id"] == run.info.run_id
         names = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"per_class.csv", "history.csv"} <= names and any(n.startswith("metrics.json") for n in names)
+
+
+def test_transfer_outputs(study):
+    res = study / "results" / "tiny"
+    sim = pd.read_csv(res / "similarity" / "generic+natural" / "matrix.csv", index_col=0)
+    assert list(sim.index) == ["generic", "natural", "generic+natural", "selected"]  # config order
+    assert list(sim.columns) == ["cub200", "stanford_cars"]
+    assert ((sim > 0) & (sim <= 1)).all().all()
+    chosen = pd.read_csv(res / "selection" / "selected" / "classes.csv")
+    assert 3 <= len(chosen) <= 6 and chosen["score"].is_monotonic_decreasing
+    pooled = pd.read_parquet(res / "sources" / "selected" / "manifest.parquet")
+    assert set(pooled["class_name"]) == set(chosen["class_name"])
+    table = pd.read_csv(res / "report" / "transfer_table.csv")
+    assert table["source"].tolist() == ["generic", "natural", "generic+natural", "selected", "scratch"]
+    corr = json.loads((res / "report" / "transfer_correlation.json").read_text())
+    assert corr["vs_gain"]["n"] == 8
+    feats = np.load(res / "features" / "generic+natural" / "cub200.npz")
+    assert str(feats["model_run_id"]) == json.loads((res / "pretrain" / "generic+natural" / "metrics.json").read_text())["run_id"]
 
 
 def test_nothing_to_do_after_a_full_run(study):

@@ -259,18 +259,16 @@ def cmd_similarity(a: argparse.Namespace) -> None:
     from .similarity import load_class_stats, plot_similarity_heatmap, similarity_matrix
 
     spec = json.loads(a.spec)
-    sources = {}
-    for name, parts in spec["sources"].items():
-        from .selection import concat_class_stats
-
-        sources[name] = concat_class_stats(*(load_class_stats(Path(a.features_dir) / f"{p}.npz") for p in parts))
-    targets = {t: load_class_stats(Path(a.features_dir) / f"{t}.npz") for t in spec["targets"]}
-    sim, emd = similarity_matrix(sources, targets, spec.get("gamma", 0.01), spec.get("min_source_images", 0))
+    load = lambda name: load_class_stats(Path(a.features_dir) / f"{name}.npz")  # noqa: E731
+    sources = {s: load(s) for s in spec["sources"]}
+    targets = {t: load(t) for t in spec["targets"]}
+    gamma = spec.get("gamma", 0.01)
+    sim, emd = similarity_matrix(sources, targets, gamma, spec.get("min_source_images", 0))
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sim.to_csv(out / "matrix.csv", float_format="%.6f")
     emd.to_csv(out / "emd.csv", float_format="%.6f")
-    plot_similarity_heatmap(sim, out / "heatmap.png", title=f"domain similarity exp(-{spec.get('gamma', 0.01):g} EMD)")
+    plot_similarity_heatmap(sim, out / "heatmap.png", title=f"domain similarity exp(-{gamma:g} EMD)")
     _log(f"similarity matrix {sim.shape[0]} sources x {sim.shape[1]} targets -> {out / 'matrix.csv'}")
 
 
@@ -364,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     si = sub.add_parser("similarity", help="source x target domain similarity exp(-gamma EMD), CSV + heatmap")
     si.add_argument("--features-dir", required=True, help="folder of <dataset>.npz class statistics")
-    si.add_argument("--spec", required=True, help='JSON: {"sources": {name: [datasets]}, "targets": [...], "gamma", "min_source_images"}')
+    si.add_argument("--spec", required=True, help='JSON: {"sources": [...], "targets": [...], "gamma", "min_source_images"}')
     si.add_argument("--out-dir", required=True, help="writes matrix.csv, emd.csv, heatmap.png")
     si.set_defaults(func=cmd_similarity)
 

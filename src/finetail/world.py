@@ -3,86 +3,103 @@
 The default (mini) study learns from this world instead of downloaded photographs.
 Every class is a *species* in a three-level taxonomy (family -> genus -> species), so
 fine-grained structure and domain similarity are properties of the pixels, not labels on
-noise.
+noise.  Rendering is vectorised numpy over batches of images (coordinate grids, per-image
+affine poses, distance-field shapes, sinusoidal patterns): all eleven data sets at their
+default sizes (about 46,000 images of 32 x 32) take about 4 s on one core.
 
 Taxonomy
 --------
-* **28 families** (``f00`` .. ``f27``), each with a *kind*, a *realm* and a *shape*.
-  Families 0-13 are ``natural`` (they play birds, dogs, flowers, fish, insects, reptiles,
-  fungi); families 14-27 are ``artifact`` (cars, aircraft, food, tools, buildings,
-  furniture, signs, instruments).  A family fixes the coarse appearance: the shape type
-  (ellipse, egg, blob, star, polygon, ring, bar, cross, crescent), the base colour, the
-  surface-pattern type (stripes, bands, spots, checker, spokes), the layout of a
-  secondary part (a head, a pair of wheels, a centre, ...), and the realm's background
-  palette (natural: green-brown, artifact: grey-blue).  Kinds share a shape type, so e.g.
-  the four bird families are egg-shaped objects that differ in colour, pattern and parts.
-  See :func:`family_table`.
+* **28 families** ``f00`` .. ``f27`` (:func:`family_table`), each with a *kind*, a *realm*,
+  a *shape* and a *part layout*.  Families 0-13 are ``natural``: birds (f00-f03, egg),
+  dogs (f04-f06, blob), flowers (f07-f08 star, f09 polygon), fish, insect, reptile,
+  fungus.  Families 14-27 are ``artifact``: cars (f14-f16, bar with a pair of wheels),
+  aircraft (f17-f19, cross with a tail part), food (f20-f22: ring, ellipse, polygon),
+  tool, building, furniture, sign, instrument.  A family fixes the coarse appearance:
+  shape type and shape parameters, base colour (each kind owns a hue region, its
+  families sit within +-0.07 of it), surface-pattern type (stripes, bands, spots, checker
+  or spokes), pattern and part colours, and the layout of a secondary part (head, pair
+  of wheels/ears, centre, tip).  The realm also sets the scene: natural objects lie on
+  green-brown backgrounds among round distractors, artifacts on greyer backgrounds of
+  any hue among square ones.  Cars, tools, buildings, furniture and signs come in three
+  colour morphs (normal, dark, pale), drawn per image.
 * **4 genera per family** (``f07.g2``) vary mid-level attributes around the family:
-  body hue (about +-0.09 on a 0..1 hue circle), pattern frequency (x2**+-0.45),
-  pattern orientation and colour, part size, position and colour, aspect ratio.
-* **16 species per genus** (``f07.g2.s13``) differ only in small details: a hue shift
-  (+-0.035 x ``detail``), a pattern-frequency factor (2**(+-0.28 x detail)), a part size
-  factor (2**(+-0.3 x detail)), an aspect factor (2**(+-0.12 x detail)) and a small part
-  hue shift.  Genus and species offsets are low-discrepancy (Halton) codes with a random
-  per-family/per-genus shift, so siblings are always spread apart, never accidental twins.
+  body hue (+-0.15 on the 0..1 hue circle), pattern frequency (x 2**+-0.6), part size
+  (x 2**+-0.38), aspect ratio (x 2**+-0.26) -- on a per-family Latin hypercube, so
+  the genera of a family take four distinct, evenly spaced levels of every attribute --
+  and, at random, pattern orientation, pattern colour, part colour and part position.
+* **16 species per genus** (``f07.g2.s13``) differ only in small details: body hue
+  (+-0.06 x ``detail``), pattern frequency (x 2**(+-0.42 x detail)), part size
+  (x 2**(+-0.42 x detail)), aspect (x 2**(+-0.24 x detail)) and part hue
+  (+-0.1 x detail), from a shifted Halton sequence, so siblings are spread apart, never
+  accidental twins.  Shape type, pattern type and layout are shared within a family.
 
 Class appearance is a pure function of ``(WorldConfig.seed, WorldConfig.detail, class
-id)`` (see :func:`class_spec`): the same species looks the same in every data set that
-holds it.  Images are sampled from streams keyed by ``(seed, data set, class, split)``
-via a stable BLAKE2 hash (never Python's salted ``hash``), so two data sets that share a
-species hold different photographs of it, and train images are prefix-stable: asking for
-fewer images per class returns the first ones of a larger request.
+id)`` (:func:`class_spec`), never of the other classes in a data set: a species looks the
+same in every data set that holds it.  Images come from random streams keyed by
+``(seed, class, "<data set>/<split>")`` through a stable BLAKE2 hash (never Python's
+salted ``hash``): two data sets that share a species hold different photographs of it,
+and a request for fewer images per class returns the first ones of a larger request.
 
-Each image draws position (+-0.18 of the half-width), scale (object radius 0.34-0.50 of
-the half-width), rotation (+-``rotation`` degrees), pattern phase, small colour jitter,
-gain/bias/colour cast, a background (realm palette + two random colour gratings + three
-distractor discs, strength ``clutter``) and per-pixel Gaussian noise (std ``noise``).
+Each image draws, independently: position (+-``position`` of the half-width), object
+radius (0.34-0.54 of the half-width), rotation (+-``rotation`` degrees), pattern phase,
+hue jitter (+-``color_jitter``), value jitter (x 0.85-1.15), a light direction (+-12%
+shading), the background (realm palette, two colour gratings, three distractors behind
+the object and one occluder in front, all scaled by ``clutter``), haze (up to 35% fog),
+gain (0.85-1.15), bias (+-0.05), colour cast (+-0.04 per channel) and per-pixel
+Gaussian noise (std ``noise``, drawn through a 256-level quantile table).
 
-Species slots (index ``s`` within every genus) are reserved per use, so no source class
-is ever a target class:
+Species slots (index ``s`` within every genus) are reserved per use, so that no source
+class is ever a target class:
 
-======== =========================================================================
-slots    use
-======== =========================================================================
-0        ``generic`` (genera 0-2 of every family)
-1-3      ``natural`` (genera 0-3 of the natural-source families)
-4-7      spare
-8-10     the seven targets (never seen by a source)
-12-13    ``gen100``
-14       ``gen10``
-======== =========================================================================
+=====  ======================================================================
+slots  use
+=====  ======================================================================
+0      ``generic`` (genera 0-2 of every family)
+1-3    ``natural`` (all genera of the natural-source families)
+4-7    spare
+8-10   the seven targets, never seen by a source
+11     spare
+12-13  ``gen100``
+14     ``gen10``
+15     spare
+=====  ======================================================================
 
-Data sets (defaults: train / test images per class)
----------------------------------------------------
-========================== ======= ===================================================
-name                       classes species
-========================== ======= ===================================================
-gen10 (CIFAR-10)           10      slot 14, genus 0 of 10 families (5 natural,
-                                   5 artifact); coarse; 500 / 100
-gen100 (CIFAR-100)         100     20 families x 5 species (slot 12 of genera 0-3,
-                                   slot 13 of genus 0); 100 / 20
-generic (ImageNet)         84      every family, genera 0-2, slot 0; balanced;
-                                   100 / 20
-natural (iNaturalist)      96      8 natural families (3 bird, 2 dog, 2 flower, fish)
-                                   x 4 genera x slots 1-3; long-tailed train counts
-                                   ``int(150 * 0.1 ** (r / (C - 1)))`` for a seeded
-                                   rank r per class (head 150, tail 15); test 20
-cub200                     16      bird families f00, f01 x 4 genera x slots 8-9
-nabirds                    20      bird families f00, f02: f00's 8 species are also in
-                                   cub200 (NA-Birds and CUB overlap in reality);
-                                   f02 x 4 genera x slots 8-10
-stanford_dogs              16      dog families f04, f05 x 4 genera x slots 8-9
-flowers102                 16      flower families f07, f08 x 4 genera x slots 8-9
-stanford_cars              16      car families f14, f15 x 4 genera x slots 8-9
-fgvc_aircraft              16      aircraft families f17, f18 x 4 genera x slots 8-9
-food101                    12      food families f20-f22 x 4 genera x slot 8
-                                   (coarser, as Food-101 is)
-========================== ======= ===================================================
+Data sets
+---------
+================= ===== ===================================================== =========
+name (plays)      C     species                                               train/test
+================= ===== ===================================================== =========
+gen10 (CIFAR-10)  10    slot 14 of genus 0 of f00 f03 f04 f06 f07 f09 f14     500 / 100
+                        f16 f17 f19: coarse, in look-alike pairs (bird/bird,
+                        dog/dog, car/car, ...) like cat/dog in CIFAR-10
+gen100            100   20 families (f00-f09, f14-f23) x 5 species (slot 12   100 / 20
+(CIFAR-100)             of genera 0-3, slot 13 of genus 0): 20 superclasses
+generic           84    every family, genera 0-2, slot 0: many families, few   100 / 20
+(ImageNet)              species each, balanced
+natural           96    8 natural families (birds f00-f02, dogs f04-f05,       250 / 20
+(iNaturalist)           flowers f07-f08, fish f10) x 4 genera x slots 1-3;
+                        long-tailed: ``int(n * 0.1 ** (r / (C - 1)))`` for a
+                        seeded rank r per class (head 250, tail 25, mean ~98,
+                        ~9,400 images); test balanced
+cub200            16    birds f00, f01 x 4 genera x slots 8-9                  30 / 30
+nabirds           20    birds f00 x 4 x slots 8-9 (the same 8 species as in    30 / 30
+                        cub200: NA-Birds and CUB overlap in reality) and
+                        f02 x 4 x slots 8-10
+stanford_dogs     16    dogs f04, f05 x 4 genera x slots 8-9                   30 / 30
+flowers102        16    flowers f07, f08 x 4 genera x slots 8-9                30 / 30
+stanford_cars     16    cars f14, f15 x 4 genera x slots 8-9                   30 / 30
+fgvc_aircraft     16    aircraft f17, f18 x 4 genera x slots 8-9               30 / 30
+food101           12    food f20-f22 x 4 genera x slot 8 (coarser, as          30 / 30
+                        Food-101 is)
+================= ===== ===================================================== =========
 
-Targets default to 30 / 30 images per class.  Bird-, dog- and flower-like targets come
-from families that ``natural`` covers with 12 species each and ``generic`` with 3, so they
-are closer to ``natural``; car-, aircraft- and food-like targets come from artifact
-families that only ``generic`` covers, so they are closer to ``generic``.
+Every target family is in ``generic`` (3 species each).  Bird-, dog- and flower-like
+targets come from families that ``natural`` covers with 12 species each, on natural
+scenes, so they are closer to ``natural``; car-, aircraft- and food-like targets come
+from artifact families that only ``generic`` covers, so they are closer to ``generic``.
+Targets are fine-grained: sibling species (slots 8 and 9 of one genus) differ only in
+details, genera in mid-level attributes, the two families of a target in kind-level
+traits.
 
 Example
 -------
@@ -90,6 +107,8 @@ Example
 >>> ds = generate("cub200", WorldConfig(seed=0, image_size=32), 4, 2)
 >>> ds.images.shape, ds.images.dtype, len(ds.class_names)
 ((96, 32, 32, 3), dtype('uint8'), 16)
+>>> ds.class_names[:3]
+['f00.g0.s08', 'f00.g0.s09', 'f00.g1.s08']
 """
 
 from __future__ import annotations
@@ -98,6 +117,7 @@ import hashlib
 import math
 from dataclasses import dataclass
 from functools import lru_cache
+from statistics import NormalDist
 
 import numpy as np
 import pandas as pd
@@ -128,6 +148,13 @@ class WorldConfig:
     rotation: float = 180.0  # max absolute object rotation, degrees
     color_jitter: float = 0.04  # max per-image hue shift of the object, fraction of the hue circle
     position: float = 0.3  # max object-centre offset, fraction of the image half-width
+
+    def __post_init__(self) -> None:
+        if not 8 <= self.image_size <= 256:
+            raise ValueError(f"image_size must be in 8..256 (16..64 intended), got {self.image_size}")
+        for name in ("noise", "clutter", "detail", "rotation", "color_jitter", "position"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"WorldConfig.{name} must be >= 0, got {getattr(self, name)}")
 
 
 WORLD_DATASETS: tuple[str, ...] = (
@@ -293,8 +320,9 @@ class ClassSpec:
     shape: str
     pattern: str
     aspect: float  # long / short axis of the body
-    shape_param: float  # shape-specific: egg taper, star depth, polygon sides, ...
-    shape_param2: float  # second shape-specific value (cross wing offset, ...)
+    shape_param: float  # egg taper, blob lobe depth, star points, polygon sides, ring hole
+    #                     radius, cross wing offset, crescent bite offset (else 0)
+    shape_param2: float  # blob lobe phase, star depth, cross bar half-thickness (else 0)
     body_hsv: tuple[float, float, float]
     pattern_hsv: tuple[float, float, float]
     pattern_freq: float  # cycles per object radius (spokes: number of spokes)
@@ -316,7 +344,6 @@ def _family_params(seed: int, family: int) -> dict:
     kind, realm, shape, layout = _FAMILIES[family]
     rng = _rng(seed, "family", family)
     lo, hi = _ASPECT[shape]
-    # base hues spread around the circle by the golden ratio, then jittered
     # kinds own a colour region (hues spread by the golden ratio); families sit inside it
     kinds = list(dict.fromkeys(k for k, *_ in _FAMILIES))
     base_hue = kinds.index(kind) * 0.6180339887 + _rng(seed, "hue-origin").uniform(0, 1)
@@ -486,7 +513,7 @@ def _build_specs() -> dict[str, _DatasetSpec]:
         "gen10": _DatasetSpec(tuple(_class_name(f, 0, _SLOT_GEN10) for f in _GEN10_FAMILIES), 500, 100, 1.0),
         "gen100": _DatasetSpec(tuple(gen100), 100, 20, 1.0),
         "generic": _DatasetSpec(tuple(_species(range(N_FAMILIES), range(3), [_SLOT_GENERIC])), 100, 20, 1.0),
-        "natural": _DatasetSpec(tuple(_species(_NATURAL_SOURCE_FAMILIES, all_g, _SLOTS_NATURAL)), 150, 20, 10.0),
+        "natural": _DatasetSpec(tuple(_species(_NATURAL_SOURCE_FAMILIES, all_g, _SLOTS_NATURAL)), 250, 20, 10.0),
         "cub200": _DatasetSpec(tuple(_species((0, 1), all_g, t8_9)), 30, 30, 1.0),
         "stanford_dogs": _DatasetSpec(tuple(_species((4, 5), all_g, t8_9)), 30, 30, 1.0),
         "flowers102": _DatasetSpec(tuple(_species((7, 8), all_g, t8_9)), 30, 30, 1.0),
@@ -531,7 +558,18 @@ def dataset_defaults(name: str) -> dict:
 
 
 def dataset_classes(name: str) -> list[str]:
-    """Class ids of a world data set in label order (sorted)."""
+    """Class ids of a world data set, in label order.
+
+    Parameters
+    ----------
+    name : str
+        One of :data:`WORLD_DATASETS`.
+
+    Returns
+    -------
+    list[str]
+        Sorted ``"fFF.gG.sSS"`` ids; label i is element i.
+    """
     return sorted(_spec(name).classes)
 
 
@@ -548,7 +586,7 @@ def _train_counts(name: str, classes: list[str], n_max: int, imbalance: float, s
 # --------------------------------------------------------------------------- rendering
 
 _F32 = np.float32
-_CHUNK = 256  # images rendered per vectorised batch
+_CHUNK_PIXELS = 65536  # pixels per vectorised batch: its float32 planes stay cache-sized
 
 
 def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -612,7 +650,7 @@ def _body_distance(spec: ClassSpec, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     if shape == "polygon":
         k = spec.shape_param
         sector = _F32(2 * math.pi / k)
-        m = np.mod(phi, sector) - sector / 2
+        m = phi - np.floor(phi / sector) * sector - sector / 2  # np.mod is ~40x slower
         return r * np.cos(m) / _F32(math.cos(math.pi / k)) - _F32(1.0)
     raise ValueError(f"unknown shape {shape!r}")
 
@@ -648,19 +686,36 @@ _N_DISTRACT = 4
 _U_LOOK = 35  # hue jitter, value jitter, pattern phase, light angle, colour morph
 _U_CAMERA = 40  # gain, bias, 3 x colour cast
 _N_POSE = 48
+# the 256 mid-quantiles of N(0, 1), rescaled to unit variance
+_NOISE_TABLE = np.array([NormalDist().inv_cdf((i + 0.5) / 256) for i in range(256)])
+_NOISE_TABLE = (_NOISE_TABLE / _NOISE_TABLE.std()).astype(np.float32)
 _HAZE = 0.35  # max per-image haze: blend towards a grey-ish fog colour
 
 
-def _draw_distractor(img, q, gx, gy, clutter, size):
-    """Alpha-blend one disc described by uniforms ``q[:, :5]`` onto ``img`` (n, 3, H, W)."""
+def _draw_distractor(img, q, gx, gy, clutter, size, realm):
+    """Alpha-blend one distractor described by uniforms ``q[:, :5]`` onto ``img`` (n, 3, H, W).
+
+    Natural scenes get round pebbles/leaves (discs); artifact scenes get boxes (squares).
+    """
     ddx = gx - ((q[:, 0] * 2 - 1) * 0.95).astype(_F32)[:, None, None]
     ddy = gy - ((q[:, 1] * 2 - 1) * 0.95).astype(_F32)[:, None, None]
-    d = np.sqrt(ddx * ddx + ddy * ddy) - (0.08 + 0.2 * q[:, 2]).astype(_F32)[:, None, None]
+    rad = (0.08 + 0.2 * q[:, 2]).astype(_F32)[:, None, None]
+    if realm == "natural":
+        d = np.sqrt(ddx * ddx + ddy * ddy) - rad
+    else:
+        d = np.maximum(np.abs(ddx), np.abs(ddy)) - rad * _F32(0.85)
     m = np.clip(_F32(0.5) - d * _F32(size / 2), _F32(0.0), _F32(1.0)) * clutter
     sv = 0.3 + 0.6 * q[:, 4]
     colour = _hsv_to_rgb(q[:, 3], sv, sv).astype(_F32)[:, :, None, None]
-    img += (colour - img) * m[:, None]
+    _blend(img, colour, m)
     return img
+
+
+def _blend(img: np.ndarray, colour: np.ndarray, mask: np.ndarray) -> None:
+    """``img += (colour - img) * mask`` in place; img (n, 3, H, W), mask (n, H, W)."""
+    tmp = colour - img
+    tmp *= mask[:, None]
+    img += tmp
 
 
 def _render_chunk(spec: ClassSpec, u: np.ndarray, world: WorldConfig, noise_rng: np.random.Generator) -> np.ndarray:
@@ -689,9 +744,14 @@ def _render_chunk(spec: ClassSpec, u: np.ndarray, world: WorldConfig, noise_rng:
     px_obj = (2.0 / size) / scale  # one pixel in object units, per image
     aa = per_image(1.0 / px_obj)  # distance -> pixels, for anti-aliased edges
 
-    # background: plain colour + two colour gratings + distractor discs
+    # background: the realm's palette + two colour gratings + distractors; the realm
+    # (natural: greens and browns, artifact: any hue, greyer) is part of the domain
     b = u[:, _U_BG:]
-    img = np.broadcast_to(rgb(b[:, 0], 0.1 + 0.3 * b[:, 1], 0.3 + 0.5 * b[:, 2]), (n, 3, size, size)).copy()
+    if spec.realm == "natural":
+        bg = rgb(0.05 + 0.4 * b[:, 0], 0.2 + 0.35 * b[:, 1], 0.25 + 0.5 * b[:, 2])
+    else:
+        bg = rgb(b[:, 0], 0.05 + 0.2 * b[:, 1], 0.35 + 0.5 * b[:, 2])
+    img = np.broadcast_to(bg, (n, 3, size, size)).copy()
     clutter = _F32(world.clutter)
     if world.clutter > 0:
         for j in range(2):
@@ -702,7 +762,7 @@ def _render_chunk(spec: ClassSpec, u: np.ndarray, world: WorldConfig, noise_rng:
             wave = np.cos(kx * gx + ky * gy + per_image(2 * math.pi * g[:, 2]))
             img += (clutter * _F32(0.3)) * wave[:, None] * (rgb(g[:, 3], 0.5, 0.5) - _F32(0.25))
         for j in range(_N_DISTRACT - 1):
-            img = _draw_distractor(img, u[:, _U_DISTRACT + 5 * j :], gx, gy, clutter, size)
+            img = _draw_distractor(img, u[:, _U_DISTRACT + 5 * j :], gx, gy, clutter, size, spec.realm)
 
     # body with its surface pattern; some artifacts come in several colours (cars, ...)
     look = u[:, _U_LOOK:]
@@ -722,8 +782,10 @@ def _render_chunk(spec: ClassSpec, u: np.ndarray, world: WorldConfig, noise_rng:
     # light from a random direction gives the body a little shading
     la = 2 * math.pi * look[:, 3]
     shade = _F32(1.0) + _F32(0.12) * (x * per_image(np.cos(la)) + y * per_image(np.sin(la)))
-    body = (body_rgb + (pat_rgb - body_rgb) * pat[:, None]) * shade[:, None]
-    img += (body - img) * mask[:, None]
+    body = (pat_rgb - body_rgb) * pat[:, None]
+    body += body_rgb
+    body *= shade[:, None]
+    _blend(img, body, mask)
 
     # secondary part(s)
     a = math.sqrt(spec.aspect)
@@ -738,25 +800,29 @@ def _render_chunk(spec: ClassSpec, u: np.ndarray, world: WorldConfig, noise_rng:
         pd = np.minimum(pd, pdx * pdx + qdy * qdy)
     pmask = np.clip(_F32(0.5) - (np.sqrt(pd) - _F32(spec.part_radius)) * aa, _F32(0.0), _F32(1.0))
     part_rgb = rgb(spec.part_hsv[0] + hue_jit, spec.part_hsv[1], spec.part_hsv[2] * val_jit)
-    img += (part_rgb - img) * pmask[:, None]
+    _blend(img, part_rgb, pmask)
 
     # the last distractor sits in front of the object: occlusion
     if world.clutter > 0:
-        img = _draw_distractor(img, u[:, _U_DISTRACT + 5 * (_N_DISTRACT - 1) :], gx, gy, clutter, size)
+        img = _draw_distractor(img, u[:, _U_DISTRACT + 5 * (_N_DISTRACT - 1) :], gx, gy, clutter, size, spec.realm)
 
     # camera: haze, gain, bias, colour cast, noise
     c = u[:, _U_CAMERA:]
     haze = (_HAZE * c[:, 5]).astype(_F32)[:, None, None, None]
-    img += (rgb(c[:, 6], 0.15, 0.4 + 0.4 * c[:, 7]) - img) * haze
+    fog = rgb(c[:, 6], 0.15, 0.4 + 0.4 * c[:, 7])
     gain = (0.85 + 0.3 * c[:, 0]).astype(_F32)[:, None, None, None]
     bias = ((c[:, 1:2] - 0.5) * 0.1 + (c[:, 2:5] - 0.5) * 0.08).astype(_F32)[:, :, None, None]
-    img = img * gain + bias
+    # 255 * ((img * (1 - haze) + fog * haze) * gain + bias) + 0.5, folded into one affine map
+    img *= _F32(255.0) * (_F32(1.0) - haze) * gain
+    img += _F32(255.0) * (fog * haze * gain + bias) + _F32(0.5)
     if world.noise > 0:
-        img += noise_rng.standard_normal(img.shape, dtype=_F32) * _F32(world.noise)
-    img *= _F32(255.0)
-    img += _F32(0.5)
-    np.clip(img, _F32(0.0), _F32(255.0), out=img)
-    return img.astype(np.uint8).transpose(0, 2, 3, 1)
+        # Gaussian noise through a 256-level quantile table: 5x faster than standard_normal
+        noise = _NOISE_TABLE.take(noise_rng.integers(0, 256, size=img.shape, dtype=np.uint8))
+        noise *= _F32(255.0 * world.noise)
+        img += noise
+    out = np.empty((n, size, size, 3), dtype=_F32)
+    np.clip(img.transpose(0, 2, 3, 1), _F32(0.0), _F32(255.0), out=out)
+    return out.astype(np.uint8)
 
 
 def render_class(class_name: str, n: int, world: WorldConfig, stream: str = "") -> np.ndarray:
@@ -769,7 +835,7 @@ def render_class(class_name: str, n: int, world: WorldConfig, stream: str = "") 
     n : int
         Number of images.
     world : WorldConfig
-        World settings (seed, size, noise, clutter, detail, rotation).
+        World settings.
     stream : str
         Key of the image stream; ``generate`` uses ``"<data set>/<split>"``.  The same
         (world, class, stream) gives the same images, and the first k of n images equal a
@@ -783,16 +849,15 @@ def render_class(class_name: str, n: int, world: WorldConfig, stream: str = "") 
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     size = world.image_size
-    if not (8 <= size <= 256):
-        raise ValueError(f"image_size must be in 8..256 (16..64 intended), got {size}")
     spec = class_spec(class_name, world.seed, world.detail)
     out = np.empty((n, size, size, 3), dtype=np.uint8)
     if n == 0:
         return out
     u = _rng(world.seed, "pose", class_name, stream).random((n, _N_POSE))
     noise_rng = _rng(world.seed, "noise", class_name, stream)
-    for start in range(0, n, _CHUNK):
-        stop = min(n, start + _CHUNK)
+    chunk = max(1, _CHUNK_PIXELS // (size * size))
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
         out[start:stop] = _render_chunk(spec, u[start:stop], world, noise_rng)
     return out
 

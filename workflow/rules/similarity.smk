@@ -34,7 +34,7 @@ rule similarity:
         heatmap=report(f"{RESULTS}/similarity/{FMODEL_TAG}/heatmap.png", caption="../report/similarity.rst", category="transfer"),
     params:
         spec=lambda wildcards: as_json(
-            {"sources": {s: [s] for s in ALL_SOURCES}, "targets": TARGETS, **TR["similarity"]}
+            {"sources": ALL_SOURCES, "targets": TARGETS, **TR["similarity"]}
         ),
         features_dir=lambda wildcards, input: os.path.dirname(input[0]),
         out_dir=lambda wildcards, output: os.path.dirname(output.matrix),
