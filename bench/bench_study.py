@@ -73,17 +73,20 @@ def main() -> None:
     if a.configfile:
         cmd += ["--configfile", str(Path(a.configfile).resolve())]
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    log_path = Path(a.out).with_suffix(".log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_file = open(log_path, "w")  # a file, not a pipe: a full pipe would block snakemake
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, text=True, env=env)
     peak_sum = peak_one = 0
     while proc.poll() is None:
         rss = [_rss_kb(p) for p in _tree(proc.pid)]
         peak_sum, peak_one = max(peak_sum, sum(rss)), max(peak_one, max(rss, default=0))
         time.sleep(0.2)
     wall = time.perf_counter() - t0
-    log = proc.stdout.read()
+    log_file.close()
     if proc.returncode != 0:
-        print(log[-4000:])
+        print(log_path.read_text()[-4000:])
         raise SystemExit(f"snakemake failed ({proc.returncode}); scratch dir kept at {work}")
 
     jobs: dict[str, list[float]] = {}

@@ -94,3 +94,13 @@ def test_config_rejects_unknown_keys():
         TrainConfig.from_dict({"epochz": 3})
     with pytest.raises(ValueError, match="lr_factors"):
         TrainConfig.from_dict({"milestones": [1], "lr_factors": []})
+
+
+def test_image_budget_rescales_the_schedule():
+    cfg = TrainConfig(epochs=10, milestones=[6, 8], lr_factors=[0.1, 0.01], warmup_epochs=1, eval_every=5,
+                      budget_images=10_000)
+    small = cfg.for_train_size(500)  # 20 epochs of 500 images
+    assert (small.epochs, small.milestones, small.warmup_epochs, small.eval_every) == (20, [12, 16], 2.0, 10)
+    big = cfg.for_train_size(5000)  # 2 epochs
+    assert (big.epochs, big.milestones, big.eval_every) == (2, [1, 2], 1)
+    assert TrainConfig(epochs=3).for_train_size(10).epochs == 3  # no budget: unchanged

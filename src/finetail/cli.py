@@ -179,7 +179,7 @@ def cmd_train(a: argparse.Namespace) -> None:
         "num_classes": num_classes,
         "num_train": int(len(tr.labels)),
         "final": final,
-        "epochs": cfg.epochs,
+        "epochs": res["epochs"],
         "device": res["device"],
         "torch": torch.__version__,
         "wall_s": round(wall, 2),
@@ -196,7 +196,7 @@ def cmd_train(a: argparse.Namespace) -> None:
         )
         record["model_sha256"] = file_sha256(a.save_model)
     _write_json(record, out / "metrics.json.partial")
-    tracker.log_metrics({f"final_{k}": v for k, v in final.items() if isinstance(v, float)}, step=cfg.epochs)
+    tracker.log_metrics({f"final_{k}": v for k, v in final.items() if isinstance(v, float)}, step=res["epochs"])
     tracker.log_artifacts([out / "metrics.json.partial", out / "per_class.csv", out / "history.csv"])
     tracker.end("FINISHED")
     os.replace(out / "metrics.json.partial", out / "metrics.json")

@@ -97,13 +97,17 @@ def _check_transfer(tr: dict, datasets: dict) -> None:
         raise ConfigError("transfer.features.model is required: a source name or tv:<torchvision name>")
     if not fmodel.startswith("tv:") and fmodel not in tr["sources"]:
         raise ConfigError(f"transfer.features.model {fmodel!r} is neither a transfer source nor tv:<name>")
-    for t, over in tr["finetune"].get("per_target", {}).items():
-        if t not in tr["targets"]:
-            raise ConfigError(f"transfer.finetune.per_target names {t!r}, which is not a target")
-        try:
-            TrainConfig.from_dict({**tr["finetune"]["recipe"], **over})
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"transfer.finetune.per_target.{t}: {e}") from None
+    names = list(tr["sources"]) + ([sel.get("name", "selected")] if sel else [])
+    for stage, key, allowed in (("finetune", "per_target", tr["targets"]), ("pretrain", "per_source", names)):
+        for name, over in tr[stage].get(key, {}).items():
+            if name not in allowed:
+                raise ConfigError(f"transfer.{stage}.{key} names {name!r}; expected one of {allowed}")
+            if {"model", "width"} & set(over):
+                raise ConfigError(f"transfer.{stage}.{key}.{name}: model and width must stay shared")
+            try:
+                TrainConfig.from_dict({**tr[stage]["recipe"], **over})
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"transfer.{stage}.{key}.{name}: {e}") from None
     pre, fine = tr["pretrain"]["recipe"], tr["finetune"]["recipe"]
     for key in ("model", "width"):
         if pre.get(key) != fine.get(key):

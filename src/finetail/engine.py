@@ -18,7 +18,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +52,7 @@ class TrainConfig:
     crop_pad: int = 4  # random-crop padding, pixels (0 = no crop)
     flip: bool = True  # random horizontal flip
     eval_every: int = 10  # evaluate every N epochs (and after the last)
+    budget_images: int | None = None  # if set: rescale epochs, milestones, warm-up, eval to see ~this many images
     linear_probe: bool = False  # train the head only (frozen backbone, BN in eval mode)
     loss: str = "softmax"  # softmax | sigmoid | focal
     beta: float = 0.0  # class-balanced beta, 0 = unweighted
@@ -72,6 +73,23 @@ class TrainConfig:
         cfg = cls(**d)
         cfg.validate()
         return cfg
+
+    def for_train_size(self, n_train: int) -> TrainConfig:
+        """The schedule actually run on ``n_train`` images: with ``budget_images`` set, the
+        recipe's epochs (and milestones, warm-up, evaluation period with them) are scaled so
+        that training sees about ``budget_images`` images, e.g. equal compute per source."""
+        if self.budget_images is None:
+            return self
+        epochs = max(1, round(self.budget_images / max(1, n_train)))
+        f = epochs / self.epochs
+        return replace(
+            self,
+            epochs=epochs,
+            milestones=[round(m * f) for m in self.milestones],
+            warmup_epochs=self.warmup_epochs * f,
+            eval_every=max(1, round(self.eval_every * f)),
+            budget_images=None,
+        )
 
     def validate(self) -> None:
         if self.loss not in LOSS_TYPES:
@@ -188,6 +206,7 @@ def resume_extra(
     checkpoint = Path(checkpoint)
     if not checkpoint.exists():
         return None
+    cfg = cfg.for_train_size(len(train_labels))
     state = load_checkpoint(checkpoint)
     counts = np.bincount(train_labels, minlength=num_classes)[:num_classes]
     if state.get("key") != _data_key(cfg, counts, init_digest):
@@ -224,6 +243,7 @@ def train(
     SIGTERM makes the engine checkpoint the last finished epoch and raise :class:`Preempted`.
     """
     cfg.validate()
+    cfg = cfg.for_train_size(len(train_labels))
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -380,4 +400,5 @@ def train(
         "extra_state": extra,
         "device": str(dev),
         "start_backbone_sha256": start_backbone,
+        "epochs": cfg.epochs,
     }

@@ -79,7 +79,8 @@ FMODEL_TAG = FMODEL.replace(":", "_")
 
 
 def get_pretrain_spec(wildcards):
-    return as_json({"recipe": TR["pretrain"]["recipe"], "loss": TR["pretrain"]["loss"], "shots": config["shots"]})
+    recipe = {**TR["pretrain"]["recipe"], **TR["pretrain"]["per_source"].get(wildcards.source, {})}
+    return as_json({"recipe": recipe, "loss": TR["pretrain"]["loss"], "shots": config["shots"]})
 
 
 def get_finetune_spec(wildcards):
