@@ -127,3 +127,18 @@ def test_default_dag_holds_every_source_target_finetune(tmp_path):
     assert planned == {(s, t) for s in sources for t in targets}
     assert re.search(r"^pretrain\s+4$", r.stdout, flags=re.M)
     assert re.search(r"^finetune\s+35$", r.stdout, flags=re.M)
+
+
+def test_torchvision_feature_model_identity_without_download(tmp_path):
+    """The torchvision path (users with internet pass weights=...); here without weights."""
+    from finetail.features import load_feature_model
+    from finetail.similarity import load_class_stats
+
+    tgt = _dataset(tmp_path / "tgt", 2, "t", 3)
+    fm = load_feature_model("tv:resnet18")
+    assert fm.identity["kind"] == "torchvision" and len(fm.identity["sha256"]) == 64
+    _cli("features", "--model", "tv:resnet18", "--model-name", "tv:resnet18", "--manifest", str(tgt),
+         "--out", str(tmp_path / "f.npz"))
+    stats = load_class_stats(tmp_path / "f.npz")
+    assert stats.means.shape == (2, 512) and stats.counts.tolist() == [12, 12]
+    assert stats.meta["model_kind"] == "torchvision"
