@@ -49,6 +49,22 @@ def cmd_generate(a: argparse.Namespace) -> None:
     _log(f"generated {a.dataset}: {len(df)} images, {len(g.class_names)} classes in {time.perf_counter() - t0:.1f}s")
 
 
+# --------------------------------------------------------------------------- prepare
+def cmd_prepare(a: argparse.Namespace) -> None:
+    from .datasets import prepare, prepare_imagefolder
+
+    spec = json.loads(a.spec)
+    kind = spec.get("kind")
+    if kind == "registry":
+        path = prepare(spec.get("name", a.dataset), a.resources, a.out_dir, base_url=spec.get("mirror"),
+                       progress=sys.stderr.isatty())
+    elif kind == "imagefolder":
+        path = prepare_imagefolder(spec["source"], a.out_dir, kind=spec.get("store", "files"))
+    else:
+        raise ValueError(f"finetail prepare handles kinds 'registry' and 'imagefolder', not {kind!r}")
+    _log(f"prepared {a.dataset} -> {path}")
+
+
 # --------------------------------------------------------------------------- longtail
 def cmd_longtail(a: argparse.Namespace) -> None:
     from .longtail import longtail_subset
@@ -316,6 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--spec", required=True, help='JSON: {"world": {...}, "dataset": {...}}')
     g.add_argument("--out-dir", required=True, help="writes images.npy, manifest.parquet, classes.csv, source.json")
     g.set_defaults(func=cmd_generate)
+
+    pr = sub.add_parser("prepare", help="download, verify, extract and parse a real dataset (or your imagefolder)")
+    pr.add_argument("--dataset", required=True, help="the dataset's key in the config")
+    pr.add_argument("--spec", required=True, help='JSON: the dataset\'s config, e.g. {"kind": "registry"}')
+    pr.add_argument("--resources", default="resources", help="raw downloads go to <resources>/<name>/")
+    pr.add_argument("--out-dir", required=True, help="writes manifest.parquet (+ images.npy), classes.csv, source.json")
+    pr.set_defaults(func=cmd_prepare)
 
     lt = sub.add_parser("longtail", help="long-tailed subset of a balanced manifest")
     lt.add_argument("--input", required=True, help="balanced manifest.parquet")

@@ -64,11 +64,22 @@ def check_config(config: dict) -> None:
     if shots and shots.get("few", 20) > shots.get("many", 100):
         raise ConfigError("shots.few must not exceed shots.many")
     for name, spec in datasets.items():
-        if spec.get("kind") == "world":
+        kind = spec.get("kind")
+        world_keys = {"train_per_class", "test_per_class"} & set(spec)
+        if kind == "world":
             from .world import WORLD_DATASETS
 
             if name not in WORLD_DATASETS:
                 raise ConfigError(f"datasets.{name}: kind 'world' makes only {list(WORLD_DATASETS)}")
+        elif world_keys:
+            raise ConfigError(f"datasets.{name}: {sorted(world_keys)} apply to kind 'world' only")
+        if kind == "registry":
+            from .datasets import names
+
+            if spec.get("name", name) not in names():
+                raise ConfigError(f"datasets.{name}: {spec.get('name', name)!r} is not in the registry: {names()}")
+        if kind == "imagefolder" and not spec.get("source"):
+            raise ConfigError(f"datasets.{name}: kind 'imagefolder' needs source: <tree, CSV or archive>")
 
 
 def _check_transfer(tr: dict, datasets: dict) -> None:

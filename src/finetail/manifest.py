@@ -99,13 +99,15 @@ def write_array_dataset(
 
 
 def rebase_store(df: pd.DataFrame, src_manifest: str | Path, dst_manifest: str | Path) -> pd.DataFrame:
-    """Rewrite ``store`` paths of rows read from ``src_manifest`` to be relative to ``dst_manifest``."""
-    if "store" not in df.columns:
-        return df
+    """Rewrite the ``store``/``path`` columns of rows read from ``src_manifest`` to be relative
+    to ``dst_manifest``'s folder (for manifests that point into another manifest's files)."""
     src_dir = Path(src_manifest).resolve().parent
     dst_dir = Path(dst_manifest).resolve().parent
     out = df.copy()
-    out["store"] = [os.path.relpath(src_dir / s, dst_dir) for s in out["store"]]
+    for col in ("store", "path"):
+        if col in out.columns:
+            rel = {v: os.path.relpath(src_dir / v, dst_dir) for v in out[col].unique()}
+            out[col] = out[col].map(rel)
     return out
 
 

@@ -36,6 +36,17 @@ def alternation(values):
     return "|".join(sorted(re.escape(str(v)) for v in values)) or "^$"
 
 
+WORLD_SETS = [d for d, spec in config["datasets"].items() if spec["kind"] == "world"]
+REAL_SETS = [d for d, spec in config["datasets"].items() if spec["kind"] != "world"]
+
+
+def get_imagefolder_source(wildcards):
+    """An imagefolder's CSV or archive is an input (a change reruns it); a tree is not tracked."""
+    spec = config["datasets"][wildcards.dataset]
+    src = spec.get("source")
+    return [src] if spec["kind"] == "imagefolder" and src and os.path.isfile(src) else []
+
+
 def get_world_spec(wildcards):
     return as_json({"world": config["world"], "dataset": config["datasets"][wildcards.dataset]})
 

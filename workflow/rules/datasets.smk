@@ -2,6 +2,8 @@
 
 
 rule generate_world:
+    wildcard_constraints:
+        dataset=alternation(WORLD_SETS),
     output:
         manifest=f"{RESULTS}/datasets/{{dataset}}/manifest.parquet",
         store=f"{RESULTS}/datasets/{{dataset}}/images.npy",
@@ -20,3 +22,28 @@ rule generate_world:
     shell:
         "finetail generate --dataset {wildcards.dataset} --spec {params.spec:q} "
         "--out-dir {params.out_dir} > {log} 2>&1"
+
+
+rule prepare_dataset:
+    wildcard_constraints:
+        dataset=alternation(REAL_SETS),
+    input:
+        get_imagefolder_source,
+    output:
+        manifest=f"{RESULTS}/datasets/{{dataset}}/manifest.parquet",
+        classes=f"{RESULTS}/datasets/{{dataset}}/classes.csv",
+        source=f"{RESULTS}/datasets/{{dataset}}/source.json",
+    params:
+        spec=lambda wildcards: as_json(config["datasets"][wildcards.dataset]),
+        resources=config["resources_dir"],
+        out_dir=lambda wildcards, output: os.path.dirname(output.manifest),
+    conda:
+        "../../envs/finetail.yaml"
+    log:
+        f"{LOGS}/prepare_dataset/{{dataset}}.log",
+    resources:
+        mem_mb=4000,
+        runtime=600,
+    shell:
+        "finetail prepare --dataset {wildcards.dataset} --spec {params.spec:q} "
+        "--resources {params.resources:q} --out-dir {params.out_dir} > {log} 2>&1"
