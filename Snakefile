@@ -21,7 +21,8 @@ include: "workflow/rules/common.smk"
 wildcard_constraints:
     dataset=alternation(config["datasets"]),
     imbalance=alternation(imbalance_tag(i) for i in CB["imbalance"]) if CB else "^$",
-    loss=alternation(CB["losses"]) if CB else "^$",
+    loss=alternation(list((CB or {}).get("losses", {})) + list((NAT or {}).get("losses", {}))),
+    model=alternation(NAT_MODELS),
     source=alternation(ALL_SOURCES + ["scratch"]) if TR else "^$",
     target=alternation(TARGETS) if TR else "^$",
     fdataset=alternation(ALL_SOURCES + TARGETS) if TR else "^$",

@@ -87,3 +87,30 @@ def test_paper_grid_study_plans_the_full_grid():
     # 5 plain losses + 4 betas x (softmax, sigmoid, 3 focal gammas) = 25 losses; x 6 IFs x 2 sets
     assert re.search(r"^cbloss\s+300$", r.stdout, flags=re.M)
     assert re.search(r"^longtail\s+12$", r.stdout, flags=re.M)
+
+
+def test_paper_study_plans_the_whole_dag_without_data(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "-s", str(ROOT / "Snakefile"), "--directory",
+         str(tmp_path), "--configfile", str(ROOT / "workflow" / "studies" / "paper.yaml")],
+        capture_output=True, text=True,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", r.stdout.split("Job stats:", 1)[1].split("\n\n", 1)[0], flags=re.M))
+    assert counts["prepare_dataset"] == "11"  # CIFAR-10/100, ImageNet, iNat 2017, seven targets
+    assert counts["cbloss"] == "300"  # the CIFAR-LT grid
+    assert counts["cbloss_natural"] == "12"  # iNat/ImageNet x ResNet-50/101/152 x softmax/CB focal
+    assert counts["pretrain"] == "4" and counts["finetune"] == "28"  # 4 sources x 7 targets
+    for target in ("cub200", "stanford_dogs", "flowers102", "stanford_cars", "fgvc_aircraft", "food101", "nabirds"):
+        assert f"results/paper/finetune/selected/{target}/metrics.json" in r.stdout
+
+
+def test_registry_and_imagefolder_kinds_are_checked(tmp_path):
+    cfg = _default()
+    cfg["datasets"]["cifar11"] = {"kind": "registry"}
+    with pytest.raises(ConfigError, match="cifar11"):
+        load_config(_write(tmp_path, cfg))
+    cfg = _default()
+    cfg["datasets"]["mine"] = {"kind": "imagefolder"}
+    with pytest.raises(ConfigError, match="source"):
+        load_config(_write(tmp_path, cfg))

@@ -70,10 +70,11 @@ def test_killed_run_resumes_to_the_same_weights(toy_manifest, tmp_path, loss, be
 
     with pytest.raises(_Crash):
         train(cfg, *data, 3, tmp_path / "b.pt", device="cpu", on_epoch=crash_at_3, log=lambda m: None)
-    assert load_checkpoint(tmp_path / "b.pt")["epoch"] == 3
+    # the crash came while reporting epoch 3, before its checkpoint: epoch 3 is replayed
+    assert load_checkpoint(tmp_path / "b.pt")["epoch"] == 2
     logs = []
     resumed = train(cfg, *data, 3, tmp_path / "b.pt", device="cpu", log=logs.append)
-    assert any("resuming from checkpoint" in m and "epoch 4" in m for m in logs)
+    assert any("resuming from checkpoint" in m and "at epoch 3 " in m for m in logs)
     assert len(resumed["history"]) == 6
     a, b = _weights(full["model"]), _weights(resumed["model"])
     for k in a:
@@ -104,3 +105,12 @@ def test_image_budget_rescales_the_schedule():
     big = cfg.for_train_size(5000)  # 2 epochs
     assert (big.epochs, big.milestones, big.eval_every) == (2, [1, 2], 1)
     assert TrainConfig(epochs=3).for_train_size(10).epochs == 3  # no budget: unchanged
+
+
+def test_evaluate_reports_top5_error(toy_manifest, tmp_path):
+    cfg = TrainConfig(**FAST, epochs=1)
+    res = train(cfg, *_data(toy_manifest), 3, tmp_path / "ck.pt", device="cpu", log=lambda m: None)
+    assert res["metrics"]["top5_error"] is None  # fewer than 5 classes
+    xtr, ytr, xte, yte = _data(toy_manifest)
+    res = train(cfg, xtr, ytr, xte, yte, 6, tmp_path / "ck6.pt", device="cpu", log=lambda m: None)
+    assert 0.0 <= res["metrics"]["top5_error"] <= res["metrics"]["top1_error"]

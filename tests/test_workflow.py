@@ -33,6 +33,12 @@ TINY = {
 }
 TINY["datasets"].update({d: {"kind": "world", "train_per_class": 12, "test_per_class": 6}
                          for d in ("generic", "natural", "cub200", "stanford_cars")})
+TINY["cbloss_natural"] = {
+    "datasets": ["natural"],
+    "models": ["resnet8"],
+    "losses": {"softmax": {"type": "softmax"}, "cb_focal": {"type": "focal", "beta": 0.999, "gamma": 0.5}},
+    "recipe": TINY["cbloss"]["recipe"] | {"epochs": 1},
+}
 TINY["transfer"] = {
     "sources": {"generic": ["generic"], "natural": ["natural"], "generic+natural": ["generic", "natural"]},
     "selection": {"pool": ["generic", "natural"], "top_k": 3},
@@ -46,7 +52,7 @@ TINY["transfer"] = {
 
 def snakemake(workdir: Path, config: dict, *args: str) -> subprocess.CompletedProcess:
     cfg = workdir / "study.yaml"
-    cfg.write_text(yaml.safe_dump(config))
+    cfg.write_text(yaml.safe_dump(config, sort_keys=False))
     cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(workdir),
            "--configfile", str(cfg), "--cores", "2", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
@@ -106,7 +112,7 @@ def test_one_mlflow_run_per_training_job(study):
     by_rule = {}
     for run in runs:
         by_rule.setdefault(run.data.tags["finetail.rule"], []).append(run)
-    assert {k: len(v) for k, v in by_rule.items()} == {"cbloss": 4, "pretrain": 4, "finetune": 10}
+    assert {k: len(v) for k, v in by_rule.items()} == {"cbloss": 4, "pretrain": 4, "finetune": 10, "cbloss_natural": 2}
     pretrain_ids = {r.data.tags["finetail.wildcard.source"]: r.info.run_id for r in by_rule["pretrain"]}
     for run in by_rule["finetune"]:
         src = run.data.tags["finetail.wildcard.source"]
@@ -146,6 +152,17 @@ def test_transfer_outputs(study):
     assert corr["vs_gain"]["n"] == 8
     feats = np.load(res / "features" / "generic+natural" / "cub200.npz")
     assert str(feats["model_run_id"]) == json.loads((res / "pretrain" / "generic+natural" / "metrics.json").read_text())["run_id"]
+
+
+def test_cbloss_on_naturally_long_tailed_data(study):
+    res = study / "results" / "tiny"
+    table = pd.read_csv(res / "report" / "cbloss_natural_table.csv").set_index("loss")
+    assert sorted(table.index) == ["cb_focal", "softmax"]
+    m = json.loads((res / "cbloss_natural" / "natural" / "resnet8" / "cb_focal" / "metrics.json").read_text())
+    natural = pd.read_parquet(res / "datasets" / "natural" / "manifest.parquet")
+    assert m["num_train"] == int((natural["split"] == "train").sum())  # the whole split, as it is
+    assert table.loc["cb_focal", "natural_top1"] == pytest.approx(100 * m["final"]["top1_error"])
+    assert table.loc["cb_focal", "natural_top5"] == pytest.approx(100 * m["final"]["top5_error"])
 
 
 def test_nothing_to_do_after_a_full_run(study):

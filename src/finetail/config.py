@@ -57,6 +57,14 @@ def check_config(config: dict) -> None:
         for key, loss in cb["losses"].items():
             if loss["type"] != "focal" and loss.get("gamma", 0):
                 raise ConfigError(f"cbloss.losses.{key}: gamma applies to the focal loss only")
+    nat = config.get("cbloss_natural")
+    if nat:
+        for name in nat["datasets"]:
+            if name not in datasets:
+                raise ConfigError(f"cbloss_natural.datasets names {name!r}, which is not declared under datasets")
+        for key, loss in nat["losses"].items():
+            if loss["type"] != "focal" and loss.get("gamma", 0):
+                raise ConfigError(f"cbloss_natural.losses.{key}: gamma applies to the focal loss only")
     tr = config.get("transfer")
     if tr:
         _check_transfer(tr, datasets)

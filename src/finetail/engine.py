@@ -168,20 +168,25 @@ def _seed_all(seed: int) -> None:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, data: _DeviceData, mean, std, cfg: TrainConfig, batch: int = 1024) -> np.ndarray:
+def predict(model: nn.Module, data: _DeviceData, mean, std, cfg: TrainConfig, batch: int = 1024, k: int = 5) -> np.ndarray:
+    """Top-k predicted labels, best first: (N, min(k, C))."""
     model.eval()
     cuda = data.x.device.type == "cuda"
     out = []
     for i in range(0, len(data), batch):
         xb = _normalise(data.x[i : i + batch], mean, std, cuda and cfg.channels_last)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and cfg.amp):
-            out.append(model(xb).argmax(1))
+            logits = model(xb).float()
+        out.append(logits.topk(min(k, logits.shape[1]), dim=1).indices)
     return torch.cat(out).cpu().numpy()
 
 
 def evaluate(model, data: _DeviceData, mean, std, cfg: TrainConfig, train_counts: np.ndarray) -> dict:
-    pred = predict(model, data, mean, std, cfg)
-    return classification_metrics(pred, data.y.cpu().numpy(), train_counts, cfg.many_shot, cfg.few_shot)
+    topk = predict(model, data, mean, std, cfg)
+    labels = data.y.cpu().numpy()
+    out = classification_metrics(topk[:, 0], labels, train_counts, cfg.many_shot, cfg.few_shot)
+    out["top5_error"] = float(1.0 - (topk == labels[:, None]).any(axis=1).mean()) if topk.shape[1] >= 5 else None
+    return out
 
 
 def _save_atomic(obj: dict, path: Path) -> None:
@@ -373,9 +378,11 @@ def train(
                 row["test_top1_error"] = metrics["top1_error"]
                 row["test_balanced_acc"] = metrics["balanced_acc"]
             history.append(row)
-            save(epoch)
+            # Report before checkpointing: a kill in between replays this epoch (same values
+            # under deterministic settings) rather than losing its metrics for good.
             if on_epoch is not None:
                 on_epoch(epoch, {k: v for k, v in row.items() if isinstance(v, float)})
+            save(epoch)
             msg = f"epoch {epoch + 1}/{cfg.epochs} loss {row['train_loss']:.4f} {row['images_per_s']:.0f} img/s"
             if "eval" in row:
                 msg += f" test err {100 * metrics['top1_error']:.2f}%"

@@ -154,6 +154,41 @@ def _plot_per_class(results: Path, df: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
+def _natural_section(results: Path, nat: dict, out: Path) -> tuple[list[str], list[Path]]:
+    """Paper's Table 3 shape: rows = model x loss, columns = dataset top-1 / top-5 error (%)."""
+    rows = []
+    for model in nat["models"]:
+        tag = model.replace(":", "_")
+        for name, spec in nat["losses"].items():
+            row = {"model": model, "loss": name, "setting": _loss_label(spec)}
+            for ds in nat["datasets"]:
+                path = results / "cbloss_natural" / ds / tag / name / "metrics.json"
+                if not path.exists():
+                    raise FileNotFoundError(f"{path} is missing: run that cbloss_natural job first")
+                f = json.loads(path.read_text())["final"]
+                row[f"{ds}_top1"] = 100.0 * f["top1_error"]
+                row[f"{ds}_top5"] = None if f.get("top5_error") is None else 100.0 * f["top5_error"]
+            rows.append(row)
+    table = pd.DataFrame(rows)
+    paper = paper_table("cbloss_large_table3")
+    for ds in nat["datasets"]:
+        for k in ("top1", "top5"):
+            col = f"{ds}_{k}"
+            if col not in paper.columns:
+                continue
+            vals = []
+            for _, r in table.iterrows():
+                key = "cb_focal" if nat["losses"][r["loss"]].get("beta", 0) else "softmax"
+                hit = paper[(paper["model"] == r["model"].removeprefix("tv:")) & (paper["loss"] == key) & (paper["input"] == 224)]
+                vals.append(float(hit[col].iloc[0]) if len(hit) else np.nan)
+            table[f"paper_{col}"] = vals
+    table.to_csv(out / "cbloss_natural_table.csv", index=False)
+    md = to_markdown(table)
+    lines = ["\n## Class-balanced loss on naturally long-tailed data: top-1 / top-5 error (%)\n",
+             "Rows: model x loss (Cui et al. 2019, Table 3 shape; `paper_*` at 224 px).\n", md]
+    return lines, [out / "cbloss_natural_table.csv"]
+
+
 # Our world's sources play the paper's: rows of the paper's tables beside ours.
 PAPER_SOURCE = {"generic": "imagenet", "natural": "inat2017", "generic+natural": "imagenet+inat2017"}
 
@@ -303,6 +338,10 @@ def build_report(results: Path, spec: dict, out: Path) -> list[Path]:
             to_markdown(shots),
             "\n![error vs imbalance](cbloss_error_vs_if.png)\n\n![per-class accuracy](cbloss_per_class.png)\n",
         ]
+    if spec.get("cbloss_natural"):
+        lines, files = _natural_section(results, spec["cbloss_natural"], out)
+        sections += lines
+        written += files
     if spec.get("transfer"):
         lines, files = _transfer_section(results, spec, out)
         sections += lines

@@ -30,3 +30,33 @@ rule cbloss:
         "--out-dir {params.out_dir} --checkpoint {params.checkpoint} --study-dir {params.study_dir} "
         "--rule cbloss --wildcards {params.wildcards:q} --experiment {params.experiment:q} "
         "{params.tracking} --threads {threads} > {log} 2>&1"
+
+
+rule cbloss_natural:
+    input:
+        manifest=f"{RESULTS}/datasets/{{dataset}}/manifest.parquet",
+    output:
+        metrics=f"{RESULTS}/cbloss_natural/{{dataset}}/{{model}}/{{loss}}/metrics.json",
+        per_class=f"{RESULTS}/cbloss_natural/{{dataset}}/{{model}}/{{loss}}/per_class.csv",
+        history=f"{RESULTS}/cbloss_natural/{{dataset}}/{{model}}/{{loss}}/history.csv",
+    params:
+        spec=get_cbloss_natural_spec,
+        wildcards=get_wildcards_json,
+        out_dir=lambda wildcards, output: os.path.dirname(output.metrics),
+        checkpoint=f"{RESULTS}/checkpoints/cbloss_natural/{{dataset}}/{{model}}/{{loss}}/last.pt",
+        study_dir=lambda wildcards, output: str(Path(output.metrics).parents[4]),
+        experiment=EXPERIMENT,
+        tracking=TRACKING_ARGS,
+    conda:
+        "../../envs/finetail.yaml"
+    log:
+        f"{LOGS}/cbloss_natural/{{dataset}}/{{model}}/{{loss}}.log",
+    threads: 1
+    resources:
+        mem_mb=16000,
+        runtime=4320,
+    shell:
+        "finetail train --manifest {input.manifest} --spec {params.spec:q} "
+        "--out-dir {params.out_dir} --checkpoint {params.checkpoint} --study-dir {params.study_dir} "
+        "--rule cbloss_natural --wildcards {params.wildcards:q} --experiment {params.experiment:q} "
+        "{params.tracking} --threads {threads} > {log} 2>&1"

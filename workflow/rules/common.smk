@@ -61,6 +61,31 @@ def get_cbloss_spec(wildcards):
     )
 
 
+NAT = config.get("cbloss_natural")
+
+
+def get_cbloss_natural_spec(wildcards):
+    model = NAT_MODELS[wildcards.model]
+    return as_json(
+        {"recipe": {**NAT["recipe"], "model": model}, "loss": NAT["losses"][wildcards.loss], "shots": config["shots"]}
+    )
+
+
+# Model names as path parts: "tv:resnet50" -> "tv_resnet50".
+NAT_MODELS = {m.replace(":", "_"): m for m in (NAT or {}).get("models", [])}
+
+
+def get_cbloss_natural_metrics():
+    if not NAT:
+        return []
+    return expand(
+        f"{RESULTS}/cbloss_natural/{{dataset}}/{{model}}/{{loss}}/metrics.json",
+        dataset=NAT["datasets"],
+        model=list(NAT_MODELS),
+        loss=list(NAT["losses"]),
+    )
+
+
 def get_wildcards_json(wildcards):
     return as_json(dict(wildcards.items()))
 

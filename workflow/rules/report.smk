@@ -4,6 +4,7 @@
 rule report:
     input:
         cbloss=get_cbloss_metrics(),
+        cbloss_natural=get_cbloss_natural_metrics(),
         finetune=get_transfer_metrics(),
         pretrain=expand(f"{RESULTS}/pretrain/{{source}}/metrics.json", source=ALL_SOURCES),
         similarity=[f"{RESULTS}/similarity/{FMODEL_TAG}/matrix.csv"] if TR else [],
@@ -14,6 +15,7 @@ rule report:
         spec=as_json(
             {
                 "cbloss": CB,
+                "cbloss_natural": NAT,
                 "transfer": TR,
                 "feature_model": FMODEL_TAG,
                 "sources": ALL_SOURCES,
