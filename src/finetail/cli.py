@@ -55,13 +55,32 @@ def cmd_prepare(a: argparse.Namespace) -> None:
 
     spec = json.loads(a.spec)
     kind = spec.get("kind")
+    out = Path(a.out_dir)
+    short_side = spec.get("short_side")
+    # With a pre-resize, the full-size manifest goes to original/ and the resized copies (and
+    # the manifest the pipeline reads) to the dataset's folder.
+    target = out / "original" if short_side else out
     if kind == "registry":
-        path = prepare(spec.get("name", a.dataset), a.resources, a.out_dir, base_url=spec.get("mirror"),
+        path = prepare(spec.get("name", a.dataset), a.resources, target, base_url=spec.get("mirror"),
                        progress=sys.stderr.isatty())
     elif kind == "imagefolder":
-        path = prepare_imagefolder(spec["source"], a.out_dir, kind=spec.get("store", "files"))
+        path = prepare_imagefolder(spec["source"], target, kind=spec.get("store", "files"))
     else:
         raise ValueError(f"finetail prepare handles kinds 'registry' and 'imagefolder', not {kind!r}")
+    if short_side:
+        import shutil
+
+        from .datasets import pre_resize
+        from .manifest import write_manifest
+
+        if spec.get("store") == "array":
+            raise ValueError(f"datasets.{a.dataset}: short_side applies to file stores, not store: array")
+        resized = pre_resize(path, out / "resized", short_side)
+        resized = resized.assign(path="resized/" + resized["path"])
+        write_manifest(resized, out / "manifest.parquet")
+        for name in ("classes.csv", "source.json"):
+            shutil.copyfile(target / name, out / name)
+        path = out / "manifest.parquet"
     _log(f"prepared {a.dataset} -> {path}")
 
 

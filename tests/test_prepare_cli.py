@@ -1,0 +1,44 @@
+"""`finetail prepare` (what the prepare_dataset rule runs): an imagefolder tree, with and
+without the pre-resize, and a clear error for a registry dataset whose file is missing."""
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+from PIL import Image
+
+
+def _tree(root):
+    for split, n in (("train", 3), ("test", 2)):
+        for cls, colour in (("owl", (200, 30, 30)), ("wren", (30, 30, 200))):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (120, 80), colour).save(d / f"{i}.jpg")
+    return root
+
+
+def _prepare(spec, out, *extra):
+    return subprocess.run([sys.executable, "-m", "finetail.cli", "prepare", "--dataset", "birds", "--spec",
+                           json.dumps(spec), "--out-dir", str(out), *extra], capture_output=True, text=True)
+
+
+def test_imagefolder_with_pre_resize(tmp_path):
+    tree = _tree(tmp_path / "tree")
+    r = _prepare({"kind": "imagefolder", "source": str(tree), "short_side": 40}, tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    m = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
+    assert sorted(m.groupby("split").size().items()) == [("test", 4), ("train", 6)]
+    assert m.groupby("label")["class_name"].first().tolist() == ["owl", "wren"]
+    for rel in m["path"]:
+        with Image.open(tmp_path / "out" / rel) as im:
+            assert min(im.size) == 40 and im.size == (60, 40)  # aspect kept
+    assert (tmp_path / "out" / "classes.csv").exists() and (tmp_path / "out" / "source.json").exists()
+
+
+def test_missing_manual_file_names_the_file_and_the_place(tmp_path):
+    r = _prepare({"kind": "registry", "name": "nabirds"}, tmp_path / "out", "--resources", str(tmp_path / "res"))
+    assert r.returncode == 2
+    assert "nabirds.tar.gz" in r.stderr and str(tmp_path / "res" / "nabirds") in r.stderr
+    assert not (tmp_path / "out" / "manifest.parquet").exists()
