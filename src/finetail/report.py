@@ -142,7 +142,16 @@ def _plot_per_class(results: Path, df: pd.DataFrame, path: Path) -> None:
         for _, r in part[part["imbalance"] == imb].iterrows():
             pc = pd.read_csv(results / "cbloss" / ds / f"if{imb:g}" / r["loss"] / "per_class.csv")
             pc = pc.sort_values("train_count")
-            ax.plot(pc["train_count"], 100 * pc["accuracy"], marker=".", ls="-", alpha=0.8, label=r["setting"])
+            if len(pc) <= 20:
+                ax.plot(pc["train_count"], 100 * pc["accuracy"], marker=".", ls="-", alpha=0.8, label=r["setting"])
+                continue
+            # Many classes: each class a faint dot, and the mean over log-spaced count bins.
+            line = ax.plot([], [], marker="o", ls="-", label=r["setting"] + " (bin mean)")[0]
+            ax.scatter(pc["train_count"], 100 * pc["accuracy"], s=6, alpha=0.25, color=line.get_color())
+            edges = np.unique(np.geomspace(pc["train_count"].min(), pc["train_count"].max() + 1, 8).astype(int))
+            bins = pd.cut(pc["train_count"], edges, include_lowest=True, right=False)
+            means = pc.groupby(bins, observed=True).agg(n=("train_count", "mean"), acc=("accuracy", "mean"))
+            line.set_data(means["n"], 100 * means["acc"])
         ax.set_xscale("log")
         ax.set_xlabel("training images of the class")
         ax.set_ylabel("test accuracy (%)")
