@@ -114,3 +114,41 @@ def test_evaluate_reports_top5_error(toy_manifest, tmp_path):
     xtr, ytr, xte, yte = _data(toy_manifest)
     res = train(cfg, xtr, ytr, xte, yte, 6, tmp_path / "ck6.pt", device="cpu", log=lambda m: None)
     assert 0.0 <= res["metrics"]["top5_error"] <= res["metrics"]["top1_error"]
+
+
+def test_sigterm_checkpoints_mid_epoch_and_resumes_bit_for_bit(toy_manifest, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import finetail.engine as engine
+    from finetail.engine import Preempted
+
+    torch.set_num_threads(1)
+    cfg = TrainConfig(**{**FAST, "batch_size": 8}, epochs=4)  # 9 iterations an epoch
+    data = _data(toy_manifest)
+    full = train(cfg, *data, 3, tmp_path / "a.pt", device="cpu", log=lambda m: None)
+
+    calls = {"n": 0}
+    real_augment = engine.augment_batch
+
+    def augment_then_term(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 9 * 2 + 2:  # epoch 3 (index 2), second step
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_augment(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "augment_batch", augment_then_term)
+    logs = []
+    with pytest.raises(Preempted):
+        train(cfg, *data, 3, tmp_path / "b.pt", device="cpu", log=logs.append)
+    monkeypatch.setattr(engine, "augment_batch", real_augment)
+    state = load_checkpoint(tmp_path / "b.pt")
+    assert state["epoch"] == 1 and state["mid_iter"] == 2
+    assert any("SIGTERM received: checkpointed epoch 3 at iteration 2 of 9" in m for m in logs)
+    logs = []
+    resumed = train(cfg, *data, 3, tmp_path / "b.pt", device="cpu", log=logs.append)
+    assert any("at epoch 2, iteration 2" in m for m in logs)
+    a, b = _weights(full["model"]), _weights(resumed["model"])
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [h["train_loss"] for h in resumed["history"]] == pytest.approx([h["train_loss"] for h in full["history"]])

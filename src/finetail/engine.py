@@ -104,7 +104,7 @@ class TrainConfig:
 
 
 class Preempted(RuntimeError):
-    """Raised after a SIGTERM: the last completed epoch is checkpointed."""
+    """Raised after a SIGTERM, once the current step is checkpointed (mid-epoch, resumable exactly)."""
 
 
 def lr_at(cfg: TrainConfig, epoch: int, it: int, iters_per_epoch: int) -> float:
@@ -245,7 +245,8 @@ def train(
     (``{"mean": [3], "std": [3]}`` in pixel units) defaults to the training set's statistics;
     fine-tuning passes the pretrained model's. ``extra_state`` (e.g. a
     tracking run id) is stored in the checkpoint and handed back as ``result["extra_state"]``.
-    SIGTERM makes the engine checkpoint the last finished epoch and raise :class:`Preempted`.
+    SIGTERM makes the engine checkpoint after the current step (with the epoch's random
+    stream, so the rerun continues bit for bit) and raise :class:`Preempted`.
     """
     cfg.validate()
     cfg = cfg.for_train_size(len(train_labels))
@@ -290,6 +291,7 @@ def train(
 
     start_epoch, history = 0, []
     extra = dict(extra_state or {})
+    mid: dict | None = None  # a mid-epoch resume point (written on SIGTERM)
     if checkpoint.exists():
         state = load_checkpoint(checkpoint)
         if state.get("key") == key:
@@ -298,7 +300,11 @@ def train(
             start_epoch = int(state["epoch"]) + 1
             history = json.loads(state["history"])
             extra = {**json.loads(state.get("extra", "{}")), **extra}
-            log(f"resuming from checkpoint {checkpoint} at epoch {start_epoch} of {cfg.epochs}")
+            where = f"epoch {start_epoch}"
+            if "mid_iter" in state:
+                mid = {"iter": int(state["mid_iter"]), "gen": state["mid_gen"], "totals": state["mid_totals"]}
+                where += f", iteration {mid['iter']}"
+            log(f"resuming from checkpoint {checkpoint} at {where} of {cfg.epochs} epochs")
         else:
             log(f"checkpoint {checkpoint} was written for other settings or data: starting afresh")
 
@@ -309,19 +315,20 @@ def train(
     except ValueError:  # not the main thread
         previous = None
 
-    def save(epoch: int) -> None:
-        _save_atomic(
-            {
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "epoch": epoch,
-                "cfg": json.dumps(asdict(cfg)),
-                "key": key,
-                "history": json.dumps(history),
-                "extra": json.dumps(extra),
-            },
-            checkpoint,
-        )
+    def save(epoch: int, mid_epoch: dict | None = None) -> None:
+        """``epoch`` = the last finished epoch; ``mid_epoch`` = where in the next one we stopped."""
+        state = {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "epoch": epoch,
+            "cfg": json.dumps(asdict(cfg)),
+            "key": key,
+            "history": json.dumps(history),
+            "extra": json.dumps(extra),
+        }
+        if mid_epoch is not None:
+            state.update(mid_iter=mid_epoch["iter"], mid_gen=mid_epoch["gen"], mid_totals=mid_epoch["totals"])
+        _save_atomic(state, checkpoint)
 
     iters = max(1, math.ceil(len(tr) / cfg.batch_size))
     cuda = dev.type == "cuda"
@@ -341,7 +348,14 @@ def train(
             perm = torch.randperm(len(tr), generator=gen, device=dev)
             total_loss = torch.zeros((), device=dev)
             total_hit = torch.zeros((), device=dev)
-            for it in range(iters):
+            first = 0
+            if mid is not None:  # continue the interrupted epoch exactly where it stopped
+                first = mid["iter"]
+                gen.set_state(mid["gen"])
+                total_loss += mid["totals"][0].to(total_loss.dtype)
+                total_hit += mid["totals"][1].to(total_hit.dtype)
+                mid = None
+            for it in range(first, iters):
                 idx = perm[it * cfg.batch_size : (it + 1) * cfg.batch_size]
                 xb = augment_batch(tr.x[idx], gen, cfg.crop_pad, cfg.flip)
                 xb = _normalise(xb, mean, std, cuda and cfg.channels_last)
@@ -356,12 +370,13 @@ def train(
                 opt.step()
                 total_loss += loss.detach() * len(idx)
                 total_hit += (logits.argmax(1) == yb).sum()
-                if stop["flag"]:
-                    break
-            if stop["flag"]:
-                # The epoch is incomplete: keep the checkpoint of the last finished one.
-                log(f"SIGTERM received in epoch {epoch}: last checkpoint is epoch {epoch - 1}; exiting")
-                raise Preempted(f"preempted during epoch {epoch}")
+                if stop["flag"] and it + 1 < iters:
+                    # SIGTERM (Slurm's warning before a kill): checkpoint this very step,
+                    # with the epoch's random stream, so a rerun continues bit for bit.
+                    totals = torch.stack([total_loss.detach(), total_hit.detach().to(total_loss.dtype)]).cpu()
+                    save(epoch - 1, {"iter": it + 1, "gen": gen.get_state(), "totals": totals})
+                    log(f"SIGTERM received: checkpointed epoch {epoch + 1} at iteration {it + 1} of {iters}; exiting")
+                    raise Preempted(f"preempted during epoch {epoch}")
             if cuda:
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
@@ -383,6 +398,9 @@ def train(
             if on_epoch is not None:
                 on_epoch(epoch, {k: v for k, v in row.items() if isinstance(v, float)})
             save(epoch)
+            if stop["flag"]:
+                log(f"SIGTERM received: checkpointed the end of epoch {epoch + 1}; exiting")
+                raise Preempted(f"preempted after epoch {epoch}")
             msg = f"epoch {epoch + 1}/{cfg.epochs} loss {row['train_loss']:.4f} {row['images_per_s']:.0f} img/s"
             if "eval" in row:
                 msg += f" test err {100 * metrics['top1_error']:.2f}%"
