@@ -179,6 +179,42 @@ def test_changing_one_beta_reruns_only_its_cells_and_the_report(study):
     assert planned(r) == {"cbloss": 2, "report": 1, "all": 1}
 
 
+def test_changing_one_targets_finetune_setting_reruns_only_its_finetunes(study):
+    cfg = json.loads(json.dumps(TINY))
+    cfg["transfer"]["finetune"]["per_target"] = {"cub200": {"lr": 0.01}}
+    r = snakemake(study, cfg, "-n")
+    assert r.returncode == 0, r.stderr
+    assert planned(r) == {"finetune": 5, "report": 1, "all": 1}  # 4 sources + scratch, for cub200 only
+    assert set(re.findall(r"output: \S*finetune/[^/\s]+/([^/\s]+)/metrics\.json", r.stdout)) == {"cub200"}
+
+
+def test_editing_training_code_plans_the_training_jobs(study, tmp_path):
+    """A copy of the workflow and library: unchanged, nothing to do; engine.py edited, every
+    training job (and what reads their results) is planned again."""
+    import shutil
+
+    code = tmp_path / "code"
+    shutil.copytree(ROOT / "workflow", code / "workflow")
+    shutil.copytree(ROOT / "src", code / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "Snakefile", code / "Snakefile")
+    shutil.copy(ROOT / "config.yaml", code / "config.yaml")
+
+    def plan():
+        cfg = study / "study.yaml"
+        cfg.write_text(yaml.safe_dump(TINY, sort_keys=False))
+        r = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(code / "Snakefile"), "--directory", str(study),
+                            "--configfile", str(cfg), "--cores", "1", "-n"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return planned(r)
+
+    assert plan() == {}
+    engine = code / "src" / "finetail" / "engine.py"
+    engine.write_text(engine.read_text() + "\n# an edit\n")
+    jobs = plan()
+    assert jobs["cbloss"] == 4 and jobs["cbloss_natural"] == 2 and jobs["pretrain"] == 4 and jobs["finetune"] == 10
+    assert "generate_world" not in jobs and "longtail" not in jobs
+
+
 def test_lint_is_clean():
     r = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -332,6 +332,21 @@ def cmd_report(a: argparse.Namespace) -> None:
         _log(f"wrote {p}")
 
 
+def cmd_lineage(a: argparse.Namespace) -> None:
+    from .lineage import format_lineage, lineage
+
+    chain = lineage(a.target, a.results, a.tracking_uri)
+    print(json.dumps(chain, indent=2, default=str) if a.json else format_lineage(chain))
+
+
+def cmd_audit(a: argparse.Namespace) -> None:
+    from .lineage import audit, audit_exit_code, format_audit
+
+    rows = audit(a.results, a.tracking_uri)
+    print(format_audit(rows, verbose=a.verbose))
+    raise SystemExit(audit_exit_code(rows, include_stale=a.include_stale))
+
+
 def cmd_check_config(a: argparse.Namespace) -> None:
     from .config import load_config
 
@@ -419,6 +434,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--spec", required=True, help="JSON: the report's config subtree")
     r.add_argument("--out-dir", required=True)
     r.set_defaults(func=cmd_report)
+
+    li = sub.add_parser("lineage", help="the chain behind a number: run, inputs with digests, parents, dataset sources")
+    li.add_argument("target", help="a metrics.json (or its folder), an MLflow run id, a cell such as "
+                    "finetune:natural:cub200 or cbloss:gen10:if10:cb_focal, or report/<table>.csv:<row>")
+    li.add_argument("--results", default=None, help="results/<study> (needed for run ids and cells)")
+    li.add_argument("--tracking-uri", default=None, help="MLflow URI (default: the study's store)")
+    li.add_argument("--json", action="store_true", help="print the chain as JSON")
+    li.set_defaults(func=cmd_lineage)
+
+    au = sub.add_parser("audit", help="re-hash every file the tracking store names; exit 1 if any changed or is missing")
+    au.add_argument("--results", required=True, help="results/<study>")
+    au.add_argument("--tracking-uri", default=None)
+    au.add_argument("--include-stale", action="store_true", help="also fail on runs superseded by a rerun")
+    au.add_argument("-v", "--verbose", action="store_true", help="list every file, not only problems")
+    au.set_defaults(func=cmd_audit)
 
     c = sub.add_parser("check-config", help="validate a study file against the schema")
     c.add_argument("config")

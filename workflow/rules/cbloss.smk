@@ -10,6 +10,7 @@ rule cbloss:
         per_class=f"{RESULTS}/cbloss/{{dataset}}/if{{imbalance}}/{{loss}}/per_class.csv",
         history=f"{RESULTS}/cbloss/{{dataset}}/if{{imbalance}}/{{loss}}/history.csv",
     params:
+        code=CODE["train"],
         spec=get_cbloss_spec,
         wildcards=get_wildcards_json,
         out_dir=lambda wildcards, output: os.path.dirname(output.metrics),
@@ -40,6 +41,7 @@ rule cbloss_natural:
         per_class=f"{RESULTS}/cbloss_natural/{{dataset}}/{{model}}/{{loss}}/per_class.csv",
         history=f"{RESULTS}/cbloss_natural/{{dataset}}/{{model}}/{{loss}}/history.csv",
     params:
+        code=CODE["train"],
         spec=get_cbloss_natural_spec,
         wildcards=get_wildcards_json,
         out_dir=lambda wildcards, output: os.path.dirname(output.metrics),

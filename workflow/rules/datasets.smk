@@ -10,6 +10,7 @@ rule generate_world:
         classes=f"{RESULTS}/datasets/{{dataset}}/classes.csv",
         source=f"{RESULTS}/datasets/{{dataset}}/source.json",
     params:
+        code=CODE["generate"],
         spec=get_world_spec,
         out_dir=lambda wildcards, output: os.path.dirname(output.manifest),
     conda:
@@ -34,6 +35,7 @@ rule prepare_dataset:
         classes=f"{RESULTS}/datasets/{{dataset}}/classes.csv",
         source=f"{RESULTS}/datasets/{{dataset}}/source.json",
     params:
+        code=CODE["prepare"],
         spec=lambda wildcards: as_json(config["datasets"][wildcards.dataset]),
         resources=config["resources_dir"],
         out_dir=lambda wildcards, output: os.path.dirname(output.manifest),

@@ -8,6 +8,7 @@ rule longtail:
         manifest=f"{RESULTS}/longtail/{{dataset}}_if{{imbalance}}/manifest.parquet",
         counts=f"{RESULTS}/longtail/{{dataset}}_if{{imbalance}}/counts.csv",
     params:
+        code=CODE["longtail"],
         profile=config["longtail"]["profile"],
         seed=config["longtail"]["seed"],
         out_dir=lambda wildcards, output: os.path.dirname(output.manifest),

@@ -12,6 +12,7 @@ rule report:
     output:
         summary=f"{RESULTS}/report/summary.md",
     params:
+        code=CODE["report"],
         spec=as_json(
             {
                 "cbloss": CB,

@@ -9,6 +9,7 @@ rule features:
     output:
         f"{RESULTS}/features/{FMODEL_TAG}/{{fdataset}}.npz",
     params:
+        code=CODE["features"],
         model=lambda wildcards, input: input.model[0] if input.model else FMODEL,
         model_name=FMODEL,
         weights=lambda wildcards: f"--weights {TR['features']['weights']}" if TR["features"]["weights"] else "",
@@ -33,6 +34,7 @@ rule similarity:
         emd=f"{RESULTS}/similarity/{FMODEL_TAG}/emd.csv",
         heatmap=report(f"{RESULTS}/similarity/{FMODEL_TAG}/heatmap.png", caption="../report/similarity.rst", category="transfer"),
     params:
+        code=CODE["similarity"],
         spec=lambda wildcards: as_json(
             {"sources": ALL_SOURCES, "targets": TARGETS, **TR["similarity"]}
         ),
@@ -56,6 +58,7 @@ rule selection:
     output:
         f"{RESULTS}/selection/{{source}}/classes.csv",
     params:
+        code=CODE["similarity"],
         spec=lambda wildcards: as_json(
             {"pool": SEL["pool"], "targets": TARGETS, "top_k": SEL["top_k"], "threshold": SEL["threshold"],
              **TR["similarity"]}

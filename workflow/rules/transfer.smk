@@ -31,6 +31,7 @@ rule pretrain:
         per_class=f"{RESULTS}/pretrain/{{source}}/per_class.csv",
         history=f"{RESULTS}/pretrain/{{source}}/history.csv",
     params:
+        code=CODE["train"],
         spec=get_pretrain_spec,
         wildcards=get_wildcards_json,
         out_dir=lambda wildcards, output: os.path.dirname(output.metrics),
@@ -62,6 +63,7 @@ rule finetune:
         per_class=f"{RESULTS}/finetune/{{source}}/{{target}}/per_class.csv",
         history=f"{RESULTS}/finetune/{{source}}/{{target}}/history.csv",
     params:
+        code=CODE["train"],
         spec=get_finetune_spec,
         wildcards=get_wildcards_json,
         init=lambda wildcards, input: f"--init-model {input.init[0]}" if input.init else "",
