@@ -132,10 +132,25 @@ class Tracker:
             exp = self.client.get_experiment_by_name(experiment)
             if exp is None:
                 loc = Path(artifact_root).resolve().as_uri() if (artifact_root and db is not None) else None
-                self.experiment_id = self.client.create_experiment(experiment, artifact_location=loc)
+                self.experiment_id = self._create_experiment(experiment, loc)
             else:
                 self.experiment_id = exp.experiment_id
         self.run_id: str | None = None
+
+    def _create_experiment(self, name: str, artifact_location: str | None) -> str:
+        """Create the experiment; a parallel job that created it first (a tracking server
+        takes no file lock) is not an error: use theirs."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.create_experiment(name, artifact_location=artifact_location)
+        except MlflowException as e:
+            if "RESOURCE_ALREADY_EXISTS" not in str(e):
+                raise
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
