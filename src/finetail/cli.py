@@ -21,10 +21,9 @@ def _log(msg: str) -> None:
 
 
 def _write_json(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    from .manifest import atomic_write
+
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
 
 
 # --------------------------------------------------------------------------- generate
@@ -221,9 +220,9 @@ def cmd_train(a: argparse.Namespace) -> None:
         "mean_images_per_s": float(np.mean([h["images_per_s"] for h in hist])) if hist else None,
     }
     if a.save_model:
-        from .engine import _save_atomic  # same atomic writer as the checkpoints
+        from .engine import save_state
 
-        _save_atomic(
+        save_state(
             {"model": res["model"].state_dict(), "backbone": res["model"].backbone.state_dict(),
              "cfg": json.dumps(spec), "class_names": json.dumps(tr.class_names), "run_id": run_id,
              "normalisation": json.dumps(res["normalisation"])},

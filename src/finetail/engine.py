@@ -26,11 +26,12 @@ import torch
 from torch import nn
 
 from .losses import LOSS_TYPES, ClassBalancedLoss
+from .manifest import atomic_write
 from .features import state_digest
 from .metrics import classification_metrics
 from .models import Classifier, build_model, init_head_bias, param_groups
 
-__all__ = ["TrainConfig", "Preempted", "augment_batch", "evaluate", "load_checkpoint", "lr_at", "resume_extra", "train"]
+__all__ = ["TrainConfig", "Preempted", "augment_batch", "evaluate", "load_checkpoint", "lr_at", "resume_extra", "save_state", "train"]
 
 
 @dataclass
@@ -189,11 +190,9 @@ def evaluate(model, data: _DeviceData, mean, std, cfg: TrainConfig, train_counts
     return out
 
 
-def _save_atomic(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def save_state(obj: dict, path: str | Path) -> None:
+    """``torch.save`` a dict of state_dicts atomically (checkpoints, model.pt)."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -328,7 +327,7 @@ def train(
         }
         if mid_epoch is not None:
             state.update(mid_iter=mid_epoch["iter"], mid_gen=mid_epoch["gen"], mid_totals=mid_epoch["totals"])
-        _save_atomic(state, checkpoint)
+        save_state(state, checkpoint)
 
     iters = max(1, math.ceil(len(tr) / cfg.batch_size))
     cuda = dev.type == "cuda"

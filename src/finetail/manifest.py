@@ -22,6 +22,7 @@ import pandas as pd
 
 __all__ = [
     "ArraySplit",
+    "atomic_write",
     "class_table",
     "file_sha256",
     "load_array_split",
@@ -42,7 +43,10 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _atomic(path: Path, write) -> None:
+def atomic_write(path: str | Path, write) -> None:
+    """Call ``write(tmp)`` on a temp file beside ``path``, then ``os.replace`` it into place:
+    readers see the old file or the whole new one, never a partial write."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
@@ -59,7 +63,7 @@ def write_manifest(df: pd.DataFrame, path: str | Path) -> None:
     bad = set(df["split"].unique()) - {"train", "test", "val"}
     if bad:
         raise ValueError(f"unknown split values {sorted(bad)}")
-    _atomic(Path(path), lambda tmp: df.reset_index(drop=True).to_parquet(tmp, index=False))
+    atomic_write(path, lambda tmp: df.reset_index(drop=True).to_parquet(tmp, index=False))
 
 
 def read_manifest(path: str | Path) -> pd.DataFrame:
@@ -84,7 +88,7 @@ def write_array_dataset(
         with open(tmp, "wb") as f:
             np.save(f, np.ascontiguousarray(images))
 
-    _atomic(folder / "images.npy", save)
+    atomic_write(folder / "images.npy", save)
     df = pd.DataFrame(
         {
             "store": "images.npy",

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .manifest import atomic_write
+
 __all__ = ["build_report", "cbloss_frame", "paper_table", "to_markdown"]
 
 PAPER_CIFAR = {"cifar10", "cifar100"}
@@ -356,8 +358,6 @@ def build_report(results: Path, spec: dict, out: Path) -> list[Path]:
         sections += lines
         written += files
     summary = out / "summary.md"
-    tmp = summary.with_name("summary.md.tmp")
-    tmp.write_text("\n".join(sections))
-    tmp.replace(summary)
+    atomic_write(summary, lambda tmp: tmp.write_text("\n".join(sections)))
     written.append(summary)
     return written
