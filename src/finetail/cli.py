@@ -118,14 +118,51 @@ def _per_class_table(res: dict, class_names: list[str], test_labels, shots: dict
     )
 
 
+def _train_argv(a: argparse.Namespace) -> list[str]:
+    """``a`` as ``train`` arguments again, without ``--nproc`` (for the ``torchrun`` relaunch)."""
+    p = argparse.ArgumentParser()
+    _add_train_args(p)
+    out = ["train"]
+    for act in p._actions:
+        if not act.option_strings or act.dest in ("help", "nproc"):
+            continue
+        value = getattr(a, act.dest)
+        if isinstance(act, argparse._StoreTrueAction):
+            out += [act.option_strings[0]] if value else []
+        elif value is not None:
+            out += [act.option_strings[0], str(value)]
+    return out
+
+
 def cmd_train(a: argparse.Namespace) -> None:
+    from . import distributed
+
+    if a.nproc > 1 and not distributed.launched():
+        # One job, N processes: become torchrun (same pid, so Slurm's and Snakemake's signals
+        # reach its agent, which forwards SIGTERM to every rank) and exit with its status.
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(a.nproc),
+               "-m", "finetail.cli", *_train_argv(a)]
+        _log(f"relaunching under torchrun with {a.nproc} processes")
+        sys.stderr.flush()
+        os.execv(sys.executable, cmd)
+    dev = distributed.init(a.device)
+    try:
+        _train(a, dev)
+    finally:
+        distributed.teardown()
+
+
+def _train(a: argparse.Namespace, dev) -> None:
     import numpy as np
     import torch
 
+    from . import distributed
     from .engine import Preempted, TrainConfig, resume_extra, train
     from .manifest import file_sha256, load_array_split
     from .tracking import Tracker, config_digest, git_commit, resolve_tracking_uri
 
+    world, rank = distributed.world_size(), distributed.rank()
+    log = _log if world == 1 else (lambda msg: _log(f"rank {rank}/{world}: {msg}"))
     torch.set_num_threads(a.threads)
     spec = json.loads(a.spec)
     shots = spec.get("shots", {})
@@ -148,6 +185,22 @@ def cmd_train(a: argparse.Namespace) -> None:
         parent_run = init.get("run_id") or None
         inputs.update(init_model=str(a.init_model), init_model_sha256=file_sha256(a.init_model))
 
+    def run_train(on_epoch, extra_state):
+        return train(
+            cfg, tr.images, tr.labels, te.images, te.labels, num_classes, a.checkpoint,
+            init_backbone=init_backbone, init_digest=inputs.get("init_model_sha256"), normalisation=normalisation,
+            device=str(dev), on_epoch=on_epoch, log=log, progress=a.progress, extra_state=extra_state,
+        )
+
+    if world > 1:
+        log(f"training on {dev} with {world} processes, global batch {cfg.batch_size}")
+    if not distributed.is_main():  # train alongside rank 0, which tracks and writes every result
+        try:
+            run_train(None, {})
+        except Preempted:
+            raise SystemExit(143) from None
+        return
+
     uri = resolve_tracking_uri(a.tracking_uri, Path(a.study_dir) / "mlflow.db")
     tracker = Tracker(uri, a.experiment, artifact_root=Path(a.study_dir) / "mlartifacts")  # fails fast if down
     prev = resume_extra(a.checkpoint, cfg, tr.labels, num_classes, inputs.get("init_model_sha256"))
@@ -162,6 +215,7 @@ def cmd_train(a: argparse.Namespace) -> None:
         "finetail.input.manifest": inputs["manifest"],
         "finetail.input.manifest.sha256": inputs["manifest_sha256"],
         "finetail.output_dir": str(Path(a.out_dir).resolve()),
+        "finetail.world_size": str(world),
     }
     if a.init_model:
         tags["finetail.input.init_model"] = inputs["init_model"]
@@ -172,17 +226,12 @@ def cmd_train(a: argparse.Namespace) -> None:
     run_name = a.rule + ":" + "/".join(str(v) for v in wildcards.values())
     run_id = tracker.start(run_name, spec, tags, resume_run_id=(prev or {}).get("run_id"))
     if prev:
-        _log(f"checkpoint found at epoch {prev['epoch'] + 1}: continuing MLflow run {run_id}")
-    _log(f"MLflow run {run_id} at {uri}; {len(tr.labels)} train / {len(te.labels)} test images, {num_classes} classes")
+        log(f"checkpoint found at epoch {prev['epoch'] + 1}: continuing MLflow run {run_id}")
+    log(f"MLflow run {run_id} at {uri}; {len(tr.labels)} train / {len(te.labels)} test images, {num_classes} classes")
 
     t0 = time.perf_counter()
     try:
-        res = train(
-            cfg, tr.images, tr.labels, te.images, te.labels, num_classes, a.checkpoint,
-            init_backbone=init_backbone, init_digest=inputs.get("init_model_sha256"), normalisation=normalisation,
-            device=a.device, on_epoch=lambda e, m: tracker.log_metrics(m, step=e), log=_log,
-            progress=a.progress, extra_state={"run_id": run_id},
-        )
+        res = run_train(lambda e, m: tracker.log_metrics(m, step=e), {"run_id": run_id})
     except Preempted:
         tracker.end("KILLED")
         raise SystemExit(143) from None
@@ -215,6 +264,7 @@ def cmd_train(a: argparse.Namespace) -> None:
         "final": final,
         "epochs": res["epochs"],
         "device": res["device"],
+        "world_size": res["world_size"],
         "torch": torch.__version__,
         "wall_s": round(wall, 2),
         "mean_images_per_s": float(np.mean([h["images_per_s"] for h in hist])) if hist else None,
@@ -234,7 +284,7 @@ def cmd_train(a: argparse.Namespace) -> None:
     tracker.log_artifacts([out / "metrics.json.partial", out / "per_class.csv", out / "history.csv"])
     tracker.end("FINISHED")
     os.replace(out / "metrics.json.partial", out / "metrics.json")
-    _log(f"done: top-1 error {100 * final['top1_error']:.2f}% in {wall:.1f}s -> {out / 'metrics.json'}")
+    log(f"done: top-1 error {100 * final['top1_error']:.2f}% in {wall:.1f}s -> {out / 'metrics.json'}")
 
 
 # --------------------------------------------------------------------------- transfer half
@@ -353,6 +403,25 @@ def cmd_check_config(a: argparse.Namespace) -> None:
     print(f"{a.config}: valid (study {cfg['study']!r}, {len(cfg['datasets'])} datasets)")
 
 
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--manifest", required=True, help="manifest with train and test splits")
+    p.add_argument("--spec", required=True, help='JSON: {"recipe": {...}, "loss": {...}, "shots": {...}}')
+    p.add_argument("--out-dir", required=True, help="writes metrics.json, per_class.csv, history.csv")
+    p.add_argument("--checkpoint", required=True, help="resume point, rewritten after every epoch")
+    p.add_argument("--study-dir", required=True, help="results/<study>: holds the default MLflow store")
+    p.add_argument("--rule", default="manual", help="Snakemake rule name, for the run's tags")
+    p.add_argument("--wildcards", default="{}", help="JSON of the job's wildcards, for the run's tags")
+    p.add_argument("--experiment", default="finetail", help="MLflow experiment name")
+    p.add_argument("--tracking-uri", default=None, help="MLflow URI (MLFLOW_TRACKING_URI wins)")
+    p.add_argument("--save-model", default=None, help="also write the final weights here")
+    p.add_argument("--init-model", default=None, help="start the backbone from this model.pt (fine-tuning); new head")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--device", default=os.environ.get("FINETAIL_DEVICE", "auto"), help="auto, cpu, cuda, cuda:1...")
+    p.add_argument("--progress", action="store_true", help="show a progress bar instead of a line per epoch")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes (one per GPU) training together under torchrun with DDP; the global batch is the recipe's")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="finetail",
@@ -383,20 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     lt.set_defaults(func=cmd_longtail)
 
     t = sub.add_parser("train", help="train one model (pretrain, fine-tune or a CB-loss cell), tracked in MLflow")
-    t.add_argument("--manifest", required=True, help="manifest with train and test splits")
-    t.add_argument("--spec", required=True, help='JSON: {"recipe": {...}, "loss": {...}, "shots": {...}}')
-    t.add_argument("--out-dir", required=True, help="writes metrics.json, per_class.csv, history.csv")
-    t.add_argument("--checkpoint", required=True, help="resume point, rewritten after every epoch")
-    t.add_argument("--study-dir", required=True, help="results/<study>: holds the default MLflow store")
-    t.add_argument("--rule", default="manual", help="Snakemake rule name, for the run's tags")
-    t.add_argument("--wildcards", default="{}", help="JSON of the job's wildcards, for the run's tags")
-    t.add_argument("--experiment", default="finetail", help="MLflow experiment name")
-    t.add_argument("--tracking-uri", default=None, help="MLflow URI (MLFLOW_TRACKING_URI wins)")
-    t.add_argument("--save-model", default=None, help="also write the final weights here")
-    t.add_argument("--init-model", default=None, help="start the backbone from this model.pt (fine-tuning); new head")
-    t.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    t.add_argument("--device", default=os.environ.get("FINETAIL_DEVICE", "auto"), help="auto, cpu, cuda, cuda:1...")
-    t.add_argument("--progress", action="store_true", help="show a progress bar instead of a line per epoch")
+    _add_train_args(t)
     t.set_defaults(func=cmd_train)
 
     po = sub.add_parser("pool", help="pool source manifests (optionally a class list) into one relabelled manifest")

@@ -7,6 +7,19 @@ by ``(seed, e)``, so a run resumed at epoch ``e`` replays exactly what an uninte
 does. Checkpoints (a dict of state_dicts + ``epoch`` + ``asdict(cfg)``) are written to a temp
 file then ``os.replace``-d, and loaded with ``weights_only=True``.
 
+Under ``torchrun`` (a process group of world size W > 1, see :mod:`finetail.distributed`)
+the model is wrapped in ``DistributedDataParallel``. Every rank draws the same permutation
+and augmentation of each global batch of ``batch_size`` images (the same seeded generator)
+and trains on its own contiguous slice of it, so a recipe means the same at any W (the
+learning rate is not rescaled). Each rank's loss is its slice's mean, scaled by
+``W * slice / batch`` so that DDP's gradient average is exactly the full batch's gradient
+(the plain per-rank mean when slices are equal). On CUDA, BatchNorm becomes SyncBatchNorm
+(batch statistics over the global batch); on the CPU (gloo) BatchNorm statistics are
+per-rank, so W > 1 on the CPU matches a single process only within a tolerance. Under DDP a
+last partial batch smaller than W is dropped. Only rank 0 writes checkpoints and calls
+``on_epoch``; every rank loads the checkpoint on resume; rank 0 evaluates and broadcasts the
+metrics; a SIGTERM seen by any rank stops all of them at the same step.
+
 The engine imports neither snakemake nor mlflow: tracking is an ``on_epoch`` callback.
 """
 
@@ -25,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import distributed
 from .losses import LOSS_TYPES, ClassBalancedLoss
 from .manifest import atomic_write
 from .features import state_digest
@@ -190,6 +204,20 @@ def evaluate(model, data: _DeviceData, mean, std, cfg: TrainConfig, train_counts
     return out
 
 
+def _iterations(n: int, batch_size: int, world: int) -> int:
+    """Steps per epoch over ``n`` images in global batches of ``batch_size``; under DDP a last
+    partial batch smaller than the world (a rank would get no image) is dropped."""
+    full, rest = divmod(n, batch_size)
+    return max(1, full + (rest >= world if rest else 0))
+
+
+def _rank_slice(n: int, rank: int, world: int) -> slice:
+    """This rank's contiguous part of a global batch of ``n`` images (sizes differ by at most 1)."""
+    base, extra = divmod(n, world)
+    lo = rank * base + min(rank, extra)
+    return slice(lo, lo + base + (rank < extra))
+
+
 def save_state(obj: dict, path: str | Path) -> None:
     """``torch.save`` a dict of state_dicts atomically (checkpoints, model.pt)."""
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
@@ -245,11 +273,14 @@ def train(
     fine-tuning passes the pretrained model's. ``extra_state`` (e.g. a
     tracking run id) is stored in the checkpoint and handed back as ``result["extra_state"]``.
     SIGTERM makes the engine checkpoint after the current step (with the epoch's random
-    stream, so the rerun continues bit for bit) and raise :class:`Preempted`.
+    stream, so the rerun continues bit for bit) and raise :class:`Preempted`. Under
+    ``torchrun`` every rank calls this; ``on_epoch`` runs on rank 0 only, and the returned
+    ``metrics`` and ``history`` are the same (global) on every rank.
     """
     cfg.validate()
     cfg = cfg.for_train_size(len(train_labels))
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    dev = distributed.init(device)
+    world, rank, main = distributed.world_size(), distributed.rank(), distributed.is_main()
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
@@ -306,6 +337,13 @@ def train(
             log(f"resuming from checkpoint {checkpoint} at {where} of {cfg.epochs} epochs")
         else:
             log(f"checkpoint {checkpoint} was written for other settings or data: starting afresh")
+    net: nn.Module = model  # what the training steps call: the model, or its DDP wrapper
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        if dev.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
     stop = {"flag": False}
     previous = None
@@ -315,7 +353,10 @@ def train(
         previous = None
 
     def save(epoch: int, mid_epoch: dict | None = None) -> None:
-        """``epoch`` = the last finished epoch; ``mid_epoch`` = where in the next one we stopped."""
+        """``epoch`` = the last finished epoch; ``mid_epoch`` = where in the next one we stopped.
+        Rank 0 writes; the others have the same state."""
+        if not main:
+            return
         state = {
             "model": model.state_dict(),
             "optimizer": opt.state_dict(),
@@ -329,10 +370,11 @@ def train(
             state.update(mid_iter=mid_epoch["iter"], mid_gen=mid_epoch["gen"], mid_totals=mid_epoch["totals"])
         save_state(state, checkpoint)
 
-    iters = max(1, math.ceil(len(tr) / cfg.batch_size))
+    iters = _iterations(len(tr), cfg.batch_size, world)
+    seen = min(len(tr), iters * cfg.batch_size)  # images an epoch trains on (all of them when W = 1)
     cuda = dev.type == "cuda"
     bar = None
-    if progress:
+    if progress and main:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.epochs, initial=start_epoch, unit="epoch", dynamic_ncols=True)
@@ -340,7 +382,7 @@ def train(
     try:
         for epoch in range(start_epoch, cfg.epochs):
             gen = torch.Generator(device=dev).manual_seed(cfg.seed * 1_000_003 + epoch)
-            model.train()
+            net.train()
             if cfg.linear_probe:
                 model.backbone.eval()
             t0 = time.perf_counter()
@@ -351,53 +393,62 @@ def train(
             if mid is not None:  # continue the interrupted epoch exactly where it stopped
                 first = mid["iter"]
                 gen.set_state(mid["gen"])
-                total_loss += mid["totals"][0].to(total_loss.dtype)
-                total_hit += mid["totals"][1].to(total_hit.dtype)
+                if main:  # the saved totals are global: count them once
+                    total_loss += mid["totals"][0].to(total_loss.dtype)
+                    total_hit += mid["totals"][1].to(total_hit.dtype)
                 mid = None
             for it in range(first, iters):
                 idx = perm[it * cfg.batch_size : (it + 1) * cfg.batch_size]
                 xb = augment_batch(tr.x[idx], gen, cfg.crop_pad, cfg.flip)
-                xb = _normalise(xb, mean, std, cuda and cfg.channels_last)
-                yb = tr.y[idx]
+                part = _rank_slice(len(idx), rank, world)
+                xb = _normalise(xb[part], mean, std, cuda and cfg.channels_last)
+                yb = tr.y[idx[part]]
                 for g in opt.param_groups:
                     g["lr"] = lr_at(cfg, epoch, it, iters)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and cfg.amp):
-                    logits = model(xb)
+                    logits = net(xb)
                 loss = loss_fn(logits.float(), yb)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss * (world * len(yb) / len(idx)) if world > 1 else loss).backward()
                 opt.step()
-                total_loss += loss.detach() * len(idx)
+                total_loss += loss.detach() * len(yb)
                 total_hit += (logits.argmax(1) == yb).sum()
-                if stop["flag"] and it + 1 < iters:
+                if distributed.any_rank(stop["flag"], dev) and it + 1 < iters:
                     # SIGTERM (Slurm's warning before a kill): checkpoint this very step,
                     # with the epoch's random stream, so a rerun continues bit for bit.
-                    totals = torch.stack([total_loss.detach(), total_hit.detach().to(total_loss.dtype)]).cpu()
+                    totals = torch.stack([total_loss.detach(), total_hit.detach().to(total_loss.dtype)])
+                    totals = distributed.all_reduce_sum(totals).cpu()
                     save(epoch - 1, {"iter": it + 1, "gen": gen.get_state(), "totals": totals})
+                    distributed.barrier()  # no rank exits before the checkpoint is written
                     log(f"SIGTERM received: checkpointed epoch {epoch + 1} at iteration {it + 1} of {iters}; exiting")
                     raise Preempted(f"preempted during epoch {epoch}")
+            sums = distributed.all_reduce_sum(torch.stack([total_loss, total_hit.to(total_loss.dtype)]))
             if cuda:
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
             row = {
                 "epoch": epoch,
-                "train_loss": float(total_loss) / len(tr),
-                "train_acc": float(total_hit) / len(tr),
+                "train_loss": float(sums[0]) / seen,
+                "train_acc": float(sums[1]) / seen,
                 "lr": lr_at(cfg, epoch, iters - 1, iters),
-                "images_per_s": len(tr) / dt,
+                "images_per_s": seen / dt,
             }
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-                metrics = evaluate(model, te, mean, std, cfg, train_counts)
+                metrics = distributed.broadcast_object(
+                    evaluate(model, te, mean, std, cfg, train_counts) if main else None
+                )
                 row["eval"] = metrics
                 row["test_top1_error"] = metrics["top1_error"]
                 row["test_balanced_acc"] = metrics["balanced_acc"]
             history.append(row)
             # Report before checkpointing: a kill in between replays this epoch (same values
             # under deterministic settings) rather than losing its metrics for good.
-            if on_epoch is not None:
+            if on_epoch is not None and main:
                 on_epoch(epoch, {k: v for k, v in row.items() if isinstance(v, float)})
+            stopping = distributed.any_rank(stop["flag"], dev)
             save(epoch)
-            if stop["flag"]:
+            if stopping:
+                distributed.barrier()
                 log(f"SIGTERM received: checkpointed the end of epoch {epoch + 1}; exiting")
                 raise Preempted(f"preempted after epoch {epoch}")
             msg = f"epoch {epoch + 1}/{cfg.epochs} loss {row['train_loss']:.4f} {row['images_per_s']:.0f} img/s"
@@ -406,7 +457,7 @@ def train(
             if bar is not None:
                 bar.set_postfix_str(msg)
                 bar.update(1)
-            else:
+            elif main:
                 log(msg)
     finally:
         if bar is not None:
@@ -414,7 +465,7 @@ def train(
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     if not metrics:
-        metrics = evaluate(model, te, mean, std, cfg, train_counts)
+        metrics = distributed.broadcast_object(evaluate(model, te, mean, std, cfg, train_counts) if main else None)
     return {
         "metrics": metrics,
         "history": history,
@@ -423,6 +474,7 @@ def train(
         "normalisation": {"mean": mean.flatten().tolist(), "std": std.flatten().tolist()},
         "extra_state": extra,
         "device": str(dev),
+        "world_size": world,
         "start_backbone_sha256": start_backbone,
         "epochs": cfg.epochs,
     }
