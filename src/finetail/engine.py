@@ -20,6 +20,9 @@ last partial batch smaller than W is dropped. Only rank 0 writes checkpoints and
 ``on_epoch``; every rank loads the checkpoint on resume; rank 0 evaluates and broadcasts the
 metrics; a SIGTERM seen by any rank stops all of them at the same step.
 
+With ``compile`` the training steps run a ``torch.compile``-d module (on CUDA with
+``cuda_graphs``: mode ``reduce-overhead``); evaluation and checkpoints use the plain module.
+
 The engine imports neither snakemake nor mlflow: tracking is an ``on_epoch`` callback.
 """
 
@@ -78,6 +81,8 @@ class TrainConfig:
     deterministic: bool = False  # torch.use_deterministic_algorithms
     amp: bool = True  # bf16 autocast (CUDA only; CPU always fp32)
     channels_last: bool = True  # CUDA only
+    compile: bool = False  # torch.compile the training forward/backward (inductor; needs a C compiler on the CPU)
+    cuda_graphs: bool = False  # with compile on CUDA: mode "reduce-overhead" (CUDA graphs); ignored on the CPU
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -113,6 +118,8 @@ class TrainConfig:
             raise ValueError("milestones and lr_factors must have the same length")
         if list(self.milestones) != sorted(self.milestones):
             raise ValueError(f"milestones must increase, got {self.milestones}")
+        if self.cuda_graphs and not self.compile:
+            raise ValueError("cuda_graphs needs compile: true (CUDA graphs come from torch.compile)")
         for name in ("epochs", "batch_size", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -227,8 +234,15 @@ def load_checkpoint(path: str | Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+# Settings that change speed, not results: a checkpoint written with one value resumes with
+# another. torch.compile computes the same function (its fused kernels round differently, as
+# another GPU would), so compile on/off runs resume each other's checkpoints.
+_SPEED_ONLY = ("compile", "cuda_graphs")
+
+
 def _data_key(cfg: TrainConfig, train_counts: np.ndarray, init_digest: str | None) -> dict:
-    return {"cfg": asdict(cfg), "train_counts": [int(c) for c in train_counts], "init": init_digest or ""}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in _SPEED_ONLY}
+    return {"cfg": settings, "train_counts": [int(c) for c in train_counts], "init": init_digest or ""}
 
 
 def resume_extra(
@@ -344,6 +358,10 @@ def train(
         if dev.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    if cfg.compile:
+        # Training steps run the compiled module; evaluation and checkpoints use ``model``
+        # itself, so state_dicts carry no ``_orig_mod.`` prefix.
+        net = torch.compile(net, mode="reduce-overhead" if cfg.cuda_graphs and dev.type == "cuda" else None)
 
     stop = {"flag": False}
     previous = None
