@@ -208,7 +208,8 @@ if "b" in parts:
         summary["cbloss"][loss] = row
         print(f"    {loss:10s} {err:12.2f} {ref:8.2f} {m['wall_s']:8.1f} {m['mean_images_per_s']:9.0f} "
               f"{m['epochs']:6d} {m['device']}")
-print(f"wall: (a) {a_s} s, (b) {b_s} s, total {total} s" + ("  -- over the 8-minute budget" if float(total) > 480 else ""))
+sec = lambda v: v if v == "skipped" else f"{v} s"
+print(f"wall: (a) {sec(a_s)}, (b) {sec(b_s)}, total {total} s" + ("  -- over the 8-minute budget" if float(total) > 480 else ""))
 (Path(out_dir) / "gpu_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 print(f"wrote {Path(out_dir) / 'gpu_summary.json'} and {Path(out_dir) / 'gpu.log'}")
 EOF
