@@ -17,8 +17,8 @@ import pandas as pd
 import pytest
 import torch
 
-from finetail.distributed import world_size
-from finetail.engine import _iterations, _rank_slice, load_checkpoint
+from finetail.distributed import rank_slice, steps_per_epoch, world_size
+from finetail.engine import load_checkpoint
 from finetail.manifest import write_array_dataset
 
 from conftest import toy_images
@@ -56,13 +56,13 @@ def _env():
 def test_rank_slices_cover_the_global_batch():
     for n in (1, 7, 32, 33):
         for world in (1, 2, 3):
-            parts = [_rank_slice(n, r, world) for r in range(world)]
+            parts = [rank_slice(n, r, world) for r in range(world)]
             assert parts[0].start == 0 and parts[-1].stop == n
             assert all(a.stop == b.start for a, b in zip(parts, parts[1:]))
             assert max(p.stop - p.start for p in parts) - min(p.stop - p.start for p in parts) <= 1
-    assert _iterations(100, 32, 1) == 4
-    assert _iterations(97, 32, 2) == 3  # a last batch of 1 image cannot feed 2 ranks: dropped
-    assert _iterations(98, 32, 2) == 4
+    assert steps_per_epoch(100, 32, 1) == 4
+    assert steps_per_epoch(97, 32, 2) == 3  # a last batch of 1 image cannot feed 2 ranks: dropped
+    assert steps_per_epoch(98, 32, 2) == 4
     assert world_size() == 1  # outside torchrun
 
 

@@ -158,7 +158,8 @@ def _train(a: argparse.Namespace, dev) -> None:
 
     from . import distributed
     from .engine import Preempted, TrainConfig, resume_extra, train
-    from .manifest import file_sha256, load_array_split
+    from .loader import load_file_split
+    from .manifest import file_sha256, load_array_split, read_manifest
     from .tracking import Tracker, config_digest, git_commit, resolve_tracking_uri
 
     world, rank = distributed.world_size(), distributed.rank()
@@ -172,8 +173,10 @@ def _train(a: argparse.Namespace, dev) -> None:
          "gamma": loss.get("gamma", 0.0), "many_shot": shots.get("many", 100), "few_shot": shots.get("few", 20)}
     )
     manifest = Path(a.manifest)
-    tr = load_array_split(manifest, "train")
-    te = load_array_split(manifest, "test")
+    # Array stores (small images) live on the device; file manifests go through the loader.
+    load = load_array_split if "store" in read_manifest(manifest).columns else load_file_split
+    tr = load(manifest, "train")
+    te = load(manifest, "test")
     num_classes = len(tr.class_names)
     digest = config_digest(spec)
     inputs = {"manifest": str(manifest), "manifest_sha256": file_sha256(manifest)}

@@ -26,6 +26,8 @@ __all__ = [
     "launched",
     "local_rank",
     "rank",
+    "rank_slice",
+    "steps_per_epoch",
     "teardown",
     "world_size",
 ]
@@ -58,6 +60,20 @@ def local_rank() -> int:
 def is_main() -> bool:
     """Rank 0: the one process that writes checkpoints, results and tracking."""
     return rank() == 0
+
+
+def steps_per_epoch(n: int, batch_size: int, world: int) -> int:
+    """Steps per epoch over ``n`` images in global batches of ``batch_size``; with ``world`` > 1
+    a last partial batch smaller than the world (a rank would get no image) is dropped."""
+    full, rest = divmod(n, batch_size)
+    return max(1, full + (rest >= world if rest else 0))
+
+
+def rank_slice(n: int, rank: int, world: int) -> slice:
+    """Rank ``rank``'s contiguous part of a global batch of ``n`` images (sizes differ by at most 1)."""
+    base, extra = divmod(n, world)
+    lo = rank * base + min(rank, extra)
+    return slice(lo, lo + base + (rank < extra))
 
 
 def init(device: str = "auto", timeout_s: float = 1800.0) -> torch.device:

@@ -20,6 +20,12 @@ last partial batch smaller than W is dropped. Only rank 0 writes checkpoints and
 ``on_epoch``; every rank loads the checkpoint on resume; rank 0 evaluates and broadcasts the
 metrics; a SIGTERM seen by any rank stops all of them at the same step.
 
+Large images come from a file manifest instead (``train_images``/``test_images`` given as
+:class:`finetail.loader.ImageFiles`): a DataLoader decodes and augments them
+(RandomResizedCrop to ``image_size`` + flip; test: resize + centre crop), as described in
+:mod:`finetail.loader`, with the same epoch order, resume (mid-epoch too, exactly), DDP and
+SIGTERM behaviour; normalisation defaults to ImageNet's statistics there.
+
 With ``compile`` the training steps run a ``torch.compile``-d module (on CUDA with
 ``cuda_graphs``: mode ``reduce-overhead``); evaluation and checkpoints use the plain module.
 
@@ -45,6 +51,7 @@ from . import distributed
 from .losses import LOSS_TYPES, ClassBalancedLoss
 from .manifest import atomic_write
 from .features import state_digest
+from .loader import IMAGENET_NORMALISATION, ImageFiles, TrainBatches, default_workers, eval_batches
 from .metrics import classification_metrics
 from .models import Classifier, build_model, init_head_bias, param_groups
 
@@ -81,6 +88,8 @@ class TrainConfig:
     deterministic: bool = False  # torch.use_deterministic_algorithms
     amp: bool = True  # bf16 autocast (CUDA only; CPU always fp32)
     channels_last: bool = True  # CUDA only
+    image_size: int = 224  # file manifests: side of the training crop and the test centre crop, pixels
+    num_workers: int | None = None  # file manifests: loader processes per rank (None = min(8, CPUs per rank))
     compile: bool = False  # torch.compile the training forward/backward (inductor; needs a C compiler on the CPU)
     cuda_graphs: bool = False  # with compile on CUDA: mode "reduce-overhead" (CUDA graphs); ignored on the CPU
 
@@ -120,7 +129,7 @@ class TrainConfig:
             raise ValueError(f"milestones must increase, got {self.milestones}")
         if self.cuda_graphs and not self.compile:
             raise ValueError("cuda_graphs needs compile: true (CUDA graphs come from torch.compile)")
-        for name in ("epochs", "batch_size", "eval_every"):
+        for name in ("epochs", "batch_size", "eval_every", "image_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -166,14 +175,46 @@ def augment_batch(x: torch.Tensor, gen: torch.Generator, pad: int, flip: bool) -
 
 
 class _DeviceData:
-    """A split as a uint8 tensor on the device plus normalisation constants."""
+    """A split of an array store as a uint8 ``(N, 3, H, W)`` tensor on the device."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, device: torch.device) -> None:
         self.x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous().to(device)
         self.y = torch.from_numpy(labels.astype(np.int64)).to(device)
+        self.labels = labels.astype(np.int64)
+        self.device = device
 
     def __len__(self) -> int:
         return len(self.y)
+
+    def batches(self, batch: int):
+        """``(uint8 images, labels)`` on the device, in order, ``batch`` at a time."""
+        for i in range(0, len(self), batch):
+            yield self.x[i : i + batch], self.y[i : i + batch]
+
+
+class _FileData:
+    """A split of a file manifest, read through a DataLoader with the test transforms."""
+
+    def __init__(self, files: ImageFiles, labels: np.ndarray, size: int, device: torch.device, workers: int) -> None:
+        self.files, self.labels, self.size, self.device, self.workers = files, labels.astype(np.int64), size, device, workers
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(self, batch: int):
+        """``(uint8 images, labels)`` on the device, in order, at most 256 at a time (pixels)."""
+        return eval_batches(self.files, self.labels, size=self.size, batch_size=min(batch, 256), device=self.device,
+                            workers=self.workers)
+
+
+def _array_batches(data: _DeviceData, perm: torch.Tensor, gen: torch.Generator, first: int, iters: int,
+                   cfg: TrainConfig, rank: int, world: int):
+    """This rank's slices of the epoch's augmented global batches, from step ``first`` on."""
+    for it in range(first, iters):
+        idx = perm[it * cfg.batch_size : (it + 1) * cfg.batch_size]
+        xb = augment_batch(data.x[idx], gen, cfg.crop_pad, cfg.flip)
+        part = distributed.rank_slice(len(idx), rank, world)
+        yield xb[part], data.y[idx[part]]
 
 
 def _normalise(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -190,39 +231,25 @@ def _seed_all(seed: int) -> None:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, data: _DeviceData, mean, std, cfg: TrainConfig, batch: int = 1024, k: int = 5) -> np.ndarray:
-    """Top-k predicted labels, best first: (N, min(k, C))."""
+def predict(model: nn.Module, data, mean, std, cfg: TrainConfig, batch: int = 1024, k: int = 5) -> np.ndarray:
+    """Top-k predicted labels, best first: (N, min(k, C)). ``data``: an array or file split."""
     model.eval()
-    cuda = data.x.device.type == "cuda"
+    cuda = data.device.type == "cuda"
     out = []
-    for i in range(0, len(data), batch):
-        xb = _normalise(data.x[i : i + batch], mean, std, cuda and cfg.channels_last)
+    for x, _ in data.batches(batch):
+        xb = _normalise(x, mean, std, cuda and cfg.channels_last)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and cfg.amp):
             logits = model(xb).float()
         out.append(logits.topk(min(k, logits.shape[1]), dim=1).indices)
     return torch.cat(out).cpu().numpy()
 
 
-def evaluate(model, data: _DeviceData, mean, std, cfg: TrainConfig, train_counts: np.ndarray) -> dict:
+def evaluate(model, data, mean, std, cfg: TrainConfig, train_counts: np.ndarray) -> dict:
     topk = predict(model, data, mean, std, cfg)
-    labels = data.y.cpu().numpy()
+    labels = data.labels
     out = classification_metrics(topk[:, 0], labels, train_counts, cfg.many_shot, cfg.few_shot)
     out["top5_error"] = float(1.0 - (topk == labels[:, None]).any(axis=1).mean()) if topk.shape[1] >= 5 else None
     return out
-
-
-def _iterations(n: int, batch_size: int, world: int) -> int:
-    """Steps per epoch over ``n`` images in global batches of ``batch_size``; under DDP a last
-    partial batch smaller than the world (a rank would get no image) is dropped."""
-    full, rest = divmod(n, batch_size)
-    return max(1, full + (rest >= world if rest else 0))
-
-
-def _rank_slice(n: int, rank: int, world: int) -> slice:
-    """This rank's contiguous part of a global batch of ``n`` images (sizes differ by at most 1)."""
-    base, extra = divmod(n, world)
-    lo = rank * base + min(rank, extra)
-    return slice(lo, lo + base + (rank < extra))
 
 
 def save_state(obj: dict, path: str | Path) -> None:
@@ -237,7 +264,7 @@ def load_checkpoint(path: str | Path) -> dict:
 # Settings that change speed, not results: a checkpoint written with one value resumes with
 # another. torch.compile computes the same function (its fused kernels round differently, as
 # another GPU would), so compile on/off runs resume each other's checkpoints.
-_SPEED_ONLY = ("compile", "cuda_graphs")
+_SPEED_ONLY = ("compile", "cuda_graphs", "num_workers")
 
 
 def _data_key(cfg: TrainConfig, train_counts: np.ndarray, init_digest: str | None) -> dict:
@@ -284,7 +311,9 @@ def train(
     and initial weights; otherwise training starts afresh. ``init_backbone`` is a backbone
     state_dict to start from (fine-tuning); the head is always new. ``normalisation``
     (``{"mean": [3], "std": [3]}`` in pixel units) defaults to the training set's statistics;
-    fine-tuning passes the pretrained model's. ``extra_state`` (e.g. a
+    fine-tuning passes the pretrained model's (file manifests: ImageNet's by default).
+    ``train_images``/``test_images`` are uint8 ``(N, H, W, 3)`` arrays or, for a file
+    manifest, :class:`~finetail.loader.ImageFiles`. ``extra_state`` (e.g. a
     tracking run id) is stored in the checkpoint and handed back as ``result["extra_state"]``.
     SIGTERM makes the engine checkpoint after the current step (with the epoch's random
     stream, so the rerun continues bit for bit) and raise :class:`Preempted`. Under
@@ -324,8 +353,17 @@ def train(
         nesterov=cfg.nesterov,
     )
 
-    tr = _DeviceData(train_images, train_labels, dev)
-    te = _DeviceData(test_images, test_labels, dev)
+    files = isinstance(train_images, ImageFiles)
+    if files:
+        workers = default_workers() if cfg.num_workers is None else cfg.num_workers
+        tr = TrainBatches(train_images, train_labels, size=cfg.image_size, batch_size=cfg.batch_size, seed=cfg.seed,
+                          flip=cfg.flip, device=dev, workers=workers)
+        te = _FileData(test_images, test_labels, cfg.image_size, dev, workers)
+        normalisation = normalisation or IMAGENET_NORMALISATION
+    else:
+        tr = _DeviceData(train_images, train_labels, dev)
+        te = _DeviceData(test_images, test_labels, dev)
+    n_train = len(train_labels)
     if normalisation is not None:
         mean = torch.tensor(normalisation["mean"], dtype=torch.float32, device=dev).view(1, -1, 1, 1)
         std = torch.tensor(normalisation["std"], dtype=torch.float32, device=dev).view(1, -1, 1, 1)
@@ -388,8 +426,8 @@ def train(
             state.update(mid_iter=mid_epoch["iter"], mid_gen=mid_epoch["gen"], mid_totals=mid_epoch["totals"])
         save_state(state, checkpoint)
 
-    iters = _iterations(len(tr), cfg.batch_size, world)
-    seen = min(len(tr), iters * cfg.batch_size)  # images an epoch trains on (all of them when W = 1)
+    iters = distributed.steps_per_epoch(n_train, cfg.batch_size, world)
+    seen = min(n_train, iters * cfg.batch_size)  # images an epoch trains on (all of them when W = 1)
     cuda = dev.type == "cuda"
     bar = None
     if progress and main:
@@ -404,7 +442,7 @@ def train(
             if cfg.linear_probe:
                 model.backbone.eval()
             t0 = time.perf_counter()
-            perm = torch.randperm(len(tr), generator=gen, device=dev)
+            perm = None if files else torch.randperm(n_train, generator=gen, device=dev)
             total_loss = torch.zeros((), device=dev)
             total_hit = torch.zeros((), device=dev)
             first = 0
@@ -415,19 +453,21 @@ def train(
                     total_loss += mid["totals"][0].to(total_loss.dtype)
                     total_hit += mid["totals"][1].to(total_hit.dtype)
                 mid = None
+            batches = tr.epoch(epoch, first) if files else _array_batches(tr, perm, gen, first, iters, cfg, rank, world)
+            wait = 0.0  # seconds this rank waited for its batches
             for it in range(first, iters):
-                idx = perm[it * cfg.batch_size : (it + 1) * cfg.batch_size]
-                xb = augment_batch(tr.x[idx], gen, cfg.crop_pad, cfg.flip)
-                part = _rank_slice(len(idx), rank, world)
-                xb = _normalise(xb[part], mean, std, cuda and cfg.channels_last)
-                yb = tr.y[idx[part]]
+                tw = time.perf_counter()
+                xb, yb = next(batches)
+                wait += time.perf_counter() - tw
+                n_global = min(cfg.batch_size, n_train - it * cfg.batch_size)
+                xb = _normalise(xb, mean, std, cuda and cfg.channels_last)
                 for g in opt.param_groups:
                     g["lr"] = lr_at(cfg, epoch, it, iters)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and cfg.amp):
                     logits = net(xb)
                 loss = loss_fn(logits.float(), yb)
                 opt.zero_grad(set_to_none=True)
-                (loss * (world * len(yb) / len(idx)) if world > 1 else loss).backward()
+                (loss * (world * len(yb) / n_global) if world > 1 else loss).backward()
                 opt.step()
                 total_loss += loss.detach() * len(yb)
                 total_hit += (logits.argmax(1) == yb).sum()
@@ -450,6 +490,7 @@ def train(
                 "train_acc": float(sums[1]) / seen,
                 "lr": lr_at(cfg, epoch, iters - 1, iters),
                 "images_per_s": seen / dt,
+                "data_wait_frac": wait / dt,  # rank 0's
             }
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                 metrics = distributed.broadcast_object(
@@ -469,7 +510,8 @@ def train(
                 distributed.barrier()
                 log(f"SIGTERM received: checkpointed the end of epoch {epoch + 1}; exiting")
                 raise Preempted(f"preempted after epoch {epoch}")
-            msg = f"epoch {epoch + 1}/{cfg.epochs} loss {row['train_loss']:.4f} {row['images_per_s']:.0f} img/s"
+            msg = (f"epoch {epoch + 1}/{cfg.epochs} loss {row['train_loss']:.4f} {row['images_per_s']:.0f} img/s, "
+                   f"{100 * row['data_wait_frac']:.0f}% waiting for data")
             if "eval" in row:
                 msg += f" test err {100 * metrics['top1_error']:.2f}%"
             if bar is not None:
