@@ -24,6 +24,7 @@ rule cbloss:
         f"{LOGS}/cbloss/{{dataset}}/if{{imbalance}}/{{loss}}.log",
     threads: 1
     resources:
+        gpu=1,  # one GPU where there is one (Slurm: --gpus; locally: --resources gpu=N tokens)
         mem_mb=3000,
         runtime=240,
     shell:
@@ -55,6 +56,7 @@ rule cbloss_natural:
         f"{LOGS}/cbloss_natural/{{dataset}}/{{model}}/{{loss}}.log",
     threads: 1
     resources:
+        gpu=1,  # one GPU where there is one (Slurm: --gpus; locally: --resources gpu=N tokens)
         mem_mb=16000,
         runtime=4320,
     shell:

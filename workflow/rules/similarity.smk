@@ -19,6 +19,7 @@ rule features:
         f"{LOGS}/features/{FMODEL_TAG}/{{fdataset}}.log",
     threads: 1
     resources:
+        gpu=1,  # one GPU where there is one (Slurm: --gpus; locally: --resources gpu=N tokens)
         mem_mb=3000,
         runtime=60,
     shell:

@@ -45,6 +45,7 @@ rule pretrain:
         f"{LOGS}/pretrain/{{source}}.log",
     threads: 1
     resources:
+        gpu=1,  # one GPU where there is one (Slurm: --gpus; locally: --resources gpu=N tokens)
         mem_mb=4000,
         runtime=720,
     shell:
@@ -78,6 +79,7 @@ rule finetune:
         f"{LOGS}/finetune/{{source}}/{{target}}.log",
     threads: 1
     resources:
+        gpu=1,  # one GPU where there is one (Slurm: --gpus; locally: --resources gpu=N tokens)
         mem_mb=3000,
         runtime=240,
     shell:
