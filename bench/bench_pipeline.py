@@ -14,7 +14,9 @@ cross-entropy, for the same number of epochs over the same images.
   ``cudnn.benchmark`` is on for it too (as most CIFAR training scripts set it).
 - **engine**: ``finetail.engine.train`` on uint8 ``N x 32 x 32 x 3`` arrays (the data lives on
   the device, augmentation is batched there; on CUDA with its defaults: bf16 autocast,
-  channels-last). Only one evaluation, after the last epoch, outside the timed epochs.
+  channels-last; ``--compile`` [``--cuda-graphs``] sets ``TrainConfig.compile`` [``cuda_graphs``]
+  when the engine has those fields). Only one evaluation, after the last epoch, outside the
+  timed epochs.
 
 JPEG decoding happens once, before any timing, for both (the same decoded pixels). An epoch's
 figure is its training images divided by its wall time: for the pipeline the whole epoch
@@ -34,7 +36,7 @@ Usage::
 
     python bench/bench_pipeline.py --subset 2560 --epochs 3          # a quick CPU run
     python bench/bench_pipeline.py --device cuda --epochs 3          # full CIFAR-10-LT IF100
-    python bench/bench_pipeline.py --archive /data/cifar10-jpeg.tar.gz --workers 8 --compile
+    python bench/bench_pipeline.py --archive /data/cifar10-jpeg.tar.gz --workers 8 --compile --cuda-graphs
 
 Prints a table, whether the issue's targets are met for the device used (CPU: the engine not
 slower than the pipeline; CUDA: at least 5x the pipeline and at least 50,000 images/s), and
@@ -228,6 +230,12 @@ def run_engine(a, dev, train_x, train_y, test_x, test_y, log) -> dict:
         else:
             compile_state = "requested, but TrainConfig has no 'compile' field: ran without"
             log(f"warning: --compile {compile_state}")
+    if a.cuda_graphs and kw.get("compile"):
+        if "cuda_graphs" in names:
+            kw["cuda_graphs"] = True
+            compile_state += ", CUDA graphs" + ("" if dev.type == "cuda" else " (ignored off CUDA)")
+        else:
+            log("warning: --cuda-graphs requested, but TrainConfig has no 'cuda_graphs' field: ran without")
     cfg = TrainConfig(**kw)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="finetail-bench-") as tmp:
@@ -271,6 +279,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of this process")
     ap.add_argument("--compile", action="store_true", help="TrainConfig(compile=True), if the engine has it")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="with --compile: TrainConfig(cuda_graphs=True) (mode reduce-overhead on CUDA), if the engine has it")
     ap.add_argument("--only", choices=["both", "engine", "pipeline"], default="both", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "pipeline.json"))
     a = ap.parse_args(argv)
@@ -289,6 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(msg, flush=True)
 
     archive = Path(a.archive)
+    load_before = os.getloadavg()
     t0 = time.perf_counter()
     rows, data = read_archive(archive)
     train, test, classes, n_lt = select(rows, a.imbalance, a.subset, a.test_images)
@@ -322,6 +333,8 @@ def main(argv: list[str] | None = None) -> dict:
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
         "torch_threads": a.threads,
+        # other processes on the machine skew the figures: the 1-minute load average before and after
+        "loadavg_1min": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "batch_size": a.batch_size,
         "epochs": a.epochs,
         "measured": "median images/s of epochs 2..N (epoch 1 is warm-up)",

@@ -9,7 +9,9 @@
 #       paper's recipe (workflow/studies/cifar10_jpeg_gpu.yaml: ResNet-32, 200 epochs, batch
 #       128, lr 0.1, wd 2e-4, warm-up 5, lr x0.01 at 160 and x0.0001 at 180), softmax and CB
 #       focal (beta 0.9999, gamma 1.0) as two concurrent jobs on the one GPU; prints each
-#       one's wall time and test error beside the paper's 29.64% and 25.43%.
+#       one's wall time and test error beside the paper's 29.64% and 25.43%;
+#   (c) the engine side of (a) again with torch.compile and CUDA graphs (engine only; last,
+#       because compiling takes time and may fail where inductor cannot run).
 #
 # ARCHIVE: the CIFAR-10 JPEG ImageFolder archive (cifar10-jpeg.tar.gz: train/<class>/*.jpg,
 # test/<class>/*.jpg). Nothing is read from ../shared and nothing is downloaded.
@@ -29,7 +31,8 @@
 #   SUBSET=             (a)'s training images (empty = all 12,406)
 #   BATCH=128  WORKERS= (a)'s DataLoader workers (empty = the benchmark's min(4, CPUs))
 #   CORES=$(nproc)      snakemake --cores
-#   PARTS=ab            a, b or ab
+#   PARTS=abc           any of a, b, c (c = the engine compiled, after (b), bounded by
+#                       COMPILE_TIMEOUT=180 s, not fatal); the default on a CPU is ab
 #   STUDY=cifar10_lt_gpu_bench   (b)'s study name: results under $WORK/results/$STUDY/
 #   OUT_DIR=bench/out   where gpu.log, pipeline.json and gpu_summary.json go
 #   WORK=$OUT_DIR/gpu_work   snakemake's working directory (emptied first if it holds an
@@ -56,7 +59,8 @@ SUBSET=${SUBSET:-}
 BATCH=${BATCH:-128}
 WORKERS=${WORKERS:-}
 CORES=${CORES:-$(nproc)}
-PARTS=${PARTS:-ab}
+PARTS=${PARTS:-$([ "$DEVICE" = cuda ] && echo abc || echo ab)}
+COMPILE_TIMEOUT=${COMPILE_TIMEOUT:-180}
 STUDY=${STUDY:-cifar10_lt_gpu_bench}
 OUT_DIR=${OUT_DIR:-bench/out}
 WORK=${WORK:-$OUT_DIR/gpu_work}
@@ -76,7 +80,7 @@ since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 T_ALL=$(now)
 echo "== bench/gpu.sh $(date '+%Y-%m-%d %H:%M:%S') on $(hostname)"
 echo "archive $ARCHIVE ($(du -h "$ARCHIVE" | cut -f1))"
-echo "DEVICE=$DEVICE EPOCHS=$EPOCHS MODEL=${MODEL:-recipe} BENCH_EPOCHS=$BENCH_EPOCHS SUBSET=${SUBSET:-all}" \
+echo "DEVICE=$DEVICE EPOCHS=$EPOCHS COMPILE_TIMEOUT=$COMPILE_TIMEOUT MODEL=${MODEL:-recipe} BENCH_EPOCHS=$BENCH_EPOCHS SUBSET=${SUBSET:-all}" \
      "BATCH=$BATCH WORKERS=${WORKERS:-default} CORES=$CORES PARTS=$PARTS STUDY=$STUDY"
 echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD 2>/dev/null || echo ' (dirty)')"
 
@@ -175,14 +179,34 @@ EOF
     done
 fi
 
+# ---------------------------------------------------------------------------- (c)
+# The engine compiled (TrainConfig.compile, + cuda_graphs on CUDA), engine side only: its
+# figure is compared with (a)'s pipeline. Last, optional, bounded and not fatal: it needs
+# inductor (a C compiler on a CPU, Triton on CUDA) and compiling takes a minute or two.
+C_S=skipped
+if [[ $PARTS == *c* ]]; then
+    echo
+    echo "== (c) the engine compiled (--compile --cuda-graphs), engine only, $DEVICE, at most $COMPILE_TIMEOUT s"
+    T=$(now)
+    ARGS=(--archive "$ARCHIVE" --device "$DEVICE" --batch-size "$BATCH" --epochs "$BENCH_EPOCHS" --only engine
+          --compile --cuda-graphs --out "$OUT_DIR/pipeline_compiled.json")
+    [ -n "$SUBSET" ] && ARGS+=(--subset "$SUBSET")
+    if ! timeout "$COMPILE_TIMEOUT" "$PYBIN" bench/bench_pipeline.py "${ARGS[@]}"; then
+        echo "(c) failed or ran past $COMPILE_TIMEOUT s: no compiled figure"
+        rm -f "$OUT_DIR/pipeline_compiled.json"
+    fi
+    C_S=$(since "$T")
+    echo "(c) wall: $C_S s"
+fi
+
 # ---------------------------------------------------------------------------- summary
 echo
 echo "== summary"
-"$PYBIN" - "$OUT_DIR" "${WORK:-}" "$STUDY" "$PARTS" "$A_S" "$B_S" "$(since "$T_ALL")" <<'EOF'
+"$PYBIN" - "$OUT_DIR" "${WORK:-}" "$STUDY" "$PARTS" "$A_S" "$B_S" "$C_S" "$(since "$T_ALL")" <<'EOF'
 import json, sys
 from pathlib import Path
-out_dir, work, study, parts, a_s, b_s, total = sys.argv[1:]
-summary = {"parts": parts, "wall_s": {"a": a_s, "b": b_s, "total": total}}
+out_dir, work, study, parts, a_s, b_s, c_s, total = sys.argv[1:]
+summary = {"parts": parts, "wall_s": {"a": a_s, "b": b_s, "c": c_s, "total": total}}
 if "a" in parts:
     p = json.loads((Path(out_dir) / "pipeline.json").read_text())
     summary["pipeline"] = {k: p.get(k) for k in ("device", "device_name", "torch", "cpu_count", "train_images",
@@ -194,6 +218,19 @@ if "a" in parts:
           f"({p['train_images']} images, batch {p['batch_size']})")
     for t in p["targets"]:
         print(f"    target {t['target']}: {t['value']} -> {'MET' if t['met'] else 'NOT MET'}")
+compiled = Path(out_dir) / "pipeline_compiled.json"
+if "c" in parts and compiled.exists():
+    c = json.loads(compiled.read_text())
+    row = {"engine_images_per_s": c["engine"]["images_per_s"], "compile": c["engine"]["compile"],
+           "train_images": c["train_images"]}
+    line = f"(c) engine compiled ({row['compile']}): {row['engine_images_per_s']:,.0f} images/s"
+    if "pipeline" in summary:
+        row["ratio"] = round(row["engine_images_per_s"] / summary["pipeline"]["pipeline_images_per_s"], 3)
+        line += f", ratio {row['ratio']:.2f} to (a)'s pipeline"
+    summary["compiled"] = row
+    print(line)
+elif "c" in parts:
+    print("(c) no compiled figure")
 if "b" in parts:
     paper = {"softmax": 29.64, "cb_focal": 25.43}
     base = Path(work) / "results" / study / "cbloss" / "cifar10" / "if100"
@@ -209,7 +246,7 @@ if "b" in parts:
         print(f"    {loss:10s} {err:12.2f} {ref:8.2f} {m['wall_s']:8.1f} {m['mean_images_per_s']:9.0f} "
               f"{m['epochs']:6d} {m['device']}")
 sec = lambda v: v if v == "skipped" else f"{v} s"
-print(f"wall: (a) {sec(a_s)}, (b) {sec(b_s)}, total {total} s" + ("  -- over the 8-minute budget" if float(total) > 480 else ""))
+print(f"wall: (a) {sec(a_s)}, (b) {sec(b_s)}, (c) {sec(c_s)}, total {total} s" + ("  -- over the 8-minute budget" if float(total) > 480 else ""))
 (Path(out_dir) / "gpu_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 print(f"wrote {Path(out_dir) / 'gpu_summary.json'} and {Path(out_dir) / 'gpu.log'}")
 EOF
