@@ -116,7 +116,8 @@ def test_gpu_jobs_request_gpus_and_cpu_jobs_do_not(slurm_study):
         gpus = want.get("gpu")
         assert f.get("TresPerJob") == (f"gres:gpu:{gpus}" if gpus else None), (rule, f.get("TresPerJob"))
         tres = dict(kv.split("=") for kv in f["TRES"].split(","))
-        assert tres["mem"] == f"{want['mem_mb']}M", (rule, tres)
+        mem_mb = float(tres["mem"][:-1]) * {"M": 1, "G": 1024, "T": 1024**2}[tres["mem"][-1]]
+        assert mem_mb == want["mem_mb"], (rule, tres)
         assert int(tres["cpu"]) == want.get("cpus_per_task", 1), (rule, tres)
         assert f["TimeLimit"] != "UNLIMITED", rule
 
@@ -127,7 +128,7 @@ def test_pretraining_ran_distributed_over_its_gpus(slurm_study):
     rec = json.loads((work / "results" / "slurm" / "pretrain" / "generic" / "metrics.json").read_text())
     assert rec["world_size"] == 4
     log = (work / "logs" / "slurm" / "pretrain" / "generic.log").read_text()
-    assert "world size 4" in log
+    assert "relaunching under torchrun with 4 processes" in log
 
 
 def test_one_finished_mlflow_run_per_training_job(slurm_study):

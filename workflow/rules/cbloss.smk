@@ -31,7 +31,7 @@ rule cbloss:
         "finetail train --manifest {input.manifest} --spec {params.spec:q} "
         "--out-dir {params.out_dir} --checkpoint {params.checkpoint} --study-dir {params.study_dir} "
         "--rule cbloss --wildcards {params.wildcards:q} --experiment {params.experiment:q} "
-        "{params.tracking} --threads {threads} > {log} 2>&1"
+        "{params.tracking} --threads {threads} --nproc {resources.gpu} > {log} 2>&1"
 
 
 rule cbloss_natural:
@@ -63,4 +63,4 @@ rule cbloss_natural:
         "finetail train --manifest {input.manifest} --spec {params.spec:q} "
         "--out-dir {params.out_dir} --checkpoint {params.checkpoint} --study-dir {params.study_dir} "
         "--rule cbloss_natural --wildcards {params.wildcards:q} --experiment {params.experiment:q} "
-        "{params.tracking} --threads {threads} > {log} 2>&1"
+        "{params.tracking} --threads {threads} --nproc {resources.gpu} > {log} 2>&1"

@@ -52,7 +52,7 @@ rule pretrain:
         "finetail train --manifest {input.manifest} --spec {params.spec:q} --save-model {output.model} "
         "--out-dir {params.out_dir} --checkpoint {params.checkpoint} --study-dir {params.study_dir} "
         "--rule pretrain --wildcards {params.wildcards:q} --experiment {params.experiment:q} "
-        "{params.tracking} --threads {threads} > {log} 2>&1"
+        "{params.tracking} --threads {threads} --nproc {resources.gpu} > {log} 2>&1"
 
 
 rule finetune:
@@ -86,4 +86,4 @@ rule finetune:
         "finetail train --manifest {input.manifest} --spec {params.spec:q} {params.init} "
         "--out-dir {params.out_dir} --checkpoint {params.checkpoint} --study-dir {params.study_dir} "
         "--rule finetune --wildcards {params.wildcards:q} --experiment {params.experiment:q} "
-        "{params.tracking} --threads {threads} > {log} 2>&1"
+        "{params.tracking} --threads {threads} --nproc {resources.gpu} > {log} 2>&1"
