@@ -27,6 +27,7 @@
 #   EPOCHS=200          (b)'s training epochs; milestones, warm-up and evaluation period are
 #                       scaled with them (200 = the paper's schedule unchanged)
 #   MODEL=              (b)'s model instead of the recipe's resnet32 (e.g. resnet8 on a CPU)
+#   COMPILE_B=0         1: (b)'s recipe gets compile: true, cuda_graphs: true (speed only)
 #   BENCH_EPOCHS=3      (a)'s epochs of each side (the first is warm-up)
 #   SUBSET=             (a)'s training images (empty = all 12,406)
 #   BATCH=128  WORKERS= (a)'s DataLoader workers (empty = the benchmark's min(4, CPUs))
@@ -54,6 +55,7 @@ ROOT=$(pwd)
 DEVICE=${DEVICE:-cuda}
 EPOCHS=${EPOCHS:-200}
 MODEL=${MODEL:-}
+COMPILE_B=${COMPILE_B:-0}
 BENCH_EPOCHS=${BENCH_EPOCHS:-3}
 SUBSET=${SUBSET:-}
 BATCH=${BATCH:-128}
@@ -80,7 +82,7 @@ since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 T_ALL=$(now)
 echo "== bench/gpu.sh $(date '+%Y-%m-%d %H:%M:%S') on $(hostname)"
 echo "archive $ARCHIVE ($(du -h "$ARCHIVE" | cut -f1))"
-echo "DEVICE=$DEVICE EPOCHS=$EPOCHS COMPILE_TIMEOUT=$COMPILE_TIMEOUT MODEL=${MODEL:-recipe} BENCH_EPOCHS=$BENCH_EPOCHS SUBSET=${SUBSET:-all}" \
+echo "DEVICE=$DEVICE EPOCHS=$EPOCHS COMPILE_B=$COMPILE_B COMPILE_TIMEOUT=$COMPILE_TIMEOUT MODEL=${MODEL:-recipe} BENCH_EPOCHS=$BENCH_EPOCHS SUBSET=${SUBSET:-all}" \
      "BATCH=$BATCH WORKERS=${WORKERS:-default} CORES=$CORES PARTS=$PARTS STUDY=$STUDY"
 echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD 2>/dev/null || echo ' (dirty)')"
 
@@ -149,10 +151,10 @@ if [[ $PARTS == *b* ]]; then
     touch "$WORK/.finetail-gpu-bench"
     WORK=$(cd "$WORK" && pwd)
     STUDY_FILE=$WORK/study.yaml
-    "$PYBIN" - "$ROOT/workflow/studies/cifar10_jpeg_gpu.yaml" "$STUDY_FILE" "$STUDY" "$ARCHIVE" "$EPOCHS" "$MODEL" <<'EOF'
+    "$PYBIN" - "$ROOT/workflow/studies/cifar10_jpeg_gpu.yaml" "$STUDY_FILE" "$STUDY" "$ARCHIVE" "$EPOCHS" "$MODEL" "$COMPILE_B" <<'EOF'
 import sys
 import yaml
-src, dst, study, archive, epochs, model = sys.argv[1:]
+src, dst, study, archive, epochs, model, compile_b = sys.argv[1:]
 cfg = yaml.safe_load(open(src))
 cfg["study"] = study
 cfg["datasets"]["cifar10"]["source"] = archive
@@ -166,6 +168,8 @@ if epochs != r["epochs"]:  # a reduced run: the same schedule, shrunk
     r["epochs"] = epochs
 if model:
     r["model"] = model
+if compile_b == "1":
+    r["compile"] = r["cuda_graphs"] = True
 yaml.safe_dump(cfg, open(dst, "w"), sort_keys=False)
 print(f"study file {dst}: recipe {r}")
 EOF
