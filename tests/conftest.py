@@ -22,13 +22,15 @@ def toy_images(n_per_class: int, num_classes: int = 3, size: int = 16, seed: int
     return imgs, labels
 
 
+def write_toy_manifest(folder: Path, n_train: int, n_test: int, names=("c0", "c1", "c2")) -> Path:
+    """``toy_images`` (n_train, n_test per class) as a real array-store manifest in ``folder``."""
+    xtr, ytr = toy_images(n_train, num_classes=len(names), seed=0)
+    xte, yte = toy_images(n_test, num_classes=len(names), seed=1)
+    split = np.array(["train"] * len(ytr) + ["test"] * len(yte), dtype=object)
+    write_array_dataset(folder, np.concatenate([xtr, xte]), np.concatenate([ytr, yte]), list(names), split)
+    return folder / "manifest.parquet"
+
+
 @pytest.fixture
 def toy_manifest(tmp_path):
-    xtr, ytr = toy_images(24, seed=0)
-    xte, yte = toy_images(10, seed=1)
-    images = np.concatenate([xtr, xte])
-    labels = np.concatenate([ytr, yte])
-    split = np.array(["train"] * len(ytr) + ["test"] * len(yte), dtype=object)
-    folder = tmp_path / "toy"
-    write_array_dataset(folder, images, labels, ["c0", "c1", "c2"], split)
-    return folder / "manifest.parquet"
+    return write_toy_manifest(tmp_path / "toy", 24, 10)

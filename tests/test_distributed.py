@@ -19,9 +19,8 @@ import torch
 
 from finetail.distributed import rank_slice, steps_per_epoch, world_size
 from finetail.engine import load_checkpoint
-from finetail.manifest import write_array_dataset
 
-from conftest import toy_images
+from conftest import write_toy_manifest
 
 SPEC = {
     "recipe": {"model": "resnet8", "width": 8, "epochs": 6, "batch_size": 32, "lr": 0.05, "warmup_epochs": 1,
@@ -33,11 +32,7 @@ SPEC = {
 
 @pytest.fixture
 def manifest(tmp_path):
-    xtr, ytr = toy_images(64, seed=0)  # 192 images: 6 global batches of 32, 16 per rank
-    xte, yte = toy_images(20, seed=1)
-    split = np.array(["train"] * len(ytr) + ["test"] * len(yte), dtype=object)
-    write_array_dataset(tmp_path / "data", np.concatenate([xtr, xte]), np.concatenate([ytr, yte]), ["a", "b", "c"], split)
-    return tmp_path / "data" / "manifest.parquet"
+    return write_toy_manifest(tmp_path / "data", 64, 20, ("a", "b", "c"))  # 192 images: 6 global batches of 32, 16 per rank
 
 
 def _cmd(manifest, tmp_path, name, nproc, spec=SPEC):

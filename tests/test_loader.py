@@ -15,7 +15,7 @@ from PIL import Image
 
 import finetail.loader as loader
 from finetail.engine import Preempted, TrainConfig, load_checkpoint, train
-from finetail.loader import (ImageFiles, TrainBatches, load_file_split, resized_crop_box, eval_batches,
+from finetail.loader import (TrainBatches, load_file_split, resized_crop_box, eval_batches,
                              eval_transform, train_transform)
 from finetail.manifest import write_manifest
 
@@ -148,3 +148,26 @@ def test_cli_trains_a_file_manifest(file_manifest, tmp_path):
     run = client.get_run(record["run_id"])
     assert run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(record["run_id"], "images_per_s")] == [0, 1]
+
+
+@pytest.mark.slow
+def test_file_path_under_torchrun_matches_one_process(file_manifest, tmp_path):
+    """Two gloo ranks each load their slice of every global batch of files; a linear probe (no
+    BatchNorm batch statistics) then follows the single-process run to float rounding."""
+    spec = {"recipe": {**FAST, "epochs": 2, "num_workers": 1, "linear_probe": True}, "loss": {"type": "softmax"}}
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE", "RANK")} | {"OMP_NUM_THREADS": "1"}
+    for nproc in (1, 2):
+        cmd = [sys.executable, "-m", "finetail.cli", "train", "--manifest", str(file_manifest), "--spec",
+               json.dumps(spec), "--out-dir", str(tmp_path / f"n{nproc}"), "--checkpoint",
+               str(tmp_path / f"n{nproc}" / "ck.pt"), "--study-dir", str(tmp_path / "study"), "--rule", "test",
+               "--wildcards", json.dumps({"n": nproc}), "--device", "cpu", "--nproc", str(nproc)]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        assert r.returncode == 0, r.stderr[-4000:]
+    assert "rank 1/2:" in r.stderr
+    h1 = pd.read_csv(tmp_path / "n1" / "history.csv")
+    h2 = pd.read_csv(tmp_path / "n2" / "history.csv")
+    np.testing.assert_allclose(h2["train_loss"], h1["train_loss"], rtol=1e-5)
+    np.testing.assert_array_equal(h2["train_acc"], h1["train_acc"])
+    m1 = json.loads((tmp_path / "n1" / "metrics.json").read_text())
+    m2 = json.loads((tmp_path / "n2" / "metrics.json").read_text())
+    assert m2["world_size"] == 2 and m2["final"]["top1_error"] == m1["final"]["top1_error"]

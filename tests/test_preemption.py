@@ -2,20 +2,17 @@
 continues the same MLflow run, and ends with exactly the weights of an uninterrupted run."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 
 from finetail.engine import load_checkpoint
-from finetail.manifest import write_array_dataset
 
-from conftest import toy_images
+from conftest import write_toy_manifest
 
 SPEC = {
     "recipe": {"model": "resnet8", "width": 8, "epochs": 10, "batch_size": 32, "lr": 0.05, "warmup_epochs": 1,
@@ -27,11 +24,7 @@ SPEC = {
 
 @pytest.fixture
 def manifest(tmp_path):
-    xtr, ytr = toy_images(150, seed=0)
-    xte, yte = toy_images(20, seed=1)
-    split = np.array(["train"] * len(ytr) + ["test"] * len(yte), dtype=object)
-    write_array_dataset(tmp_path / "data", np.concatenate([xtr, xte]), np.concatenate([ytr, yte]), ["a", "b", "c"], split)
-    return tmp_path / "data" / "manifest.parquet"
+    return write_toy_manifest(tmp_path / "data", 150, 20, ("a", "b", "c"))
 
 
 def _cmd(manifest, tmp_path, name):

@@ -8,7 +8,6 @@ import sys
 
 import numpy as np
 import pandas as pd
-import pytest
 import torch
 
 from finetail.engine import TrainConfig, train

@@ -35,8 +35,6 @@ The engine imports neither snakemake nor mlflow: tracking is an ``on_epoch`` cal
 from __future__ import annotations
 
 import json
-import math
-import os
 import signal
 import time
 from collections.abc import Callable

@@ -33,7 +33,7 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 from torchvision.transforms.v2 import functional as TF
 
 from . import distributed
-from .manifest import read_manifest
+from .manifest import read_manifest, split_rows
 
 __all__ = [
     "IMAGENET_NORMALISATION",
@@ -82,11 +82,7 @@ def load_file_split(manifest_path: str | Path, split: str) -> FileSplit:
         raise ValueError(f"{manifest_path} has no 'path' column: not a file manifest")
     if "row" in df.columns and df["row"].notna().any():
         raise ValueError(f"{manifest_path} points into pickled CIFAR batches: prepare it with store: array")
-    names = df.groupby("label")["class_name"].first()
-    class_names = [str(names.get(i, f"class{i}")) for i in range(int(df["label"].max()) + 1)]
-    part = df[df["split"] == split]
-    if part.empty:
-        raise ValueError(f"{manifest_path} has no rows in split {split!r}")
+    part, class_names = split_rows(df, split, manifest_path)
     base = manifest_path.parent
     paths = [str(base / p) for p in part["path"]]
     return FileSplit(ImageFiles(paths), part["label"].to_numpy().astype(np.int64), class_names)

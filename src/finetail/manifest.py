@@ -27,6 +27,7 @@ __all__ = [
     "file_sha256",
     "load_array_split",
     "read_manifest",
+    "split_rows",
     "write_array_dataset",
     "write_manifest",
 ]
@@ -125,6 +126,17 @@ def class_table(df: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
+def split_rows(df: pd.DataFrame, split: str, source: str | Path) -> tuple[pd.DataFrame, list[str]]:
+    """The rows of one split of manifest ``df`` (read from ``source``), and all its class
+    names by label (``class<i>`` for a label no row carries)."""
+    names = df.groupby("label")["class_name"].first()
+    class_names = [str(names.get(i, f"class{i}")) for i in range(int(df["label"].max()) + 1)]
+    part = df[df["split"] == split]
+    if part.empty:
+        raise ValueError(f"{source} has no rows in split {split!r}")
+    return part, class_names
+
+
 @dataclass
 class ArraySplit:
     """One split of an array-store manifest, in memory."""
@@ -140,11 +152,7 @@ def load_array_split(manifest_path: str | Path, split: str) -> ArraySplit:
     df = read_manifest(manifest_path)
     if "store" not in df.columns:
         raise ValueError(f"{manifest_path} is a file-based manifest; the array path needs a 'store' column")
-    names = df.groupby("label")["class_name"].first()
-    class_names = [str(names.get(i, f"class{i}")) for i in range(int(df["label"].max()) + 1)]
-    part = df[df["split"] == split]
-    if part.empty:
-        raise ValueError(f"{manifest_path} has no rows in split {split!r}")
+    part, class_names = split_rows(df, split, manifest_path)
     chunks, labels = [], []
     for store, rows in part.groupby("store", sort=True):
         arr = np.load(manifest_path.parent / store, mmap_mode="r")
