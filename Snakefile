@@ -7,9 +7,10 @@ min_version("9.0")
 
 # The default study, unless a study file is given with --configfile: a study file replaces it
 # whole (Snakemake would otherwise merge the two, e.g. mixing both studies' datasets).
+# The path is the checkout's, so `--directory elsewhere` still finds it.
 if not workflow.config_settings.configfiles:
 
-    configfile: "config.yaml"
+    configfile: f"{workflow.basedir}/config.yaml"
 
 
 validate(config, schema="workflow/schemas/config.schema.yaml")

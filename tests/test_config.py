@@ -114,3 +114,14 @@ def test_registry_and_imagefolder_kinds_are_checked(tmp_path):
     cfg["datasets"]["mine"] = {"kind": "imagefolder"}
     with pytest.raises(ConfigError, match="source"):
         load_config(_write(tmp_path, cfg))
+
+
+def test_default_study_is_found_from_another_working_directory(tmp_path):
+    """Without --configfile the checkout's config.yaml is the study, wherever --directory points."""
+    r = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "-s", str(ROOT / "Snakefile"), "--directory",
+         str(tmp_path)],
+        capture_output=True, text=True,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "results/default/report/summary.md" in r.stdout
