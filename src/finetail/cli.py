@@ -158,7 +158,6 @@ def _train(a: argparse.Namespace, dev) -> None:
 
     from . import distributed
     from .engine import Preempted, TrainConfig, resume_extra, train
-    from .loader import load_file_split
     from .manifest import file_sha256, load_array_split, read_manifest
     from .tracking import Tracker, config_digest, git_commit, resolve_tracking_uri
 
@@ -174,7 +173,10 @@ def _train(a: argparse.Namespace, dev) -> None:
     )
     manifest = Path(a.manifest)
     # Array stores (small images) live on the device; file manifests go through the loader.
-    load = load_array_split if "store" in read_manifest(manifest).columns else load_file_split
+    if "store" in read_manifest(manifest).columns:
+        load = load_array_split
+    else:
+        from .loader import load_file_split as load
     tr = load(manifest, "train")
     te = load(manifest, "test")
     num_classes = len(tr.class_names)

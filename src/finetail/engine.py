@@ -49,7 +49,6 @@ from . import distributed
 from .losses import LOSS_TYPES, ClassBalancedLoss
 from .manifest import atomic_write
 from .features import state_digest
-from .loader import IMAGENET_NORMALISATION, ImageFiles, TrainBatches, default_workers, eval_batches
 from .metrics import classification_metrics
 from .models import Classifier, build_model, init_head_bias, param_groups
 
@@ -193,7 +192,7 @@ class _DeviceData:
 class _FileData:
     """A split of a file manifest, read through a DataLoader with the test transforms."""
 
-    def __init__(self, files: ImageFiles, labels: np.ndarray, size: int, device: torch.device, workers: int) -> None:
+    def __init__(self, files, labels: np.ndarray, size: int, device: torch.device, workers: int) -> None:
         self.files, self.labels, self.size, self.device, self.workers = files, labels.astype(np.int64), size, device, workers
 
     def __len__(self) -> int:
@@ -201,6 +200,8 @@ class _FileData:
 
     def batches(self, batch: int):
         """``(uint8 images, labels)`` on the device, in order, at most 256 at a time (pixels)."""
+        from .loader import eval_batches
+
         return eval_batches(self.files, self.labels, size=self.size, batch_size=min(batch, 256), device=self.device,
                             workers=self.workers)
 
@@ -351,8 +352,13 @@ def train(
         nesterov=cfg.nesterov,
     )
 
-    files = isinstance(train_images, ImageFiles)
+    # The loader (and torchvision with it, 1.5 s to import) only for file manifests.
+    files = not isinstance(train_images, np.ndarray)
     if files:
+        from .loader import IMAGENET_NORMALISATION, ImageFiles, TrainBatches, default_workers
+
+        if not isinstance(train_images, ImageFiles):
+            raise TypeError(f"training images must be a uint8 array or loader.ImageFiles, not {type(train_images)}")
         workers = default_workers() if cfg.num_workers is None else cfg.num_workers
         tr = TrainBatches(train_images, train_labels, size=cfg.image_size, batch_size=cfg.batch_size, seed=cfg.seed,
                           flip=cfg.flip, device=dev, workers=workers)

@@ -34,7 +34,7 @@ PKG = Path(workflow.basedir) / "src" / "finetail"
 CODE_OF = {
     "generate": ["world.py", "manifest.py"],
     "longtail": ["longtail.py", "manifest.py"],
-    "train": ["engine.py", "losses.py", "models.py", "metrics.py", "manifest.py", "features.py"],
+    "train": ["engine.py", "losses.py", "models.py", "metrics.py", "manifest.py", "features.py", "loader.py", "distributed.py"],
     "features": ["features.py", "models.py", "manifest.py"],
     "similarity": ["similarity.py", "selection.py"],
     "report": ["report.py"],
