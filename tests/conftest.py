@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from finetail.manifest import write_array_dataset
 
@@ -20,6 +21,15 @@ def toy_images(n_per_class: int, num_classes: int = 3, size: int = 16, seed: int
         y0, x0 = (c // 2) * h, (c % 2) * h
         imgs[i, y0 + 1 : y0 + h - 1, x0 + 1 : x0 + h - 1, c % 3] = 230
     return imgs, labels
+
+
+def assert_same_weights(a, b) -> None:
+    """Two models (or state_dicts) hold bit-identical tensors under the same names."""
+    a = a.state_dict() if hasattr(a, "state_dict") else a
+    b = b.state_dict() if hasattr(b, "state_dict") else b
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 def write_toy_manifest(folder: Path, n_train: int, n_test: int, names=("c0", "c1", "c2")) -> Path:

@@ -8,6 +8,8 @@ import torch
 from finetail.engine import TrainConfig, augment_batch, load_checkpoint, lr_at, train
 from finetail.manifest import load_array_split
 
+from conftest import assert_same_weights
+
 FAST = dict(model="resnet8", width=8, batch_size=16, lr=0.05, warmup_epochs=1, milestones=[6], lr_factors=[0.1],
             eval_every=2, crop_pad=2, deterministic=True)
 
@@ -54,10 +56,6 @@ class _Crash(RuntimeError):
     pass
 
 
-def _weights(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
 @pytest.mark.parametrize("loss,beta,gamma", [("softmax", 0.0, 0.0), ("focal", 0.99, 0.5)])
 def test_killed_run_resumes_to_the_same_weights(toy_manifest, tmp_path, loss, beta, gamma):
     torch.set_num_threads(1)
@@ -77,9 +75,7 @@ def test_killed_run_resumes_to_the_same_weights(toy_manifest, tmp_path, loss, be
     resumed = train(cfg, *data, 3, tmp_path / "b.pt", device="cpu", log=logs.append)
     assert any("resuming from checkpoint" in m and "at epoch 3 " in m for m in logs)
     assert len(resumed["history"]) == 6
-    a, b = _weights(full["model"]), _weights(resumed["model"])
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_same_weights(full["model"], resumed["model"])
     assert resumed["metrics"] == full["metrics"]
 
 
@@ -149,9 +145,7 @@ def test_sigterm_checkpoints_mid_epoch_and_resumes_bit_for_bit(toy_manifest, tmp
     logs = []
     resumed = train(cfg, *data, 3, tmp_path / "b.pt", device="cpu", log=logs.append)
     assert any("at epoch 2, iteration 2" in m for m in logs)
-    a, b = _weights(full["model"]), _weights(resumed["model"])
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_same_weights(full["model"], resumed["model"])
     assert [h["train_loss"] for h in resumed["history"]] == pytest.approx([h["train_loss"] for h in full["history"]])
 
 

@@ -19,7 +19,7 @@ from finetail.loader import (TrainBatches, load_file_split, resized_crop_box, ev
                              eval_transform, train_transform)
 from finetail.manifest import write_manifest
 
-from conftest import toy_images
+from conftest import assert_same_weights, toy_images
 
 FAST = dict(model="resnet8", width=8, batch_size=8, lr=0.05, warmup_epochs=1, milestones=[6], lr_factors=[0.1],
             eval_every=2, image_size=32, num_workers=0, deterministic=True)
@@ -89,10 +89,6 @@ def test_pickled_cifar_manifests_are_refused(tmp_path):
         load_file_split(tmp_path / "m.parquet", "train")
 
 
-def _weights(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
 def test_sigterm_mid_epoch_resumes_the_file_path_exactly(file_manifest, tmp_path, monkeypatch):
     torch.set_num_threads(1)
     tr, te = load_file_split(file_manifest, "train"), load_file_split(file_manifest, "test")
@@ -119,9 +115,7 @@ def test_sigterm_mid_epoch_resumes_the_file_path_exactly(file_manifest, tmp_path
     logs = []
     resumed = train(cfg, *data, 3, tmp_path / "b.pt", device="cpu", log=logs.append)
     assert any("at epoch 1, iteration 2" in m for m in logs)
-    a, b = _weights(full["model"]), _weights(resumed["model"])
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_same_weights(full["model"], resumed["model"])
     assert [h["train_loss"] for h in resumed["history"]] == pytest.approx([h["train_loss"] for h in full["history"]])
     assert resumed["metrics"] == full["metrics"]
 

@@ -12,7 +12,7 @@ import torch
 
 from finetail.engine import load_checkpoint
 
-from conftest import write_toy_manifest
+from conftest import assert_same_weights, write_toy_manifest
 
 SPEC = {
     "recipe": {"model": "resnet8", "width": 8, "epochs": 10, "batch_size": 32, "lr": 0.05, "warmup_epochs": 1,
@@ -71,9 +71,7 @@ def test_killed_training_resumes_to_identical_weights(manifest, tmp_path, sig):
     assert r.returncode == 0, r.stderr
     a = torch.load(tmp_path / "clean" / "model.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "killed" / "model.pt", weights_only=True)["model"]
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_same_weights(a, b)
     hist = (tmp_path / "killed" / "history.csv").read_text().splitlines()
     assert len(hist) == 1 + SPEC["recipe"]["epochs"]
 

@@ -14,7 +14,7 @@ from finetail.engine import TrainConfig, train
 from finetail.features import FeatureModel, class_mean_features, state_digest
 from finetail.manifest import load_array_split, write_array_dataset
 
-from conftest import ROOT, toy_images
+from conftest import ROOT, assert_same_weights, toy_images
 
 RECIPE = {"model": "resnet8", "width": 4, "epochs": 2, "batch_size": 16, "lr": 0.05, "warmup_epochs": 1,
           "milestones": [], "lr_factors": [], "eval_every": 1, "deterministic": True}
@@ -110,9 +110,7 @@ def test_linear_probe_keeps_the_backbone(tmp_path):
     cfg = TrainConfig(**{**RECIPE, "linear_probe": True})
     res = train(cfg, tr.images, tr.labels, te.images, te.labels, 3, tmp_path / "ck.pt", init_backbone=backbone,
                 device="cpu", log=lambda m: None)
-    after = res["model"].backbone.state_dict()
-    for k, v in backbone.items():
-        assert torch.equal(after[k], v), k
+    assert_same_weights(res["model"].backbone, backbone)
 
 
 def test_default_dag_holds_every_source_target_finetune(tmp_path):
