@@ -517,12 +517,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .errors import UserError
     from .tracking import TrackingUnavailable
 
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, TrackingUnavailable) as e:
+    except (UserError, ValueError, FileNotFoundError, TrackingUnavailable) as e:
         if os.environ.get("FINETAIL_DEBUG"):
             raise
         _log(f"error: {e}")

@@ -6,6 +6,14 @@ A manifest is a parquet table, one row per image, with at least
 - either ``store`` + ``index`` (a uint8 ``(N, H, W, 3)`` ``.npy`` array store, path relative to
   the manifest's folder, and the row in it) or ``path`` (an image file, relative likewise).
 
+And the digests of the bytes the rows point to, so that the manifest's own sha256 covers
+every pixel a result depends on (a job records the manifest's sha256; audit re-hashes):
+
+- ``store_sha256`` (array manifests): sha256 of the ``.npy`` store the row points into,
+  written with the store (:func:`write_array_dataset`);
+- ``sha256`` (file manifests): sha256 of the row's image file, hashed once when the dataset
+  is prepared, so jobs never re-hash the images.
+
 Long-tailed and selected subsets are manifests that point into their parent's store, so no
 image is copied.
 """
@@ -23,8 +31,12 @@ import pandas as pd
 __all__ = [
     "ArraySplit",
     "atomic_write",
+    "STORE_SHA256",
+    "FILE_SHA256",
     "class_table",
+    "data_files",
     "file_sha256",
+    "verify_array_stores",
     "load_array_split",
     "read_manifest",
     "split_rows",
@@ -33,6 +45,8 @@ __all__ = [
 ]
 
 REQUIRED = ("label", "class_name", "split")
+STORE_SHA256 = "store_sha256"  # array manifests: sha256 of the row's .npy store
+FILE_SHA256 = "sha256"  # file manifests: sha256 of the row's image file
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -93,6 +107,7 @@ def write_array_dataset(
     df = pd.DataFrame(
         {
             "store": "images.npy",
+            STORE_SHA256: file_sha256(folder / "images.npy"),
             "index": np.arange(len(images), dtype=np.int64),
             "label": labels.astype(np.int64),
             "class_name": np.asarray(class_names, dtype=object)[labels],
@@ -113,6 +128,48 @@ def rebase_store(df: pd.DataFrame, src_manifest: str | Path, dst_manifest: str |
         if col in out.columns:
             rel = {v: os.path.relpath(src_dir / v, dst_dir) for v in out[col].unique()}
             out[col] = out[col].map(rel)
+    return out
+
+
+def data_files(manifest_path: str | Path, df: pd.DataFrame | None = None) -> list[tuple[Path, str | None]]:
+    """Every file a manifest's rows point to, with the sha256 the manifest records for it.
+
+    Array manifests: each distinct store (``store_sha256``); file manifests: each image
+    (``sha256``). The digest is ``None`` where the manifest records none (written before
+    digests were recorded). Paths are resolved against the manifest's folder.
+    """
+    manifest_path = Path(manifest_path)
+    df = read_manifest(manifest_path) if df is None else df
+    col, sha = ("store", STORE_SHA256) if "store" in df.columns else ("path", FILE_SHA256)
+    rows = df[[col, sha]] if sha in df.columns else df[[col]].assign(**{sha: None})
+    rows = rows.drop_duplicates(col)
+    out = []
+    for name, digest in zip(rows[col], rows[sha], strict=True):
+        p = Path(name)
+        out.append((p if p.is_absolute() else manifest_path.parent / p, None if pd.isna(digest) else str(digest)))
+    return out
+
+
+def verify_array_stores(manifest_path: str | Path, df: pd.DataFrame | None = None) -> dict[str, str]:
+    """sha256 of each array store a manifest points into, checked against the recorded one.
+
+    Returns ``{store path: sha256}``. Raises :class:`finetail.errors.UserError` naming the
+    store when its bytes differ from what the manifest recorded (the pixels changed after the
+    dataset was written: regenerate or re-prepare it).
+    """
+    from .errors import UserError
+
+    out = {}
+    for path, recorded in data_files(manifest_path, df):
+        if not path.is_file():
+            raise FileNotFoundError(f"{manifest_path} points into {path}, which does not exist")
+        actual = file_sha256(path)
+        if recorded is not None and actual != recorded:
+            raise UserError(
+                f"{path}: sha256 {actual[:12]} differs from {recorded[:12]} recorded in {manifest_path}; "
+                "the images changed after the dataset was written (rerun its datasets stage)"
+            )
+        out[str(path)] = actual
     return out
 
 
