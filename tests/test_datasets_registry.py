@@ -17,7 +17,7 @@ from finetail.datasets import (
     names,
     prepare,
 )
-from finetail.manifest import load_array_split, read_manifest
+from finetail.manifest import FILE_SHA256, file_sha256, load_array_split, read_manifest
 
 DOWNLOADABLE = ["cifar10", "cifar100", "inat2017", "cub200", "stanford_dogs", "flowers102", "stanford_cars", "fgvc_aircraft", "food101"]
 MANUAL = ["imagenet", "nabirds"]
@@ -39,9 +39,10 @@ def check_manifest(path, expected, kind):
         assert tr.class_names == expected["classes"]
     else:
         assert "path" in df.columns
-        for p in df["path"]:
+        for p, digest in zip(df["path"], df[FILE_SHA256], strict=True):  # hashed once, at prepare time
             assert not p.startswith("/")
             assert (path.parent / p).is_file(), p
+            assert digest == file_sha256(path.parent / p), p
     return df
 
 
@@ -230,7 +231,8 @@ def test_changed_archive_reprepares(server, tmp_path):
     m[d + "images_variant_trainval.txt"] = b"1 A300B4\n"
     m[d + "images_variant_test.txt"] = b"2 A310\n"
     entry2 = serve_entry(server, get("fgvc_aircraft"), {"fgvc-aircraft-2013b.tar.gz": make_tar(m)})
-    df = read_manifest(prepare(entry2, res, out, base_url=server.url, progress=False))
+    with pytest.warns(UserWarning, match="test images but no training images.*A310"):  # its one image is a test image
+        df = read_manifest(prepare(entry2, res, out, base_url=server.url, progress=False))
     assert list(df["class_name"]) == ["A300B4", "A310"]
     assert not (res / "fgvc_aircraft" / "fgvc-aircraft-2013b" / "fgvc-aircraft-2013b" / "data" / "images" / "1025794.jpg").exists()
 

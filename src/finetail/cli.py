@@ -50,36 +50,45 @@ def cmd_generate(a: argparse.Namespace) -> None:
 
 # --------------------------------------------------------------------------- prepare
 def cmd_prepare(a: argparse.Namespace) -> None:
+    import warnings
+
     from .datasets import prepare, prepare_imagefolder
 
     spec = json.loads(a.spec)
     kind = spec.get("kind")
     out = Path(a.out_dir)
     short_side = spec.get("short_side")
+    on_bad_image = spec.get("on_bad_image", "error")
+    progress = sys.stderr.isatty()
+    if short_side and spec.get("store") == "array":
+        raise ValueError(f"datasets.{a.dataset}: short_side applies to file stores, not store: array")
     # With a pre-resize, the full-size manifest goes to original/ and the resized copies (and
     # the manifest the pipeline reads) to the dataset's folder.
     target = out / "original" if short_side else out
-    if kind == "registry":
-        path = prepare(spec.get("name", a.dataset), a.resources, target, base_url=spec.get("mirror"),
-                       progress=sys.stderr.isatty())
-    elif kind == "imagefolder":
-        path = prepare_imagefolder(spec["source"], target, kind=spec.get("store", "files"))
-    else:
-        raise ValueError(f"finetail prepare handles kinds 'registry' and 'imagefolder', not {kind!r}")
-    if short_side:
-        import shutil
+    with warnings.catch_warnings():
+        # Warnings (a skipped bad image, a class without training images) as one log line each.
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *_args, **_kw: _log(f"warning: {message}")
+        if kind == "registry":
+            path = prepare(spec.get("name", a.dataset), a.resources, target, base_url=spec.get("mirror"),
+                           progress=progress, on_bad_image=on_bad_image)
+        elif kind == "imagefolder":
+            path = prepare_imagefolder(spec["source"], target, kind=spec.get("store", "files"),
+                                       on_bad_image=on_bad_image, progress=progress)
+        else:
+            raise ValueError(f"finetail prepare handles kinds 'registry' and 'imagefolder', not {kind!r}")
+        if short_side:
+            import shutil
 
-        from .datasets import pre_resize
-        from .manifest import write_manifest
+            from .datasets import pre_resize
+            from .manifest import write_manifest
 
-        if spec.get("store") == "array":
-            raise ValueError(f"datasets.{a.dataset}: short_side applies to file stores, not store: array")
-        resized = pre_resize(path, out / "resized", short_side)
-        resized = resized.assign(path="resized/" + resized["path"])
-        write_manifest(resized, out / "manifest.parquet")
-        for name in ("classes.csv", "source.json"):
-            shutil.copyfile(target / name, out / name)
-        path = out / "manifest.parquet"
+            resized = pre_resize(path, out / "resized", short_side, progress=progress)
+            resized = resized.assign(path="resized/" + resized["path"])
+            write_manifest(resized, out / "manifest.parquet")
+            for name in ("classes.csv", "source.json"):
+                shutil.copyfile(target / name, out / name)
+            path = out / "manifest.parquet"
     _log(f"prepared {a.dataset} -> {path}")
 
 

@@ -6,11 +6,12 @@ aspect 3/4-4/3, torchvision's algorithm) and a horizontal flip; test images are 
 short side of ``size / 0.875`` (256 for 224) and centre-cropped to ``size``. Batches reach
 the device as uint8 ``(B, 3, size, size)``; the engine fuses normalisation as for arrays.
 
-Workers of a ``DataLoader`` read the files. On the CPU they decode (``decode_jpeg``, or
-``decode_image`` for PNG and other formats) and transform; when the device is CUDA they send
-the JPEG bytes, which the main process decodes on the GPU in one batched ``decode_jpeg``
-call and transforms there (other formats are decoded in the workers and transformed on the
-GPU).
+Workers of a ``DataLoader`` read the files. On the CPU they decode (``decode_jpeg``,
+``decode_image`` for PNG, Pillow for other formats) and transform; when the device is CUDA
+they send the JPEG bytes, which the main process decodes on the GPU in one batched
+``decode_jpeg`` call and transforms there (other formats are decoded in the workers and
+transformed on the GPU). 16-bit images become 8-bit by their high byte (``v >> 8``), as in
+the array store.
 
 Every random draw for image ``i`` in epoch ``e`` comes from a generator seeded by
 ``(seed, e, i)``, and the order of epoch ``e`` from a permutation seeded by ``(seed, e)``
@@ -134,10 +135,43 @@ def _is_jpeg(data: torch.Tensor) -> bool:
     return len(data) > 2 and int(data[0]) == 0xFF and int(data[1]) == 0xD8
 
 
-def _decode(data: torch.Tensor) -> torch.Tensor:
-    if _is_jpeg(data):
-        return decode_jpeg(data, mode=ImageReadMode.RGB)
-    return decode_image(data, mode=ImageReadMode.RGB)
+def _to_uint8(img: torch.Tensor) -> torch.Tensor:
+    """16-bit images (torchvision decodes 16-bit PNGs to uint16) to 8 bits by their high
+    byte, ``v >> 8`` (20000 -> 78), as the array store does."""
+    if img.dtype == torch.uint8:
+        return img
+    if img.dtype != torch.uint16:
+        raise TypeError(f"decoded image has dtype {img.dtype}, expected uint8 or uint16")
+    return (img.to(torch.int32) >> 8).to(torch.uint8)
+
+
+_PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _torchvision_decode(data: torch.Tensor) -> torch.Tensor | None:
+    """uint8 ``(3, H, W)`` of a JPEG or PNG; None for other formats and for the files
+    torchvision's decoders refuse (Pillow reads some of those)."""
+    try:
+        if _is_jpeg(data):
+            return decode_jpeg(data, mode=ImageReadMode.RGB)
+        if data[: len(_PNG)].numpy().tobytes() == _PNG:
+            return _to_uint8(decode_image(data, mode=ImageReadMode.RGB))
+    except RuntimeError:
+        return None
+    return None
+
+
+def _decode(data: torch.Tensor, path: str = "<bytes>") -> torch.Tensor:
+    """uint8 ``(3, H, W)``: JPEG and PNG through torchvision; any other format Pillow reads
+    (BMP, TIFF, ...) through the array store's decoder, which scales 16-bit images as here
+    and raises a one-line BadImageError naming ``path`` for a file that is not a readable
+    image."""
+    img = _torchvision_decode(data)
+    if img is not None:
+        return img
+    from .datasets.store import decode_image as decode_with_pillow
+
+    return torch.from_numpy(decode_with_pillow(data.numpy().tobytes(), path)).permute(2, 0, 1).contiguous()
 
 
 def _jpeg_size(data: torch.Tensor) -> tuple[int, int]:
@@ -165,7 +199,7 @@ class _Images(torch.utils.data.Dataset):
     def __getitem__(self, key):
         i, epoch = key if self.train else (key, None)
         data = read_file(self.paths[i])
-        payload = data if self.defer and _is_jpeg(data) else _decode(data)
+        payload = data if self.defer and _is_jpeg(data) else _decode(data, self.paths[i])
         params = torch.zeros(0, dtype=torch.int64)
         if self.train:
             h, w = _jpeg_size(data) if payload.ndim == 1 else payload.shape[-2:]

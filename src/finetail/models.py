@@ -17,11 +17,14 @@ Names:
 
 from __future__ import annotations
 
+import difflib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .errors import UserError
 
 __all__ = ["CIFAR_RESNETS", "Classifier", "build_model", "init_head_bias", "param_groups"]
 
@@ -95,11 +98,18 @@ class CifarResNetBackbone(nn.Module):
 def _torchvision_backbone(name: str, weights: str | None) -> tuple[nn.Module, int]:
     import torchvision
 
-    if name not in torchvision.models.list_models():
-        raise ValueError(f"unknown torchvision model {name!r}; see torchvision.models.list_models()")
+    known = torchvision.models.list_models()
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise UserError(f"unknown torchvision model {name!r}{hint} (the {len(known)} names: torchvision.models.list_models())")
     kwargs: dict = {}
     if weights:
-        kwargs["weights"] = torchvision.models.get_model_weights(name)[weights]
+        enum = torchvision.models.get_model_weights(name)
+        if weights not in enum.__members__:
+            raise UserError(f"unknown weights {weights!r} for torchvision model {name!r}; "
+                            f"valid: {', '.join(enum.__members__)}")
+        kwargs["weights"] = enum[weights]
     elif name in {"inception_v3", "googlenet"}:
         kwargs["aux_logits"] = False
         kwargs["init_weights"] = True

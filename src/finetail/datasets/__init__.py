@@ -13,6 +13,7 @@ list), cub200, stanford_dogs, flowers102, stanford_cars, fgvc_aircraft, food101,
 """
 
 from .download import (
+    ArchiveError,
     ChecksumError,
     DownloadError,
     ManualDownloadRequired,
@@ -24,16 +25,20 @@ from .download import (
 from .parsers import parse_imagefolder as imagefolder
 from .pipeline import fetch, prepare, prepare_imagefolder
 from .registry import REGISTRY, DatasetEntry, RemoteFile, get, names
-from .store import pre_resize, to_array_store
+from .store import BadImageError, BadImageWarning, check_image_files, pre_resize, to_array_store
 
 __all__ = [
     "REGISTRY",
+    "ArchiveError",
+    "BadImageError",
+    "BadImageWarning",
     "ChecksumError",
     "DatasetEntry",
     "DownloadError",
     "ManualDownloadRequired",
     "RemoteFile",
     "UnsafeArchiveError",
+    "check_image_files",
     "download",
     "fetch",
     "get",

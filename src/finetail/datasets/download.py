@@ -21,9 +21,11 @@ Example
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import http.client
 import json
+import lzma
 import os
 import shutil
 import socket
@@ -34,12 +36,17 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
+from ..errors import UserError
+
 __all__ = [
+    "ArchiveError",
     "ChecksumError",
+    "ForeignFolderError",
     "DownloadError",
     "ManualDownloadRequired",
     "UnsafeArchiveError",
@@ -51,11 +58,13 @@ __all__ = [
 ]
 
 _CHUNK = 1 << 20
+# What tarfile / zipfile and their decompressors raise on a truncated or corrupt archive.
+_ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError)
 _MARKER = ".extracted"
 _USER_AGENT = "finetail-datasets/0.1 (urllib)"
 
 
-class ChecksumError(Exception):
+class ChecksumError(UserError):
     """A file's digest (or size) differs from the expected one.
 
     Attributes
@@ -71,15 +80,23 @@ class ChecksumError(Exception):
         super().__init__(f"{algorithm} mismatch for {path}: expected {expected}, got {actual}")
 
 
-class DownloadError(Exception):
+class DownloadError(UserError):
     """A download failed for good (a 4xx answer, or every retry used up)."""
 
 
-class UnsafeArchiveError(Exception):
+class UnsafeArchiveError(UserError):
     """An archive member would escape the output folder, or is a link or a device file."""
 
 
-class ManualDownloadRequired(FileNotFoundError):
+class ArchiveError(UserError):
+    """An archive that cannot be read to the end (truncated or corrupt)."""
+
+
+class ForeignFolderError(UserError, FileExistsError):
+    """The extraction target exists but was not made by :func:`safe_extract`."""
+
+
+class ManualDownloadRequired(UserError, FileNotFoundError):
     """A file must be fetched by hand (the dataset sits behind a login or a form).
 
     The message names each missing file, the official page to get it from and the exact
@@ -420,8 +437,10 @@ def safe_extract(archive: str | Path, out_dir: str | Path) -> list[Path]:
     ------
     UnsafeArchiveError
         A refused member.
-    FileExistsError
-        ``out_dir`` exists but was not made by this function.
+    ArchiveError
+        The archive is truncated or corrupt.
+    ForeignFolderError
+        (a ``FileExistsError``) ``out_dir`` exists but was not made by this function.
     ValueError
         ``archive`` is neither tar nor zip.
     """
@@ -439,14 +458,18 @@ def safe_extract(archive: str | Path, out_dir: str | Path) -> list[Path]:
         if info.get("sha256") == digest:
             return [out_dir / m for m in info.get("members", [])]
     elif out_dir.exists():
-        raise FileExistsError(f"{out_dir} exists and was not extracted by finetail; move it away or delete it")
+        raise ForeignFolderError(f"{out_dir} exists and was not extracted by finetail; move it away or delete it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.extracting-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        members = _extract_tar(archive, tmp) if kind == "tar" else _extract_zip(archive, tmp)
+        try:
+            members = _extract_tar(archive, tmp) if kind == "tar" else _extract_zip(archive, tmp)
+        except _ARCHIVE_ERRORS as e:
+            raise ArchiveError(f"{archive}: cannot be extracted, truncated or corrupt ({type(e).__name__}: {e}); "
+                               "delete it and get it again") from e
         (tmp / _MARKER).write_text(json.dumps({"archive": archive.name, "sha256": digest, "members": [str(m) for m in members]}))
         if out_dir.exists():  # ours, from another archive version
             shutil.rmtree(out_dir)

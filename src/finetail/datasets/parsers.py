@@ -20,6 +20,7 @@ on (Flowers-102, FGVC-Aircraft), it is folded into ``train`` and documented in t
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -455,10 +456,26 @@ def parse_food101(raw_dir: str | Path) -> pd.DataFrame:
 _SPLIT_ALIASES = {"train": "train", "test": "test", "val": "val", "valid": "val", "validation": "val"}
 
 
+def _check_csv_paths(paths: pd.Series, source: Path) -> None:
+    """Every CSV path is given, and a relative one stays inside the CSV's folder once
+    normalised (``../x.jpg`` and ``a/../../x.jpg`` are refused; absolute paths are allowed)."""
+    from ..errors import UserError
+
+    for i, p in enumerate(paths, 1):
+        if not isinstance(p, str) or not p.strip():
+            raise UserError(f"{source}: row {i} has no path")
+        if Path(p).is_absolute():
+            continue
+        if Path(os.path.normpath(p)).parts[:1] == ("..",):
+            raise UserError(f"{source}: row {i}: path {p!r} leaves the CSV's folder ('..'); "
+                            "give a path inside it, or an absolute path")
+
+
 def parse_imagefolder(source: str | Path) -> pd.DataFrame:
     """A user's own data: a ``train/<class>/*`` + ``test/<class>/*`` (+ ``val/``) tree, or a CSV.
 
-    The CSV has columns ``path`` (relative to the CSV's folder, or absolute), ``split`` and
+    The CSV has columns ``path`` (relative to the CSV's folder, or absolute; a relative path
+    that leaves the folder through ``..`` is refused), ``split`` and
     ``class_name`` and/or ``label``. Labels are assigned in sorted class-name order (a CSV
     that gives only ``label`` keeps it, with ``class_name`` = the label as text). Paths in
     the result are relative to the tree (or to the CSV's folder).
@@ -480,6 +497,7 @@ def parse_imagefolder(source: str | Path) -> pd.DataFrame:
             raise ValueError(f"{source}: a CSV manifest needs 'path' and 'split' columns (got {list(df.columns)})")
         if "class_name" not in df.columns and "label" not in df.columns:
             raise ValueError(f"{source}: a CSV manifest needs a 'class_name' or a 'label' column")
+        _check_csv_paths(df["path"], source)
         df["split"] = df["split"].str.strip().str.lower().map(lambda s: _SPLIT_ALIASES.get(s, s))
         bad = sorted(set(df["split"]) - {"train", "test", "val"})
         if bad:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -12,7 +13,7 @@ from ..manifest import class_table, write_manifest
 from .download import ChecksumError, ManualDownloadRequired, download, file_digest, safe_extract, verify
 from .parsers import parse_imagefolder
 from .registry import DatasetEntry, get, rebase_url
-from .store import to_array_store
+from .store import _check_on_bad_image, check_image_files, to_array_store
 
 __all__ = ["fetch", "prepare", "prepare_imagefolder"]
 
@@ -84,24 +85,53 @@ def fetch(
     return raw_dir
 
 
-def _stamp(entry: DatasetEntry, raw_dir: Path) -> dict:
+def _stamp(entry: DatasetEntry, raw_dir: Path, on_bad_image: str) -> dict:
     files = {}
     for f in entry.files:
         p = raw_dir / f.filename
         files[f.filename] = file_digest(p, "sha256") if p.is_file() else None
-    return {"dataset": entry.name, "kind": entry.kind, "splits": entry.splits, "homepage": entry.homepage, "license": entry.license, "files": files}
+    return {"dataset": entry.name, "kind": entry.kind, "splits": entry.splits, "homepage": entry.homepage,
+            "license": entry.license, "files": files, "on_bad_image": on_bad_image}
 
 
-def _write_outputs(df: pd.DataFrame, raw_dir: Path, out_dir: Path, kind: str, stamp: dict) -> Path:
+def _names(names, limit: int = 10) -> str:
+    names = [str(n) for n in names]
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _warn_about_classes(parsed: pd.DataFrame, written: pd.DataFrame) -> None:
+    """Warn about classes that lost every image to on_bad_image: skip, and classes with test
+    images but no training image (their test images can only count as errors)."""
+    lost = sorted(set(parsed["class_name"]) - set(written["class_name"]))
+    if lost:
+        warnings.warn(f"{len(lost)} classes have no readable image left: {_names(lost)}", UserWarning, stacklevel=4)
+    counts = class_table(written)
+    test_only = counts[(counts["train_count"] == 0) & (counts["test_count"] > 0)]
+    if len(test_only):
+        warnings.warn(
+            f"{len(test_only)} of {len(counts)} classes have test images but no training images "
+            f"(a model cannot learn them): {_names(test_only['class_name'])}",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+def _write_outputs(
+    df: pd.DataFrame, raw_dir: Path, out_dir: Path, kind: str, stamp: dict, on_bad_image: str, progress: bool
+) -> Path:
+    """Check and decode every image once (array store, or file manifest with each file's
+    sha256), then write the manifest, classes.csv and source.json."""
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = out_dir / "manifest.parquet"
     if kind == "array":
-        written = to_array_store(df, out_dir, root=raw_dir)
+        written = to_array_store(df, out_dir, root=raw_dir, on_bad_image=on_bad_image, progress=progress)
     else:
-        written = df.copy()
+        written = check_image_files(df, raw_dir, on_bad_image=on_bad_image, progress=progress)
         written["path"] = [os.path.relpath(raw_dir / p, out_dir) for p in written["path"]]
         written = written.drop(columns=[c for c in ("row",) if c in written.columns])
         write_manifest(written, manifest)
+    _warn_about_classes(df, written)
     class_table(written).to_csv(out_dir / "classes.csv", index=False)
     (out_dir / _STAMP).write_text(json.dumps(stamp, indent=1, sort_keys=True))
     return manifest
@@ -114,14 +144,17 @@ def prepare(
     base_url: str | None = None,
     progress: bool = True,
     backoff: float = 1.0,
+    on_bad_image: str = "error",
 ) -> Path:
     """Turn a registered dataset into ``out_dir/manifest.parquet``.
 
     Steps: download (or check the manual placement) -> verify -> safe extract -> parse the
-    official splits -> for ``kind == "array"``, decode into ``out_dir/images.npy``. Paths in
-    the manifest are relative to ``out_dir``. Beside it: ``classes.csv`` (per-class counts)
-    and ``source.json`` (dataset, splits note, sha256 of each input file). A second call
-    whose inputs are unchanged returns at once, without network access.
+    official splits -> decode every image once: for ``kind == "array"`` into
+    ``out_dir/images.npy``, for ``kind == "files"`` as a check, recording each file's sha256
+    in the manifest's ``sha256`` column. Paths in the manifest are relative to ``out_dir``.
+    Beside it: ``classes.csv`` (per-class counts) and ``source.json`` (dataset, splits note,
+    sha256 of each input file). A second call whose inputs are unchanged returns at once,
+    without network access. Classes with test images but no training image are warned about.
 
     Parameters
     ----------
@@ -137,6 +170,10 @@ def prepare(
         Progress bars on a terminal.
     backoff : float
         Base of the retry back-off, seconds.
+    on_bad_image : {"error", "skip"}
+        An empty, truncated, corrupt or non-image file fails the preparation with a
+        :class:`~finetail.datasets.store.BadImageError` naming it (``"error"``), or its row
+        is dropped with a warning naming it, and a count at the end (``"skip"``).
 
     Returns
     -------
@@ -151,7 +188,10 @@ def prepare(
         (a ``FileNotFoundError``) a manual file is missing.
     ChecksumError
         A file fails verification; nothing is written to ``out_dir``.
+    BadImageError
+        An image cannot be read (with ``on_bad_image="error"``); no manifest is written.
     """
+    _check_on_bad_image(on_bad_image)
     entry = get(name) if isinstance(name, str) else name
     out_dir = Path(out_dir)
     manifest = out_dir / "manifest.parquet"
@@ -165,15 +205,20 @@ def prepare(
         files_ok = all(verify(raw_dir / f.filename, f.sha256, f.md5, f.size) for f in entry.files) and all(
             (raw_dir / f.folder / ".extracted").exists() for f in entry.files if f.archive is not None
         )
-        if old is not None and (ready or files_ok) and old == _stamp(entry, raw_dir):
+        if old is not None and (ready or files_ok) and old == _stamp(entry, raw_dir, on_bad_image):
             return manifest
     raw_dir = fetch(entry, resources_dir, base_url=base_url, progress=progress, backoff=backoff)
     df = entry.parse(raw_dir)
-    return _write_outputs(df, raw_dir, out_dir, entry.kind, _stamp(entry, raw_dir))
+    return _write_outputs(df, raw_dir, out_dir, entry.kind, _stamp(entry, raw_dir, on_bad_image), on_bad_image, progress)
 
 
-def prepare_imagefolder(source: str | Path, out_dir: str | Path, kind: str = "files") -> Path:
+def prepare_imagefolder(
+    source: str | Path, out_dir: str | Path, kind: str = "files", on_bad_image: str = "error", progress: bool = True
+) -> Path:
     """Turn a user's own images into ``out_dir/manifest.parquet``.
+
+    Every image is decoded once (into the array store, or as a check that records each
+    file's sha256 in the manifest's ``sha256`` column), as in :func:`prepare`.
 
     Parameters
     ----------
@@ -185,14 +230,26 @@ def prepare_imagefolder(source: str | Path, out_dir: str | Path, kind: str = "fi
         Output folder.
     kind : {"files", "array"}
         ``"array"`` decodes every image into ``out_dir/images.npy`` (all images one size).
+    on_bad_image : {"error", "skip"}
+        What to do with a file that cannot be read (see :func:`prepare`).
+    progress : bool
+        A progress bar on a terminal.
 
     Returns
     -------
     Path
         ``out_dir/manifest.parquet``.
+
+    Raises
+    ------
+    UserError
+        A CSV path that leaves the CSV's folder (``..``); an unsafe archive member.
+    BadImageError
+        An image cannot be read (with ``on_bad_image="error"``).
     """
     if kind not in ("files", "array"):
         raise ValueError(f"kind must be 'files' or 'array', got {kind!r}")
+    _check_on_bad_image(on_bad_image)
     source, out_dir = Path(source), Path(out_dir)
     from .download import archive_kind
 
@@ -205,5 +262,5 @@ def prepare_imagefolder(source: str | Path, out_dir: str | Path, kind: str = "fi
         source = root
     df = parse_imagefolder(source)
     root = source.parent if source.is_file() else source
-    stamp = {"dataset": "imagefolder", "source": str(source), "kind": kind}
-    return _write_outputs(df, root, out_dir, kind, stamp)
+    stamp = {"dataset": "imagefolder", "source": str(source), "kind": kind, "on_bad_image": on_bad_image}
+    return _write_outputs(df, root, out_dir, kind, stamp, on_bad_image, progress)
