@@ -431,3 +431,116 @@ BUILDERS = {
     "food101": build_food101,
     "nabirds": build_nabirds,
 }
+
+
+# ------------------------------------------------- official byte formats (torchvision cross-checks)
+#
+# The builders above are what finetail's own parsers read. The ones below follow the official
+# archives more closely where an independent reader (torchvision, tests/test_parsers_torchvision.py)
+# depends on a detail the builders above leave out: CIFAR's python-2 pickles and Food-101's
+# meta/*.json indexes.
+
+
+class _Py2Pickler(pickle._Pickler):
+    """Pickles as Python 2's cPickle wrote the official CIFAR batches: every ``str`` (and the
+    pixel buffer) is a python-2 ``str`` (SHORT_BINSTRING / BINSTRING) and numpy lives in
+    ``numpy.core``. ``pickle.load(f, encoding="latin1")`` then gives ``str`` keys and the uint8
+    array, ``encoding="bytes"`` gives ``bytes`` keys, and the default (ASCII) fails on the
+    pixel bytes: exactly what the real files do."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def _save_py2_str(self, obj) -> None:
+        data = obj.encode("latin1") if isinstance(obj, str) else bytes(obj)
+        if len(data) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+        else:
+            self.write(pickle.BINSTRING + len(data).to_bytes(4, "little") + data)
+        self.memoize(obj)
+
+    dispatch[str] = _save_py2_str
+    dispatch[bytes] = _save_py2_str
+
+    def save_global(self, obj, name=None) -> None:
+        module = getattr(obj, "__module__", "") or ""
+        if module.startswith("numpy._core"):  # numpy 2 names; the files say numpy.core
+            name = name or obj.__qualname__
+            self.write(pickle.GLOBAL + ("numpy.core" + module[len("numpy._core") :]).encode() + b"\n" + name.encode() + b"\n")
+            self.memoize(obj)
+            return
+        super().save_global(obj, name)
+
+    dispatch[type] = save_global
+
+
+def py2_pickle(obj) -> bytes:
+    """``obj`` as a python-2 protocol-2 pickle (see :class:`_Py2Pickler`)."""
+    buf = io.BytesIO()
+    _Py2Pickler(buf, protocol=2).dump(obj)
+    return buf.getvalue()
+
+
+def build_cifar10_official():
+    """CIFAR-10 with python-2 pickles as in ``cifar-10-python.tar.gz``: ``data_batch_1..5``
+    (3 images each), ``test_batch`` (4), ``batches.meta``, ``readme.html``; the real keys."""
+    names = ["airplane", "automobile", "bird"]
+    rng = np.random.default_rng(10)
+    m = {}
+    for b in range(1, 6):
+        labels = [b % 3, (b + 1) % 3, (b + 1) % 3]
+        m[f"cifar-10-batches-py/data_batch_{b}"] = py2_pickle(
+            {"batch_label": f"training batch {b} of 5", "labels": labels, "data": rng.integers(0, 256, (3, 3072), dtype=np.uint8),
+             "filenames": [f"img_{b}_{k}.png" for k in range(3)]}
+        )
+    m["cifar-10-batches-py/test_batch"] = py2_pickle(
+        {"batch_label": "testing batch 1 of 1", "labels": [2, 1, 0, 2], "data": rng.integers(0, 256, (4, 3072), dtype=np.uint8),
+         "filenames": [f"test_{k}.png" for k in range(4)]}
+    )
+    m["cifar-10-batches-py/batches.meta"] = py2_pickle({"num_cases_per_batch": 3, "label_names": names, "num_vis": 3072})
+    m["cifar-10-batches-py/readme.html"] = b"<html></html>"
+    return {"cifar-10-python.tar.gz": make_tar(m)}, {"train": 15, "test": 4, "classes": names}
+
+
+def build_cifar100_official():
+    """CIFAR-100 with python-2 pickles as in ``cifar-100-python.tar.gz``: ``train``, ``test``
+    and ``meta`` with fine and coarse labels (coarse ids differ from fine ids on purpose)."""
+    fine = ["apple", "aquarium_fish", "baby", "bear"]
+    coarse = ["large_carnivores", "people", "fish", "fruit_and_vegetables"]  # coarse id = 3 - fine id
+    rng = np.random.default_rng(11)
+    train_fine, test_fine = [3, 0, 1, 2, 0, 3, 2, 1], [1, 3, 0]
+    m = {
+        "cifar-100-python/train": py2_pickle(
+            {"filenames": [f"tr_{k}.png" for k in range(8)], "batch_label": "training batch 1 of 1", "fine_labels": train_fine,
+             "coarse_labels": [3 - f for f in train_fine], "data": rng.integers(0, 256, (8, 3072), dtype=np.uint8)}
+        ),
+        "cifar-100-python/test": py2_pickle(
+            {"filenames": [f"te_{k}.png" for k in range(3)], "batch_label": "testing batch 1 of 1", "fine_labels": test_fine,
+             "coarse_labels": [3 - f for f in test_fine], "data": rng.integers(0, 256, (3, 3072), dtype=np.uint8)}
+        ),
+        "cifar-100-python/meta": py2_pickle({"fine_label_names": fine, "coarse_label_names": coarse}),
+    }
+    return {"cifar-100-python.tar.gz": make_tar(m)}, {"train": 8, "test": 3, "classes": fine}
+
+
+def build_food101_official():
+    """Food-101 with the official ``meta/`` folder complete: ``classes.txt``, ``labels.txt``,
+    ``train.txt``/``test.txt`` (read by finetail) and ``train.json``/``test.json`` (the same
+    lists as ``{class: ["class/id", ...]}``, read by torchvision)."""
+    import json
+
+    classes = ["apple_pie", "baby_back_ribs", "baklava", "beef_carpaccio"]
+    m, lists = {}, {"train": {}, "test": {}}
+    n = 1005649
+    for c in classes:
+        for k in range(4):
+            m[f"food-101/images/{c}/{n}.jpg"] = jpeg(n % 1000)
+            lists["train" if k < 3 else "test"].setdefault(c, []).append(f"{c}/{n}")
+            n += 7
+    txt = lambda lines: ("\n".join(lines) + "\n").encode()
+    m["food-101/meta/classes.txt"] = txt(classes)
+    m["food-101/meta/labels.txt"] = txt(c.replace("_", " ").capitalize() for c in classes)
+    for split, by_class in lists.items():
+        m[f"food-101/meta/{split}.txt"] = txt(p for c in classes for p in by_class[c])
+        m[f"food-101/meta/{split}.json"] = json.dumps(by_class).encode()
+    m["food-101/README.txt"] = b"Food-101"
+    return {"food-101.tar.gz": make_tar(m)}, {"train": 12, "test": 4, "classes": classes}
