@@ -166,8 +166,8 @@ def _train(a: argparse.Namespace, dev) -> None:
     import torch
 
     from . import distributed
-    from .engine import Preempted, TrainConfig, resume_extra, train
-    from .manifest import file_sha256, load_array_split, read_manifest
+    from .engine import Preempted, TrainConfig, digest_data, job_key_digest, resume_extra, train
+    from .manifest import file_sha256, load_array_split, read_manifest, verify_array_stores
     from .tracking import Tracker, config_digest, git_commit, resolve_tracking_uri
 
     world, rank = distributed.world_size(), distributed.rank()
@@ -181,16 +181,21 @@ def _train(a: argparse.Namespace, dev) -> None:
          "gamma": loss.get("gamma", 0.0), "many_shot": shots.get("many", 100), "few_shot": shots.get("few", 20)}
     )
     manifest = Path(a.manifest)
+    inputs = {"manifest": str(manifest), "manifest_sha256": file_sha256(manifest)}
     # Array stores (small images) live on the device; file manifests go through the loader.
-    if "store" in read_manifest(manifest).columns:
+    mdf = read_manifest(manifest)
+    if "store" in mdf.columns:
         load = load_array_split
+        # The stores' bytes, checked against the digests the manifest recorded when the
+        # dataset was written: a changed pixel stops the job here, and audit re-checks them.
+        for i, (store, sha) in enumerate(verify_array_stores(manifest, mdf).items()):
+            inputs.update({f"store.{i}": store, f"store.{i}_sha256": sha})
     else:
         from .loader import load_file_split as load
     tr = load(manifest, "train")
     te = load(manifest, "test")
     num_classes = len(tr.class_names)
     digest = config_digest(spec)
-    inputs = {"manifest": str(manifest), "manifest_sha256": file_sha256(manifest)}
     init_backbone = normalisation = parent_run = None
     if a.init_model:
         init = torch.load(a.init_model, map_location="cpu", weights_only=True)
@@ -199,10 +204,15 @@ def _train(a: argparse.Namespace, dev) -> None:
         parent_run = init.get("run_id") or None
         inputs.update(init_model=str(a.init_model), init_model_sha256=file_sha256(a.init_model))
 
+    # The resume key: recipe, both splits' bytes, initial weights, training code.
+    data = digest_data(tr.images, tr.labels, te.images, te.labels, extra=inputs["manifest_sha256"])
+    job_key = job_key_digest(cfg, tr.labels, num_classes, inputs.get("init_model_sha256"), data)
+
     def run_train(on_epoch, extra_state):
         return train(
             cfg, tr.images, tr.labels, te.images, te.labels, num_classes, a.checkpoint,
-            init_backbone=init_backbone, init_digest=inputs.get("init_model_sha256"), normalisation=normalisation,
+            init_backbone=init_backbone, init_digest=inputs.get("init_model_sha256"), data_digest=data,
+            normalisation=normalisation,
             device=str(dev), on_epoch=on_epoch, log=log, progress=a.progress, extra_state=extra_state,
         )
 
@@ -215,9 +225,12 @@ def _train(a: argparse.Namespace, dev) -> None:
             raise SystemExit(143) from None
         return
 
+    out = Path(a.out_dir)
+    # A result of an earlier attempt must not outlive a failed one: the job writes it anew.
+    (out / "metrics.json").unlink(missing_ok=True)
     uri = resolve_tracking_uri(a.tracking_uri, Path(a.study_dir) / "mlflow.db")
     tracker = Tracker(uri, a.experiment, artifact_root=Path(a.study_dir) / "mlartifacts")  # fails fast if down
-    prev = resume_extra(a.checkpoint, cfg, tr.labels, num_classes, inputs.get("init_model_sha256"))
+    prev = resume_extra(a.checkpoint, cfg, tr.labels, num_classes, inputs.get("init_model_sha256"), data)
     commit, dirty = git_commit(Path(__file__).parent)
     wildcards = json.loads(a.wildcards)
     tags = {
@@ -226,21 +239,31 @@ def _train(a: argparse.Namespace, dev) -> None:
         "mlflow.source.git.commit": commit,
         "finetail.git_dirty": str(dirty).lower(),
         "finetail.config_digest": digest,
-        "finetail.input.manifest": inputs["manifest"],
-        "finetail.input.manifest.sha256": inputs["manifest_sha256"],
+        "finetail.job_key": job_key,
         "finetail.output_dir": str(Path(a.out_dir).resolve()),
         "finetail.world_size": str(world),
     }
-    if a.init_model:
-        tags["finetail.input.init_model"] = inputs["init_model"]
-        tags["finetail.input.init_model.sha256"] = inputs["init_model_sha256"]
+    for name, value in inputs.items():
+        if not name.endswith("_sha256"):
+            tags[f"finetail.input.{name}"] = value
+            tags[f"finetail.input.{name}.sha256"] = inputs[f"{name}_sha256"]
     if parent_run:
         tags["mlflow.parentRunId"] = parent_run
         tags["finetail.parent_runs"] = parent_run
     run_name = a.rule + ":" + "/".join(str(v) for v in wildcards.values())
-    run_id = tracker.start(run_name, spec, tags, resume_run_id=(prev or {}).get("run_id"))
-    if prev:
-        log(f"checkpoint found at epoch {prev['epoch'] + 1}: continuing MLflow run {run_id}")
+    # One MLflow run per job, always: continue the checkpoint's run, else the run this job
+    # (same key) created before it was killed, else start one and record it before training.
+    run_file = Path(a.checkpoint).with_name("run.json")
+    resume_id, why = (prev or {}).get("run_id"), "checkpoint"
+    if resume_id is None:
+        resume_id, why = _recorded_run(run_file, job_key), "run record"
+    if resume_id is None:
+        resume_id, why = tracker.find_run(job_key, tags["finetail.output_dir"]), "tracking store"
+    run_id = tracker.start(run_name, spec, tags, resume_run_id=resume_id)
+    _write_json({"run_id": run_id, "job_key": job_key, "tracking_uri": uri}, run_file)
+    if resume_id == run_id:
+        where = f" at epoch {prev['epoch'] + 1}" if prev else " (no checkpoint yet: training from the start)"
+        log(f"{why} found{where}: continuing MLflow run {run_id}")
     log(f"MLflow run {run_id} at {uri}; {len(tr.labels)} train / {len(te.labels)} test images, {num_classes} classes")
 
     t0 = time.perf_counter()
@@ -253,7 +276,6 @@ def _train(a: argparse.Namespace, dev) -> None:
         tracker.end("FAILED")
         raise
     wall = time.perf_counter() - t0
-    out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     per_class = _per_class_table(res, tr.class_names, te.labels, shots)
     per_class.to_csv(out / "per_class.csv", index=False)
@@ -295,10 +317,31 @@ def _train(a: argparse.Namespace, dev) -> None:
         record["model_sha256"] = file_sha256(a.save_model)
     _write_json(record, out / "metrics.json.partial")
     tracker.log_metrics({f"final_{k}": v for k, v in final.items() if isinstance(v, float)}, step=res["epochs"])
+    # The bytes of every result file, so audit catches an edited number (metrics.json is
+    # renamed into place below, unchanged).
+    written = {"metrics.json": out / "metrics.json.partial", "per_class.csv": out / "per_class.csv",
+               "history.csv": out / "history.csv"}
+    if a.save_model:
+        written["model.pt"] = Path(a.save_model)
+    out_tags = {}
+    for name, path in written.items():
+        final_path = out / name if name != "model.pt" else path
+        out_tags[f"finetail.output.{name}"] = str(final_path)
+        out_tags[f"finetail.output.{name}.sha256"] = file_sha256(path)
+    tracker.set_tags(out_tags)
     tracker.log_artifacts([out / "metrics.json.partial", out / "per_class.csv", out / "history.csv"])
     tracker.end("FINISHED")
     os.replace(out / "metrics.json.partial", out / "metrics.json")
     log(f"done: top-1 error {100 * final['top1_error']:.2f}% in {wall:.1f}s -> {out / 'metrics.json'}")
+
+
+def _recorded_run(run_file: Path, job_key: str) -> str | None:
+    """The run id a killed attempt of this very job (same key) recorded before training."""
+    try:
+        rec = json.loads(run_file.read_text())
+    except (OSError, ValueError):
+        return None
+    return rec.get("run_id") if rec.get("job_key") == job_key else None
 
 
 # --------------------------------------------------------------------------- transfer half

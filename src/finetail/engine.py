@@ -34,6 +34,7 @@ The engine imports neither snakemake nor mlflow: tracking is an ``on_epoch`` cal
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import time
@@ -46,13 +47,27 @@ import torch
 from torch import nn
 
 from . import distributed
+from .code import code_digest
+from .errors import NonFiniteError
 from .losses import LOSS_TYPES, ClassBalancedLoss
 from .manifest import atomic_write
 from .features import state_digest
 from .metrics import classification_metrics
 from .models import Classifier, build_model, init_head_bias, param_groups
 
-__all__ = ["TrainConfig", "Preempted", "augment_batch", "evaluate", "load_checkpoint", "lr_at", "resume_extra", "save_state", "train"]
+__all__ = [
+    "TrainConfig",
+    "Preempted",
+    "augment_batch",
+    "digest_data",
+    "evaluate",
+    "job_key_digest",
+    "load_checkpoint",
+    "lr_at",
+    "resume_extra",
+    "save_state",
+    "train",
+]
 
 
 @dataclass
@@ -266,13 +281,46 @@ def load_checkpoint(path: str | Path) -> dict:
 _SPEED_ONLY = ("compile", "cuda_graphs", "num_workers")
 
 
-def _data_key(cfg: TrainConfig, train_counts: np.ndarray, init_digest: str | None) -> dict:
+def digest_data(train_images, train_labels: np.ndarray, test_images, test_labels: np.ndarray, extra: str = "") -> str:
+    """sha256 of the data a job trains and evaluates on: both splits' images and labels.
+
+    Arrays are hashed byte for byte (the whole split is in memory anyway; about 0.3 s for
+    CIFAR-10). For a file split (:class:`finetail.loader.ImageFiles`) the paths are hashed,
+    and ``extra`` should carry the sha256 of the manifest, whose ``sha256`` column records
+    each file's bytes (hashed once when the dataset was prepared).
+    """
+    h = hashlib.sha256(extra.encode())
+    for images, labels in ((train_images, train_labels), (test_images, test_labels)):
+        if isinstance(images, np.ndarray):
+            h.update(repr((images.dtype.str, images.shape)).encode())
+            h.update(memoryview(np.ascontiguousarray(images)).cast("B"))
+        else:
+            h.update("\0".join(map(str, images.paths)).encode())
+        h.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def _data_key(cfg: TrainConfig, train_counts: np.ndarray, init_digest: str | None, data: str | None) -> dict:
+    """What a checkpoint must have been written for to be resumed: the recipe (less speed-only
+    switches), the data's bytes (both splits), the initial weights and the training code."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in _SPEED_ONLY}
-    return {"cfg": settings, "train_counts": [int(c) for c in train_counts], "init": init_digest or ""}
+    return {"cfg": settings, "train_counts": [int(c) for c in train_counts], "init": init_digest or "",
+            "data": data or "", "code": code_digest("train")}
+
+
+def job_key_digest(
+    cfg: TrainConfig, train_labels: np.ndarray, num_classes: int, init_digest: str | None, data: str | None
+) -> str:
+    """sha256 of the resume key: equal for two runs exactly when one may resume the other."""
+    cfg = cfg.for_train_size(len(train_labels))
+    counts = np.bincount(train_labels, minlength=num_classes)[:num_classes]
+    key = _data_key(cfg, counts, init_digest, data)
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
 def resume_extra(
-    checkpoint: str | Path, cfg: TrainConfig, train_labels: np.ndarray, num_classes: int, init_digest: str | None
+    checkpoint: str | Path, cfg: TrainConfig, train_labels: np.ndarray, num_classes: int, init_digest: str | None,
+    data: str | None = None,
 ) -> dict | None:
     """The ``extra_state`` of a checkpoint that :func:`train` would resume, else ``None``."""
     checkpoint = Path(checkpoint)
@@ -281,9 +329,32 @@ def resume_extra(
     cfg = cfg.for_train_size(len(train_labels))
     state = load_checkpoint(checkpoint)
     counts = np.bincount(train_labels, minlength=num_classes)[:num_classes]
-    if state.get("key") != _data_key(cfg, counts, init_digest):
+    if state.get("key") != _data_key(cfg, counts, init_digest, data):
         return None
     return {"epoch": int(state["epoch"]), **json.loads(state.get("extra", "{}"))}
+
+
+def _check_finite(model: nn.Module, first_bad: torch.Tensor, epoch: int, done: int, iters: int) -> None:
+    """Raise :class:`NonFiniteError` if this epoch saw a non-finite loss (``first_bad`` >= 0 is
+    the step) or left non-finite weights after ``done`` steps of ``iters``, on any rank. One
+    device sync per call."""
+    weights_ok = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
+    flags = torch.stack([(first_bad >= 0).float(), (~weights_ok).float()])
+    flags = distributed.all_reduce_sum(flags)
+    if float(flags.sum()) == 0:
+        return
+    step = int(first_bad)
+    if float(flags[0]):
+        what = "the loss became non-finite (NaN or inf)"
+        where = f"epoch {epoch + 1}, step {step + 1} of {iters}" if step >= 0 else f"epoch {epoch + 1} (on another rank)"
+    else:
+        # Every loss was finite, so the weights that produced them were too: the last update did it.
+        what = "the weights became non-finite (NaN or inf) in the update"
+        where = f"epoch {epoch + 1}, step {done} of {iters}"
+    raise NonFiniteError(
+        f"training diverged: {what} at {where}; no result is written. Lower the learning rate "
+        "(or check the data and loss settings) and rerun"
+    )
 
 
 def train(
@@ -297,6 +368,7 @@ def train(
     *,
     init_backbone: dict | None = None,
     init_digest: str | None = None,
+    data_digest: str | None = None,
     normalisation: dict | None = None,
     device: str = "auto",
     on_epoch: Callable[[int, dict], None] | None = None,
@@ -306,8 +378,10 @@ def train(
 ) -> dict:
     """Train (or resume) and return ``{"metrics": ..., "history": [...], "model": Classifier, ...}``.
 
-    ``checkpoint`` is resumed when it exists and was written for the same config, data counts
-    and initial weights; otherwise training starts afresh. ``init_backbone`` is a backbone
+    ``checkpoint`` is resumed when it exists and was written for the same config, the same
+    data (``data_digest``, default: :func:`digest_data` of the four arguments), the same
+    initial weights and the same training code; otherwise training starts afresh (and a
+    finished run on changed data trains and evaluates again). ``init_backbone`` is a backbone
     state_dict to start from (fine-tuning); the head is always new. ``normalisation``
     (``{"mean": [3], "std": [3]}`` in pixel units) defaults to the training set's statistics;
     fine-tuning passes the pretrained model's (file manifests: ImageNet's by default).
@@ -315,7 +389,9 @@ def train(
     manifest, :class:`~finetail.loader.ImageFiles`. ``extra_state`` (e.g. a
     tracking run id) is stored in the checkpoint and handed back as ``result["extra_state"]``.
     SIGTERM makes the engine checkpoint after the current step (with the epoch's random
-    stream, so the rerun continues bit for bit) and raise :class:`Preempted`. Under
+    stream, so the rerun continues bit for bit) and raise :class:`Preempted`. A non-finite
+    loss or weights raise :class:`finetail.errors.NonFiniteError` naming the epoch and step,
+    before anything of that epoch is checkpointed or reported. Under
     ``torchrun`` every rank calls this; ``on_epoch`` runs on rank 0 only, and the returned
     ``metrics`` and ``history`` are the same (global) on every rank.
     """
@@ -329,7 +405,9 @@ def train(
     elif dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
     train_counts = np.bincount(train_labels, minlength=num_classes)[:num_classes]
-    key = _data_key(cfg, train_counts, init_digest)
+    if data_digest is None:
+        data_digest = digest_data(train_images, train_labels, test_images, test_labels)
+    key = _data_key(cfg, train_counts, init_digest, data_digest)
     checkpoint = Path(checkpoint)
 
     _seed_all(cfg.seed)
@@ -449,6 +527,7 @@ def train(
             perm = None if files else torch.randperm(n_train, generator=gen, device=dev)
             total_loss = torch.zeros((), device=dev)
             total_hit = torch.zeros((), device=dev)
+            first_bad = torch.full((), -1, dtype=torch.int64, device=dev)  # first non-finite step, no sync
             first = 0
             if mid is not None:  # continue the interrupted epoch exactly where it stopped
                 first = mid["iter"]
@@ -475,7 +554,10 @@ def train(
                 opt.step()
                 total_loss += loss.detach() * len(yb)
                 total_hit += (logits.argmax(1) == yb).sum()
+                bad = (first_bad < 0) & ~torch.isfinite(loss.detach())
+                first_bad = torch.where(bad, torch.full_like(first_bad, it), first_bad)
                 if distributed.any_rank(stop["flag"], dev) and it + 1 < iters:
+                    _check_finite(model, first_bad, epoch, it + 1, iters)  # never checkpoint NaN weights
                     # SIGTERM (Slurm's warning before a kill): checkpoint this very step,
                     # with the epoch's random stream, so a rerun continues bit for bit.
                     totals = torch.stack([total_loss.detach(), total_hit.detach().to(total_loss.dtype)])
@@ -484,6 +566,7 @@ def train(
                     distributed.barrier()  # no rank exits before the checkpoint is written
                     log(f"SIGTERM received: checkpointed epoch {epoch + 1} at iteration {it + 1} of {iters}; exiting")
                     raise Preempted(f"preempted during epoch {epoch}")
+            _check_finite(model, first_bad, epoch, iters, iters)
             sums = distributed.all_reduce_sum(torch.stack([total_loss, total_hit.to(total_loss.dtype)]))
             if cuda:
                 torch.cuda.synchronize()

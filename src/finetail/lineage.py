@@ -42,6 +42,7 @@ __all__ = [
 OK, CHANGED, MISSING = "ok", "changed", "missing"
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
 _INPUT_SHA = re.compile(r"finetail\.input\.(.+)\.sha256")
+_OUTPUT_SHA = re.compile(r"finetail\.output\.(.+)\.sha256")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -319,6 +320,30 @@ class _Walker:
         self.store = store
         self.hash = _Hasher()
         self._index: dict[str, Path] | None = None
+        self._data: dict[Path, list[dict]] = {}
+
+    def data_rows(self, manifest: Path) -> list[dict]:
+        """The bytes a manifest's rows point to, against the digests the manifest records
+        (array stores: ``store_sha256``; image files: ``sha256``, hashed at prepare time).
+        One row per changed, missing or unrecorded file and one ``ok`` row for the rest."""
+        from .manifest import data_files
+
+        manifest = Path(manifest)
+        if manifest not in self._data:
+            rows, ok = [], 0
+            if manifest.suffix == ".parquet" and manifest.is_file():
+                for path, expected in data_files(manifest):
+                    actual, status = self.hash.check(path, expected)
+                    if status == OK:
+                        ok += 1
+                    else:
+                        rows.append({"path": str(path), "resolved": str(path), "expected": expected,
+                                     "actual": actual, "status": status})
+                if ok:
+                    rows.append({"path": f"{manifest} (data: {ok} file(s))", "resolved": f"{manifest}#data",
+                                 "expected": None, "actual": None, "status": OK})
+            self._data[manifest] = rows
+        return self._data[manifest]
 
     def metrics_for(self, run_id: str, run=None) -> Path | None:
         """The metrics.json naming ``run_id``: in the run's output_dir, else anywhere under
@@ -637,9 +662,16 @@ def audit(results_dir: str | os.PathLike, tracking_uri: str | None = None, exper
     """Re-hash every file the tracking store names, and each run's saved model.
 
     For every run: each ``finetail.input.<name>`` path against its
-    ``finetail.input.<name>.sha256`` tag, and, where the run's metrics.json records
-    ``model_sha256``, the ``model.pt`` beside it. A FINISHED run whose output folder lost its
-    metrics.json gives a ``metrics.json`` row with status ``missing``.
+    ``finetail.input.<name>.sha256`` tag (manifests, array stores, init models); for each
+    input manifest, the bytes its rows point to against the digests it records (role
+    ``data``: array stores, and every image file of a file manifest, so a changed pixel is
+    caught); for the run that backs a result, each ``finetail.output.<name>`` file
+    (metrics.json, per_class.csv, history.csv, model.pt) against its recorded sha256, and the
+    metrics.json's final numbers against the ``final_*`` metrics the run logged (role
+    ``metrics.final``: an edited number is caught even in a metrics.json that predates output
+    digests); and, where the metrics.json records ``model_sha256``, the ``model.pt`` beside
+    it. A FINISHED run whose output folder lost its metrics.json gives a ``metrics.json``
+    row with status ``missing``.
 
     Parameters
     ----------
@@ -712,8 +744,26 @@ def audit(results_dir: str | os.PathLike, tracking_uri: str | None = None, exper
             actual, status = walker.hash.check(path, expected)
             rows.append({**common, "role": f"input.{m.group(1)}", "path": recorded, "resolved": str(path),
                          "expected": expected, "actual": actual, "status": status, "current": current})
+        for key, expected in sorted(tags.items()):
+            m = _INPUT_SHA.fullmatch(key)
+            recorded = tags.get(f"finetail.input.{m.group(1)}") if m else None
+            if recorded and recorded.endswith(".parquet"):
+                for d in walker.data_rows(_resolve(recorded, rd, base)):
+                    rows.append({**common, "role": "data", **d, "current": current})
+        for key, expected in sorted(tags.items()):
+            m = _OUTPUT_SHA.fullmatch(key)
+            recorded = tags.get(f"finetail.output.{m.group(1)}") if m else None
+            if not recorded or not current:  # a superseded run's outputs were rewritten by its successor
+                continue
+            path = _resolve(recorded, rd, base)
+            if path.name == "metrics.json" and metrics_path is not None:
+                path = metrics_path
+            actual, status = walker.hash.check(path, expected)
+            rows.append({**common, "role": f"output.{m.group(1)}", "path": recorded, "resolved": str(path),
+                         "expected": expected, "actual": actual, "status": status, "current": current})
         if metrics_path is not None:
             record = _read_json(metrics_path)
+            rows.extend({**common, **r, "current": current} for r in _final_vs_run(record, run, metrics_path))
             if record.get("model_sha256"):
                 model = metrics_path.parent / "model.pt"
                 actual, status = walker.hash.check(model, record["model_sha256"])
@@ -722,6 +772,26 @@ def audit(results_dir: str | os.PathLike, tracking_uri: str | None = None, exper
                              "current": current})
     rows.sort(key=lambda r: (r["resolved"], r["role"], r["run_id"]))
     return rows
+
+
+def _final_vs_run(record: dict, run, metrics_path: Path) -> list[dict]:
+    """A metrics.json's final numbers against the ``final_*`` metrics its run logged: a row
+    per number that differs (an edited result), else one ``ok`` row."""
+    logged = run.data.metrics
+    bad = []
+    checked = 0
+    for k, v in (record.get("final") or {}).items():
+        if not isinstance(v, float) or f"final_{k}" not in logged:
+            continue
+        checked += 1
+        if float(logged[f"final_{k}"]) != v:
+            bad.append({"role": "metrics.final", "path": f"{metrics_path}:final.{k}",
+                        "resolved": f"{metrics_path}#final.{k}", "expected": repr(float(logged[f'final_{k}'])),
+                        "actual": repr(v), "status": CHANGED})
+    if bad or not checked:
+        return bad
+    return [{"role": "metrics.final", "path": f"{metrics_path}:final", "resolved": f"{metrics_path}#final",
+             "expected": None, "actual": None, "status": OK}]
 
 
 def audit_exit_code(rows: list[dict], include_stale: bool = False) -> int:
@@ -773,7 +843,8 @@ def format_audit(rows: list[dict], verbose: bool = False) -> str:
             continue
         runs = ", ".join(f"{r['rule']}:{'/'.join(r['wildcards'].values())}" for r in rs[:4])
         more = f" +{len(rs) - 4}" if len(rs) > 4 else ""
+        what = "value" if rs[0]["role"] == "metrics.final" else "sha256"
         now = f" now {_short(rs[0]['actual'])}" if status == CHANGED else ""
-        lines.append(f"{status:8s} {rs[0]['path']}  sha256 {_short(expected)}{now}  [{runs}{more}]{stale}")
+        lines.append(f"{status:8s} {rs[0]['path']}  {what} {_short(expected)}{now}  [{runs}{more}]{stale}")
     lines.append(f"{len(by_file)} files: {counts[OK]} ok, {counts[CHANGED]} changed, {counts[MISSING]} missing")
     return "\n".join(lines)

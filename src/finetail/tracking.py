@@ -207,6 +207,25 @@ class Tracker:
         self._call(self.client.log_batch, self.run_id, tags=[RunTag("finetail.config_json", json.dumps(params)[:5000])])
         return self.run_id
 
+    def find_run(self, job_key: str, output_dir: str) -> str | None:
+        """The newest run of this experiment made for the same job (tags ``finetail.job_key``
+        and ``finetail.output_dir``), whatever its status: a job killed after creating its run
+        but before recording it anywhere else continues that run instead of starting a second."""
+        from mlflow.entities import ViewType
+
+        runs = self._call(
+            self.client.search_runs,
+            [self.experiment_id],
+            filter_string=f"tags.`finetail.job_key` = '{job_key}'",
+            run_view_type=ViewType.ACTIVE_ONLY,
+            order_by=["attributes.start_time DESC"],
+            max_results=50,
+        )
+        for run in runs:
+            if run.data.tags.get("finetail.output_dir") == output_dir:
+                return run.info.run_id
+        return None
+
     def log_metrics(self, metrics: Mapping[str, float | None], step: int | None = None) -> None:
         from mlflow.entities import Metric
 
