@@ -7,14 +7,25 @@ benchmarks, ``finetail check-config``) call :func:`load_config`, which does both
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
 
-__all__ = ["ConfigError", "SCHEMA", "check_config", "load_config", "train_spec"]
+__all__ = ["ConfigError", "MODEL_PATTERN", "NAME_PATTERN", "SCHEMA", "WEIGHTS_PATTERN", "check_config", "load_config",
+           "train_spec"]
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
+
+# Names that become file path parts and wildcards (study, dataset, source, target, selection,
+# loss names): no "/", no ".." (a name starts with a letter or digit), no spaces, quotes or
+# shell characters. The schema states the same patterns ($defs name, model_name, weights_name).
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$"
+MODEL_PATTERN = r"^(tv:[A-Za-z0-9_]+|[A-Za-z0-9][A-Za-z0-9_.+-]*)$"  # resnet32, tv:resnet50, a source name
+WEIGHTS_PATTERN = r"^[A-Za-z0-9_]+$"  # a torchvision weights enum member: IMAGENET1K_V2
+_WHY = {NAME_PATTERN: "names become file paths and wildcards and ", MODEL_PATTERN: "model names become file paths and ",
+        WEIGHTS_PATTERN: "weights are torchvision enum names and "}
 
 
 class ConfigError(ValueError):
@@ -34,17 +45,80 @@ def _validate_with_defaults(config: dict, schema: dict) -> None:
         yield from base.VALIDATORS["properties"](validator, properties, instance, schema)
 
     cls = jsonschema.validators.extend(base, {"properties": set_defaults})
-    errors = sorted(cls(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
-    if errors:
-        lines = []
-        for e in errors:
-            where = "/".join(str(p) for p in e.absolute_path) or "<top level>"
-            lines.append(f"  at {where}: {e.message}")
-        raise ConfigError("invalid study configuration:\n" + "\n".join(lines))
+    errors = sorted(cls(schema).iter_errors(config), key=lambda e: [str(p) for p in e.absolute_path])
+    if not errors:
+        return
+    lines = []
+    for e in errors:
+        where = _key(e.absolute_path)
+        if e.validator == "pattern":
+            what = "name" if "propertyNames" in e.schema_path else "value"
+            lines.append(_not_allowed(where, what, e.instance, e.validator_value))
+        else:
+            lines.append(f"{where}: {e.message}")
+    if len(lines) == 1:
+        raise ConfigError(f"invalid study configuration: {lines[0]}")
+    raise ConfigError("invalid study configuration:\n" + "\n".join(f"  {line}" for line in lines))
+
+
+def _key(path) -> str:
+    """A config key as the user writes it: transfer.targets[2], or <top level>."""
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else f".{p}" if out else str(p)
+    return out or "<top level>"
+
+
+def _not_allowed(where: str, what: str, value, pattern: str) -> str:
+    return f"{where}: {what} {value!r} is not allowed: {_WHY.get(pattern, '')}must match {pattern}"
+
+
+def _check_names(config: dict) -> None:
+    """Every name that becomes a path part, a wildcard or a shell argument matches its pattern.
+
+    The schema states the same patterns; this check also holds for configs that bypass the
+    schema, and matches the whole string (a JSON-Schema ``$`` lets a trailing newline through).
+    """
+    found: list[tuple[str, str, object, str]] = [("study", "value", config.get("study"), NAME_PATTERN)]
+    found += [("datasets", "name", d, NAME_PATTERN) for d in config.get("datasets") or {}]
+    recipes = []
+    for sect in ("cbloss", "cbloss_natural"):
+        sub = config.get(sect) or {}
+        found += [(f"{sect}.datasets", "value", d, NAME_PATTERN) for d in sub.get("datasets", [])]
+        found += [(f"{sect}.losses", "name", n, NAME_PATTERN) for n in sub.get("losses", {})]
+        found += [(f"{sect}.models", "value", m, MODEL_PATTERN) for m in sub.get("models", [])]
+        recipes.append((f"{sect}.recipe", sub.get("recipe")))
+    tr = config.get("transfer") or {}
+    for name, parts in (tr.get("sources") or {}).items():
+        found += [("transfer.sources", "name", name, NAME_PATTERN)]
+        found += [(f"transfer.sources.{name}", "value", d, NAME_PATTERN) for d in parts or []]
+    found += [("transfer.targets", "value", t, NAME_PATTERN) for t in tr.get("targets", [])]
+    sel = tr.get("selection") or {}
+    found += [("transfer.selection.pool", "value", p, NAME_PATTERN) for p in sel.get("pool", [])]
+    if "name" in sel:
+        found.append(("transfer.selection.name", "value", sel["name"], NAME_PATTERN))
+    feats = tr.get("features") or {}
+    if "model" in feats:
+        found.append(("transfer.features.model", "value", feats["model"], MODEL_PATTERN))
+    if feats.get("weights") is not None:
+        found.append(("transfer.features.weights", "value", feats["weights"], WEIGHTS_PATTERN))
+    for stage, key in (("pretrain", "per_source"), ("finetune", "per_target")):
+        found += [(f"transfer.{stage}.{key}", "name", n, NAME_PATTERN) for n in (tr.get(stage) or {}).get(key, {})]
+        recipes.append((f"transfer.{stage}.recipe", (tr.get(stage) or {}).get("recipe")))
+    for where, recipe in recipes:
+        if recipe and "model" in recipe:
+            found.append((f"{where}.model", "value", recipe["model"], MODEL_PATTERN))
+        if recipe and recipe.get("weights") is not None:
+            found.append((f"{where}.weights", "value", recipe["weights"], WEIGHTS_PATTERN))
+    for where, what, value, pattern in found:
+        if not isinstance(value, str) or not re.fullmatch(pattern, value):
+            raise ConfigError(_not_allowed(where, what, value, pattern))
 
 
 def check_config(config: dict) -> None:
-    """Cross-field checks: every dataset a stage names is declared, and so on."""
+    """Cross-field checks: every name is safe as a path part, every dataset a stage names is
+    declared, and so on."""
+    _check_names(config)
     datasets = config.get("datasets", {})
     cb = config.get("cbloss")
     if cb:

@@ -28,10 +28,10 @@ rule cbloss:
         mem_mb=3000,
         runtime=240,
     shell:
-        "finetail train --manifest {input.manifest} --spec {params.spec:q} "
-        "--out-dir {params.out_dir} --checkpoint {params.checkpoint} --study-dir {params.study_dir} "
+        "finetail train --manifest {input.manifest:q} --spec {params.spec:q} "
+        "--out-dir {params.out_dir:q} --checkpoint {params.checkpoint:q} --study-dir {params.study_dir:q} "
         "--rule cbloss --wildcards {params.wildcards:q} --experiment {params.experiment:q} "
-        "{params.tracking} --threads {threads} --nproc {resources.gpu} > {log} 2>&1"
+        "{params.tracking:q} --threads {threads:q} --nproc {resources.gpu:q} > {log:q} 2>&1"
 
 
 rule cbloss_natural:
@@ -60,7 +60,7 @@ rule cbloss_natural:
         mem_mb=16000,
         runtime=4320,
     shell:
-        "finetail train --manifest {input.manifest} --spec {params.spec:q} "
-        "--out-dir {params.out_dir} --checkpoint {params.checkpoint} --study-dir {params.study_dir} "
+        "finetail train --manifest {input.manifest:q} --spec {params.spec:q} "
+        "--out-dir {params.out_dir:q} --checkpoint {params.checkpoint:q} --study-dir {params.study_dir:q} "
         "--rule cbloss_natural --wildcards {params.wildcards:q} --experiment {params.experiment:q} "
-        "{params.tracking} --threads {threads} --nproc {resources.gpu} > {log} 2>&1"
+        "{params.tracking:q} --threads {threads:q} --nproc {resources.gpu:q} > {log:q} 2>&1"

@@ -1,7 +1,6 @@
 # Helpers shared by the stages: paths, config subtrees as JSON, wildcard alternations.
 import hashlib
 import json
-import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -25,7 +24,16 @@ RESULTS = f"results/{STUDY}"
 LOGS = f"logs/{STUDY}"
 EXPERIMENT = config["tracking"]["experiment"] or f"finetail-{STUDY}"
 CB = config.get("cbloss")
-TRACKING_ARGS = f"--tracking-uri {shlex.quote(config['tracking']['uri'])}" if config["tracking"]["uri"] else ""
+
+
+def cli_option(flag, value):
+    """An optional CLI option as a list of arguments, for `{params.x:q}` (which quotes each
+    element): [flag, value], or [] when value is empty. Never a pre-joined string: every
+    config value reaches the shell through `:q` quoting."""
+    return [flag, str(value)] if value else []
+
+
+TRACKING_ARGS = cli_option("--tracking-uri", config["tracking"]["uri"])
 
 
 # The library code each kind of job runs, as a digest in its params: editing that code

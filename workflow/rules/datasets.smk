@@ -21,8 +21,8 @@ rule generate_world:
         mem_mb=2000,
         runtime=10,
     shell:
-        "finetail generate --dataset {wildcards.dataset} --spec {params.spec:q} "
-        "--out-dir {params.out_dir} > {log} 2>&1"
+        "finetail generate --dataset {wildcards.dataset:q} --spec {params.spec:q} "
+        "--out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
 rule prepare_dataset:
@@ -47,5 +47,5 @@ rule prepare_dataset:
         mem_mb=4000,
         runtime=600,
     shell:
-        "finetail prepare --dataset {wildcards.dataset} --spec {params.spec:q} "
-        "--resources {params.resources:q} --out-dir {params.out_dir} > {log} 2>&1"
+        "finetail prepare --dataset {wildcards.dataset:q} --spec {params.spec:q} "
+        "--resources {params.resources:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"

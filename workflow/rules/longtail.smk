@@ -20,5 +20,5 @@ rule longtail:
         mem_mb=1000,
         runtime=5,
     shell:
-        "finetail longtail --input {input.manifest} --imbalance {wildcards.imbalance} "
-        "--profile {params.profile} --seed {params.seed} --out-dir {params.out_dir} > {log} 2>&1"
+        "finetail longtail --input {input.manifest:q} --imbalance {wildcards.imbalance:q} "
+        "--profile {params.profile:q} --seed {params.seed:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"

@@ -35,5 +35,5 @@ rule report:
         mem_mb=1000,
         runtime=10,
     shell:
-        "finetail report --results {params.results} --spec {params.spec:q} "
-        "--out-dir {params.out_dir} > {log} 2>&1"
+        "finetail report --results {params.results:q} --spec {params.spec:q} "
+        "--out-dir {params.out_dir:q} > {log:q} 2>&1"

@@ -12,7 +12,7 @@ rule features:
         code=CODE["features"],
         model=lambda wildcards, input: input.model[0] if input.model else FMODEL,
         model_name=FMODEL,
-        weights=lambda wildcards: f"--weights {TR['features']['weights']}" if TR["features"]["weights"] else "",
+        weights=cli_option("--weights", TR["features"]["weights"]) if TR else [],
     conda:
         "../../envs/finetail.yaml"
     log:
@@ -23,8 +23,8 @@ rule features:
         mem_mb=3000,
         runtime=60,
     shell:
-        "finetail features --model {params.model:q} {params.weights} --model-name {params.model_name:q} "
-        "--manifest {input.manifest} --out {output} --threads {threads} > {log} 2>&1"
+        "finetail features --model {params.model:q} {params.weights:q} --model-name {params.model_name:q} "
+        "--manifest {input.manifest:q} --out {output:q} --threads {threads:q} > {log:q} 2>&1"
 
 
 rule similarity:
@@ -49,8 +49,8 @@ rule similarity:
         mem_mb=2000,
         runtime=10,
     shell:
-        "finetail similarity --features-dir {params.features_dir} --spec {params.spec:q} "
-        "--out-dir {params.out_dir} > {log} 2>&1"
+        "finetail similarity --features-dir {params.features_dir:q} --spec {params.spec:q} "
+        "--out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
 rule selection:
@@ -73,4 +73,4 @@ rule selection:
         mem_mb=2000,
         runtime=10,
     shell:
-        "finetail select --features-dir {params.features_dir} --spec {params.spec:q} --out {output} > {log} 2>&1"
+        "finetail select --features-dir {params.features_dir:q} --spec {params.spec:q} --out {output:q} > {log:q} 2>&1"

@@ -9,7 +9,7 @@ rule pool_source:
         manifest=f"{RESULTS}/sources/{{source}}/manifest.parquet",
         classes=f"{RESULTS}/sources/{{source}}/classes.csv",
     params:
-        classes=lambda wildcards, input: f"--classes {input.classes}" if "classes" in input.keys() else "",
+        classes=lambda wildcards, input: cli_option("--classes", input.classes if "classes" in input.keys() else None),
         out_dir=lambda wildcards, output: os.path.dirname(output.manifest),
     conda:
         "../../envs/finetail.yaml"
@@ -19,7 +19,7 @@ rule pool_source:
         mem_mb=1000,
         runtime=5,
     shell:
-        "finetail pool --inputs {input.manifests} {params.classes} --out-dir {params.out_dir} > {log} 2>&1"
+        "finetail pool --inputs {input.manifests:q} {params.classes:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
 rule pretrain:
@@ -49,10 +49,10 @@ rule pretrain:
         mem_mb=4000,
         runtime=720,
     shell:
-        "finetail train --manifest {input.manifest} --spec {params.spec:q} --save-model {output.model} "
-        "--out-dir {params.out_dir} --checkpoint {params.checkpoint} --study-dir {params.study_dir} "
+        "finetail train --manifest {input.manifest:q} --spec {params.spec:q} --save-model {output.model:q} "
+        "--out-dir {params.out_dir:q} --checkpoint {params.checkpoint:q} --study-dir {params.study_dir:q} "
         "--rule pretrain --wildcards {params.wildcards:q} --experiment {params.experiment:q} "
-        "{params.tracking} --threads {threads} --nproc {resources.gpu} > {log} 2>&1"
+        "{params.tracking:q} --threads {threads:q} --nproc {resources.gpu:q} > {log:q} 2>&1"
 
 
 rule finetune:
@@ -67,7 +67,7 @@ rule finetune:
         code=CODE["train"],
         spec=get_finetune_spec,
         wildcards=get_wildcards_json,
-        init=lambda wildcards, input: f"--init-model {input.init[0]}" if input.init else "",
+        init=lambda wildcards, input: cli_option("--init-model", input.init[0] if input.init else None),
         out_dir=lambda wildcards, output: os.path.dirname(output.metrics),
         checkpoint=f"{RESULTS}/checkpoints/finetune/{{source}}/{{target}}/last.pt",
         study_dir=lambda wildcards, output: str(Path(output.metrics).parents[3]),
@@ -83,7 +83,7 @@ rule finetune:
         mem_mb=3000,
         runtime=240,
     shell:
-        "finetail train --manifest {input.manifest} --spec {params.spec:q} {params.init} "
-        "--out-dir {params.out_dir} --checkpoint {params.checkpoint} --study-dir {params.study_dir} "
+        "finetail train --manifest {input.manifest:q} --spec {params.spec:q} {params.init:q} "
+        "--out-dir {params.out_dir:q} --checkpoint {params.checkpoint:q} --study-dir {params.study_dir:q} "
         "--rule finetune --wildcards {params.wildcards:q} --experiment {params.experiment:q} "
-        "{params.tracking} --threads {threads} --nproc {resources.gpu} > {log} 2>&1"
+        "{params.tracking:q} --threads {threads:q} --nproc {resources.gpu:q} > {log:q} 2>&1"
