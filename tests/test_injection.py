@@ -406,3 +406,14 @@ def test_a_real_run_with_an_unsafe_name_forced_past_the_schema_runs_nothing_else
     assert (work / "results" / "tiny" / "datasets" / INJECT / "manifest.parquet").exists()
     assert (work / "logs" / "tiny" / "prepare_dataset" / f"{INJECT}.log").exists()
     assert {f for f in _files(work, {".snakemake"}) if not f.startswith(("results/tiny/", "logs/tiny/"))} == set()
+
+
+def test_every_shell_field_is_quoted():
+    """Every {field} in every rule's shell: carries :q, so a new rule cannot forget it."""
+    fields = []
+    for smk in sorted((ROOT / "workflow" / "rules").glob("*.smk")):
+        for block in re.findall(r"^    shell:\n((?:        .*\n?)+)", smk.read_text(), flags=re.M):
+            text = "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', block))
+            fields += [(smk.name, f) for f in re.findall(r"(?<!\{)\{([^{}]+)\}(?!\})", text)]
+    assert len(fields) > 50
+    assert [(name, f) for name, f in fields if not f.endswith(":q")] == []
