@@ -70,8 +70,13 @@ def test_finetune_lineage_reaches_pretrain_pooled_source_and_world_seed(study):
     assert parent["run_id"] == pre["run_id"] == record["parent_run_id"]
     assert parent["rule"] == "pretrain" and parent["status"] == "FINISHED" and parent["parents"] == []
     assert parent["model"]["status"] == "ok"
-    [pooled] = parent["inputs"]
+    by_role = {i["role"]: i for i in parent["inputs"]}
+    pooled = by_role.pop("manifest")
     assert pooled["kind"] == "sources" and pooled["status"] == "ok"
+    # the pooled manifest points into two array stores: both recorded with their sha256
+    assert {i["resolved"] for i in by_role.values()} == {str(res / "datasets" / d / "images.npy")
+                                                          for d in ("generic", "natural")}
+    assert all(i["status"] == "ok" for i in by_role.values())
     assert pooled["resolved"] == str(res / "sources" / "generic+natural" / "manifest.parquet")
     world = _datasets(parent)
     assert set(world) == {"generic", "natural"}
@@ -121,8 +126,11 @@ def test_audit_of_an_untouched_study_is_all_ok(study):
     assert str(res / "longtail" / "gen10_if10" / "manifest.parquet") in named
     assert str(res / "sources" / "generic+natural" / "manifest.parquet") in named
     assert str(res / "pretrain" / "generic" / "model.pt") in named
-    assert {r["role"] for r in rows} == {"input.manifest", "input.init_model", "model"}
-    assert format_audit(rows).endswith("6 files: 6 ok, 0 changed, 0 missing")
+    assert str(res / "datasets" / "gen10" / "images.npy") in named  # the pixels, not only their index
+    assert {r["role"] for r in rows} == {"input.manifest", "input.init_model", "model", "input.store.0",
+                                         "input.store.1", "data", "metrics.final", "output.metrics.json",
+                                         "output.per_class.csv", "output.history.csv", "output.model.pt"}
+    assert format_audit(rows).splitlines()[-1].endswith("ok, 0 changed, 0 missing")
 
 
 def _flip_byte(path):
@@ -143,6 +151,7 @@ def test_audit_and_lineage_flag_a_changed_manifest(study_copy):
                    str(res / "sources" / "generic+natural" / "manifest.parquet")}
     changed = [r for r in rows if r["status"] == "changed"]
     assert {r["rule"] for r in changed} == {"cbloss", "pretrain"} and len(changed) == 3
+    assert {r["role"] for r in changed} == {"input.manifest"}
     assert all(r["actual"] != r["expected"] for r in changed)
     assert audit_exit_code(rows) != 0
     assert format_audit(rows).splitlines()[0].startswith("changed")
@@ -161,7 +170,8 @@ def test_audit_flags_a_deleted_model_as_missing(study_copy):
     rows = audit(res)
     missing = [r for r in rows if r["status"] == "missing"]
     assert {r["resolved"] for r in missing} == {str(model)}
-    assert {r["role"] for r in missing} == {"model", "input.init_model"}  # pretrain's output, fine-tune's input
+    # pretrain's output (recorded in its metrics.json and as its run's output digest), fine-tune's input
+    assert {r["role"] for r in missing} == {"model", "output.model.pt", "input.init_model"}
     assert all(r["actual"] is None for r in missing)
     assert audit_exit_code(rows) != 0
     chain = lineage("finetune:generic:cub200", results_dir=res)

@@ -326,13 +326,19 @@ class _Walker:
         """The bytes a manifest's rows point to, against the digests the manifest records
         (array stores: ``store_sha256``; image files: ``sha256``, hashed at prepare time).
         One row per changed, missing or unrecorded file and one ``ok`` row for the rest."""
+        from pyarrow import ArrowException
+
         from .manifest import data_files
 
         manifest = Path(manifest)
         if manifest not in self._data:
             rows, ok = [], 0
-            if manifest.suffix == ".parquet" and manifest.is_file():
-                for path, expected in data_files(manifest):
+            try:
+                files = data_files(manifest) if manifest.suffix == ".parquet" and manifest.is_file() else []
+            except (OSError, ValueError, ArrowException):
+                files = []  # an unreadable manifest: its own row already says it changed
+            if files:
+                for path, expected in files:
                     actual, status = self.hash.check(path, expected)
                     if status == OK:
                         ok += 1

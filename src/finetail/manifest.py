@@ -146,7 +146,8 @@ def data_files(manifest_path: str | Path, df: pd.DataFrame | None = None) -> lis
     out = []
     for name, digest in zip(rows[col], rows[sha], strict=True):
         p = Path(name)
-        out.append((p if p.is_absolute() else manifest_path.parent / p, None if pd.isna(digest) else str(digest)))
+        p = p if p.is_absolute() else Path(os.path.normpath(manifest_path.parent / p))
+        out.append((p, None if pd.isna(digest) else str(digest)))
     return out
 
 
