@@ -242,3 +242,27 @@ def test_lineage_and_audit_commands(study_copy):
     _flip_byte(res / "longtail" / "gen10_if10" / "manifest.parquet")
     r = run("audit", "--results", str(res))
     assert r.returncode == 1 and "changed" in r.stdout
+
+
+@pytest.mark.slow
+def test_rerun_after_a_data_change_trains_again_and_audit_stays_clean(study_copy):
+    """Issue 10.1 through the DAG: after a finished study, more test images for gen10 rerun
+    its jobs; every rerun job trains from scratch (its finished checkpoint is for other
+    data), evaluates on the new test set, and the study audits clean."""
+    res = study_copy
+    work = res.parents[1]
+    cfg = copy.deepcopy(SMALL)
+    cfg["datasets"]["gen10"]["test_per_class"] = 20
+    r = snakemake(work, cfg)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    logs = sorted((work / "logs" / "tiny" / "cbloss").rglob("*.log"))
+    assert logs
+    for log in logs:
+        text = log.read_text()
+        assert "resuming" not in text and "starting afresh" in text, log
+    manifest = pd.read_parquet(res / "longtail" / "gen10_if10" / "manifest.parquet")
+    for cell in (res / "cbloss" / "gen10" / "if10").iterdir():
+        record = json.loads((cell / "metrics.json").read_text())
+        assert record["final"]["num_test"] == (manifest["split"] == "test").sum() == 10 * 20
+    rows = audit(res)
+    assert audit_exit_code(rows) == 0, format_audit(rows)
