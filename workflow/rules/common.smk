@@ -1,10 +1,10 @@
 # Helpers shared by the stages: paths, config subtrees as JSON, wildcard alternations.
-import hashlib
 import json
 import shutil
 import sys
 from pathlib import Path
 
+from finetail.code import CODE_OF, code_digest
 from finetail.config import check_config, imbalance_tag
 
 check_config(config)
@@ -36,31 +36,13 @@ def cli_option(flag, value):
 TRACKING_ARGS = cli_option("--tracking-uri", config["tracking"]["uri"])
 
 
-# The library code each kind of job runs, as a digest in its params: editing that code
-# changes the params, so Snakemake plans those jobs again (rerun trigger "params").
+# The library code each kind of job runs (finetail.code, the same list a training job puts
+# in its resume key), as a digest in its params: editing that code changes the params, so
+# Snakemake plans those jobs again (rerun trigger "params").
 PKG = Path(workflow.basedir) / "src" / "finetail"
-CODE_OF = {
-    "generate": ["world.py", "manifest.py"],
-    "longtail": ["longtail.py", "manifest.py"],
-    "train": ["engine.py", "losses.py", "models.py", "metrics.py", "manifest.py", "features.py", "loader.py", "distributed.py"],
-    "features": ["features.py", "models.py", "manifest.py"],
-    "similarity": ["similarity.py", "selection.py"],
-    "report": ["report.py"],
-    "prepare": [f"datasets/{m}.py" for m in ("download", "parsers", "pipeline", "registry", "store")],
-}
 
 
-def code_digest(kind):
-    """sha256 over the library files a kind of job runs (empty when the source is not here)."""
-    h = hashlib.sha256()
-    for name in CODE_OF[kind]:
-        f = PKG / name
-        if f.exists():
-            h.update(name.encode() + f.read_bytes())
-    return h.hexdigest()[:16]
-
-
-CODE = {kind: code_digest(kind) for kind in CODE_OF}
+CODE = {kind: code_digest(kind, PKG) for kind in CODE_OF}
 
 
 def as_json(obj):
