@@ -418,3 +418,17 @@ def test_cli_csv_dotdot_is_one_line(tmp_path):
     pd.DataFrame({"path": ["../x.jpg"], "class_name": ["a"], "split": ["train"]}).to_csv(csv, index=False)
     line = _one_line_error(_prepare_cli({"kind": "imagefolder", "source": str(csv)}, tmp_path / "out"))
     assert "'../x.jpg'" in line
+
+
+def test_truncated_cifar_batch_is_a_one_line_error(tmp_path):
+    """A CIFAR pickle cut short (an interrupted copy by hand, past any checksum) names the file."""
+    import pickle
+
+    from finetail.datasets.parsers import _unpickle
+    from finetail.errors import UserError
+
+    batch = tmp_path / "data_batch_1"
+    data = pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 1]}, protocol=2)
+    batch.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="data_batch_1: not a readable CIFAR batch"):
+        _unpickle(batch)

@@ -91,8 +91,15 @@ def _relabel_by_name(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _unpickle(path: Path) -> dict:
+    from ..errors import UserError
+
     with open(_require(path, "CIFAR batch"), "rb") as f:
-        d = pickle.load(f, encoding="latin1")
+        try:
+            d = pickle.load(f, encoding="latin1")
+        except (pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError, IndexError) as e:
+            raise UserError(f"{path}: not a readable CIFAR batch (truncated or corrupt: {e or type(e).__name__})") from e
+    if not isinstance(d, dict):
+        raise UserError(f"{path}: not a CIFAR batch (holds a {type(d).__name__}, not a dict)")
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
 
 
