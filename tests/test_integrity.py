@@ -243,6 +243,13 @@ def test_audit_sees_pixels_of_an_array_store_and_an_edited_metrics_json(tmp_path
     assert audit_exit_code(rows) == 1
     bad = {(r["role"], r["resolved"]) for r in rows if r["status"] == "changed"}
     assert ("input.store.0", str(store)) in bad and ("data", str(store)) in bad
+    # the command: exit 1; --skip-pixels still checks the store recorded as the run's input,
+    # and says that image files behind the manifests were not re-hashed
+    full = _run([sys.executable, "-m", "finetail.cli", "audit", "--results", str(study)])
+    quick = _run([sys.executable, "-m", "finetail.cli", "audit", "--results", str(study), "--skip-pixels"])
+    assert full.returncode == 1 and quick.returncode == 1, full.stdout + quick.stdout
+    assert "changed" in full.stdout and "images.npy" in full.stdout
+    assert "not re-hashed" in quick.stdout and "not re-hashed" not in full.stdout
 
     np.save(store, arr)  # restored: clean again
     assert audit_exit_code(audit(study)) == 0
@@ -284,3 +291,4 @@ def test_audit_sees_a_changed_pixel_in_an_image_file(tmp_path):
     rows = audit(study)
     assert audit_exit_code(rows) == 1
     assert {r["resolved"] for r in rows if r["status"] == "changed"} == {str(victim)}
+

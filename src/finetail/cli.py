@@ -448,8 +448,10 @@ def cmd_lineage(a: argparse.Namespace) -> None:
 def cmd_audit(a: argparse.Namespace) -> None:
     from .lineage import audit, audit_exit_code, format_audit
 
-    rows = audit(a.results, a.tracking_uri)
+    rows = audit(a.results, a.tracking_uri, pixels=not a.skip_pixels)
     print(format_audit(rows, verbose=a.verbose))
+    if a.skip_pixels:
+        print("image files not re-hashed (--skip-pixels): a changed pixel of a file dataset would not show")
     raise SystemExit(audit_exit_code(rows, include_stale=a.include_stale))
 
 
@@ -559,6 +561,8 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--results", required=True, help="results/<study>")
     au.add_argument("--tracking-uri", default=None)
     au.add_argument("--include-stale", action="store_true", help="also fail on runs superseded by a rerun")
+    au.add_argument("--skip-pixels", action="store_true",
+                    help="do not re-hash the image files behind each manifest (quick audit of real data)")
     au.add_argument("-v", "--verbose", action="store_true", help="list every file, not only problems")
     au.set_defaults(func=cmd_audit)
 

@@ -664,7 +664,8 @@ def format_lineage(chain: dict) -> str:
 
 
 # --------------------------------------------------------------------------- audit
-def audit(results_dir: str | os.PathLike, tracking_uri: str | None = None, experiment: str | None = None) -> list[dict]:
+def audit(results_dir: str | os.PathLike, tracking_uri: str | None = None, experiment: str | None = None,
+          pixels: bool = True) -> list[dict]:
     """Re-hash every file the tracking store names, and each run's saved model.
 
     For every run: each ``finetail.input.<name>`` path against its
@@ -688,6 +689,10 @@ def audit(results_dir: str | os.PathLike, tracking_uri: str | None = None, exper
     experiment : str, optional
         Only this experiment's runs (default: every experiment in the store; pass
         ``finetail-<study>`` when the store is a server shared between studies).
+    pixels : bool
+        Re-hash the bytes each input manifest points to (role ``data``). Default True; False
+        skips them (a quick audit of a study on real data, which would read every image), and
+        the array stores recorded as inputs are still checked.
 
     Returns
     -------
@@ -753,7 +758,7 @@ def audit(results_dir: str | os.PathLike, tracking_uri: str | None = None, exper
         for key, expected in sorted(tags.items()):
             m = _INPUT_SHA.fullmatch(key)
             recorded = tags.get(f"finetail.input.{m.group(1)}") if m else None
-            if recorded and recorded.endswith(".parquet"):
+            if pixels and recorded and recorded.endswith(".parquet"):
                 for d in walker.data_rows(_resolve(recorded, rd, base)):
                     rows.append({**common, "role": "data", **d, "current": current})
         for key, expected in sorted(tags.items()):
