@@ -9,11 +9,13 @@
 1. Runs the study once uninterrupted in <work>/reference (`snakemake --cores N`): the
    reference outputs, and its wall time T.
 2. In <work>/soak, `--kills` times: starts `snakemake --cores N --rerun-incomplete` in a new
-   process group, sleeps a seeded random time (snakemake's start-up + a training job's time
-   to its first checkpoint, both measured on the reference, + U(0.2, 1.8) * T / (kills + 1),
-   so that each run moves on and the kills spread over the whole study), then SIGKILLs the whole process group (and any
-   descendant that left it): snakemake, its job shells and every `finetail train` at once,
-   as a node crash would. After each kill, `snakemake --unlock`, as a user would.
+   process group and waits for a seeded random moment: kill i comes once the soak has got as
+   far as the reference had at t_i (t_1 < ... < t_k uniform in 5-90% of T: a file the
+   reference wrote after t_i exists), plus a random 0-2x a training job's time from start to
+   first checkpoint (measured on the reference; at most 0.15 T), so that the kills spread
+   over the whole study and land anywhere in a job. Then it SIGKILLs the whole process group
+   (and any descendant that left it): snakemake, its job shells and every `finetail train`
+   at once, as a node crash would. After each kill, `snakemake --unlock`, as a user would.
 3. Runs it to the end (`--rerun-incomplete`), then checks:
    - MLflow (results/<study>/mlflow.db): exactly one FINISHED run per training job (jobs =
      finetail.rule + finetail.wildcard.* tags; the set of jobs equals the reference's),
@@ -149,15 +151,19 @@ class Study:
                                 start_new_session=True)
 
     def run(self, *extra: str, watch: bool = False) -> float:
-        """Run snakemake to the end; with ``watch``, also note when each training job's log and
-        its first checkpoint appear (``self.to_first_checkpoint``: job -> seconds between them)."""
+        """Run snakemake to the end. With ``watch``, note when each file under results/<study>
+        first appears (``self.appeared``: path -> seconds into the run) and, per training job,
+        the seconds from its log's appearance to its first checkpoint (``self.to_first_checkpoint``)."""
         t0 = time.perf_counter()
         proc = self.start(*extra)
         seen: dict[str, float] = {}
         checkpointed: dict[str, float] = {}
+        appeared: dict[str, float] = {}
         while proc.poll() is None:
-            if watch and self.logs.exists():
+            if watch:
                 now = time.perf_counter()
+                for f in self.files():
+                    appeared.setdefault(f, now - t0)
                 for rule in TRAINING_RULES:
                     for p in (self.logs / rule).rglob("*.log"):
                         job = str(p.relative_to(self.logs).with_suffix(""))
@@ -169,7 +175,12 @@ class Study:
             raise SystemExit(f"snakemake {' '.join(extra)} failed ({proc.returncode}) in {self.work}; see {self.log_path}")
         if watch:
             self.to_first_checkpoint = {j: checkpointed[j] - seen[j] for j in checkpointed}
+            self.appeared = appeared
         return time.perf_counter() - t0
+
+    def files(self) -> list[str]:
+        return [str(p.relative_to(self.results)) for p in self.results.rglob("*") if p.is_file()] \
+            if self.results.exists() else []
 
     def resume_lines(self, since: float) -> list[str]:
         """'resuming from checkpoint' lines in job logs written since ``since`` (epoch seconds)."""
@@ -309,35 +320,55 @@ def main() -> None:
     print(f"reference: {t_ref:.1f} s (snakemake start-up {t_startup:.1f} s, a training job's start to its "
           f"first checkpoint: median {t_restart:.1f} s)", flush=True)
 
-    # Kill i comes startup + restart + U(0.2, 1.8) * T / (kills + 1) into the i-th run: each run
-    # moves on by about T / (kills + 1), so the kills spread over the whole study.
+    # Kill moments spread over the study: t_1 < ... < t_k drawn uniformly in 5-90% of the
+    # reference's wall time; kill i comes once the soak has got as far as the reference had at
+    # t_i (a file the reference wrote after t_i exists: outputs, first checkpoints, run records),
+    # plus a random 0-2x a training job's time to its first checkpoint (at most 15% of the
+    # reference's wall time), so that kills land
+    # anywhere in a job: start-up, before its first checkpoint, mid-epoch, between jobs.
     rng = random.Random(a.seed)
-    share = max(t_ref - t_startup, 1.0) / (a.kills + 1)
+    targets = sorted(rng.uniform(0.05, 0.9) * t_ref for _ in range(a.kills))
+    jitters = [rng.uniform(0.0, min(2.0 * max(t_restart, 1.0), 0.15 * t_ref)) for _ in range(a.kills)]
+    appeared = ref.appeared
+
+    def progress() -> float:
+        """How far the soak has got, in seconds of the reference run."""
+        return max((appeared.get(f, 0.0) for f in soak.files()), default=0.0)
+
     kills, resumes, finished_early = [], [], False
     for i in range(a.kills):
-        wait = t_startup + t_restart + rng.uniform(0.2, 1.8) * share
-        since = time.time()
+        since, t_run = time.time(), time.perf_counter()
         proc = soak.start("--rerun-incomplete")
-        try:
-            proc.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            pass
+        deadline = None
+        while proc.poll() is None:
+            now = time.perf_counter()
+            if deadline is None and progress() >= targets[i]:
+                deadline = now + jitters[i]
+            if deadline is not None and now >= deadline:
+                break
+            time.sleep(0.1)
         if proc.poll() is not None:  # the study finished before this kill: nothing left to kill
             if proc.returncode != 0:
                 raise SystemExit(f"snakemake failed ({proc.returncode}) before kill {i + 1}; see {log_path}")
             finished_early = True
             resumes += soak.resume_lines(since)
-            print(f"kill {i + 1}: the study finished after {time.time() - since:.1f} s, before the kill at {wait:.1f} s")
+            print(f"kill {i + 1}: the study finished after {time.time() - since:.1f} s, before reaching "
+                  f"{targets[i]:.1f} s of the reference")
             break
         pids = _descendants(proc.pid)
         in_flight = training_in_flight(pids, soak.work)
+        reached = progress()
         kill_tree(proc)
+        elapsed = time.perf_counter() - t_run
         time.sleep(0.5)  # let the kernel reap; the SQLite lock (flock) is released with the processes
         new = soak.resume_lines(since)
         resumes += new
-        kills.append({"at_s": round(wait, 2), "processes": len(pids) + 1, "training_in_flight": in_flight,
-                      "resumes_in_this_invocation": len(new)})
-        print(f"kill {i + 1} at {wait:.1f} s: {len(pids) + 1} process(es), training jobs in flight: "
+        kills.append({"reference_moment_s": round(targets[i], 1), "jitter_s": round(jitters[i], 1),
+                      "into_this_run_s": round(elapsed, 1), "progress_s": round(reached, 1),
+                      "processes": len(pids) + 1, "training_in_flight": in_flight,
+                      "resumes_in_this_run": len(new)})
+        print(f"kill {i + 1} at {targets[i]:.1f} s of the reference (+{jitters[i]:.1f} s), {elapsed:.1f} s into "
+              f"run {i + 1}: {len(pids) + 1} process(es); training jobs in flight: "
               f"{[j['job'] + ('' if j['checkpoint_existed'] else ' (no checkpoint yet)') for j in in_flight]}", flush=True)
         soak.run("--unlock")
     since = time.time()
