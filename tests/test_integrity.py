@@ -292,3 +292,13 @@ def test_audit_sees_a_changed_pixel_in_an_image_file(tmp_path):
     assert audit_exit_code(rows) == 1
     assert {r["resolved"] for r in rows if r["status"] == "changed"} == {str(victim)}
 
+
+
+def test_audit_names_runs_left_running(tmp_path):
+    """A killed job that was never rerun leaves its run RUNNING: audit says so (it may also be
+    a job in progress, so this is reported, not an audit failure)."""
+    man = write_toy_manifest(tmp_path / "data", 400, 10)
+    job, study = tmp_path / "job", tmp_path / "study"
+    _kill_before_first_checkpoint(_train(man, job, study, {**SPEC, "recipe": {**RECIPE, "width": 8}}), job)
+    text = format_audit(audit(study))
+    assert "1 run(s) still RUNNING" in text and "test:job" in text

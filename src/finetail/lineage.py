@@ -858,4 +858,9 @@ def format_audit(rows: list[dict], verbose: bool = False) -> str:
         now = f" now {_short(rs[0]['actual'])}" if status == CHANGED else ""
         lines.append(f"{status:8s} {rs[0]['path']}  {what} {_short(expected)}{now}  [{runs}{more}]{stale}")
     lines.append(f"{len(by_file)} files: {counts[OK]} ok, {counts[CHANGED]} changed, {counts[MISSING]} missing")
+    running = sorted({f"{r['rule']}:{'/'.join(r['wildcards'].values())} ({r['run_id'][:8]})"
+                      for r in rows if r.get("run_status") == "RUNNING"})
+    if running:
+        lines.append(f"{len(running)} run(s) still RUNNING (a job in progress, or one killed and never rerun; "
+                     f"rerunning it continues the same run): {', '.join(running[:6])}")
     return "\n".join(lines)
