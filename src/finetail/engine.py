@@ -284,8 +284,8 @@ _SPEED_ONLY = ("compile", "cuda_graphs", "num_workers")
 def digest_data(train_images, train_labels: np.ndarray, test_images, test_labels: np.ndarray, extra: str = "") -> str:
     """sha256 of the data a job trains and evaluates on: both splits' images and labels.
 
-    Arrays are hashed byte for byte (the whole split is in memory anyway; about 0.3 s for
-    CIFAR-10). For a file split (:class:`finetail.loader.ImageFiles`) the paths are hashed,
+    Arrays are hashed byte for byte (the whole split is in memory anyway; 3 ms for 6,300
+    16-px images on the 2-core development machine, so roughly 0.1 s for CIFAR-10's 184 MB). For a file split (:class:`finetail.loader.ImageFiles`) the paths are hashed,
     and ``extra`` should carry the sha256 of the manifest, whose ``sha256`` column records
     each file's bytes (hashed once when the dataset was prepared).
     """
