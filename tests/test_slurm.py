@@ -72,13 +72,18 @@ def slurm_jobs(workdir: Path) -> dict[str, dict]:
     return jobs
 
 
-@pytest.fixture(scope="module")
-def slurm_study(tmp_path_factory):
+def require_slurm(what: str) -> None:
+    """Skip when no Slurm answers; under CI=true fail instead: CI must run ``what``."""
     why = slurm_up()
     if why:
         if os.environ.get("CI"):
-            pytest.fail(f"CI must run the Slurm test: {why}")
+            pytest.fail(f"CI must run {what}: {why}")
         pytest.skip(why)
+
+
+@pytest.fixture(scope="module")
+def slurm_study(tmp_path_factory):
+    require_slurm("the Slurm test")
     work = tmp_path_factory.mktemp("slurm").resolve()
     cfg = work / "study.yaml"
     cfg.write_text(yaml.safe_dump(STUDY, sort_keys=False))

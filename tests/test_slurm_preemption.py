@@ -28,7 +28,7 @@ import torch
 import yaml
 
 from conftest import ROOT, assert_same_weights, toy_images
-from test_slurm import PROFILE, slurm_up
+from test_slurm import PROFILE, require_slurm
 
 pytestmark = pytest.mark.slow
 
@@ -100,11 +100,7 @@ def _seconds(t: str) -> int:
 
 @pytest.fixture(scope="module")
 def preempted(tmp_path_factory):
-    why = slurm_up()
-    if why:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the Slurm preemption test: {why}")
-        pytest.skip(why)
+    require_slurm("the Slurm preemption test")
     per_epoch = seconds_per_epoch()
     epochs = min(2000, max(150, math.ceil(TRAIN_SECONDS / per_epoch)))
     base = tmp_path_factory.mktemp("preempt").resolve()

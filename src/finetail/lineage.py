@@ -746,31 +746,20 @@ def audit(results_dir: str | os.PathLike, tracking_uri: str | None = None, exper
         if metrics_path is None and not out:
             metrics_path = walker.metrics_for(rid, run)
             current = metrics_path is not None
-        for key, expected in sorted(tags.items()):
-            m = _INPUT_SHA.fullmatch(key)
-            if not m or not tags.get(f"finetail.input.{m.group(1)}"):
-                continue
-            recorded = tags[f"finetail.input.{m.group(1)}"]
+        for name, recorded, expected in _tagged_files(tags, "input"):
             path = _resolve(recorded, rd, base)
             actual, status = walker.hash.check(path, expected)
-            rows.append({**common, "role": f"input.{m.group(1)}", "path": recorded, "resolved": str(path),
+            rows.append({**common, "role": f"input.{name}", "path": recorded, "resolved": str(path),
                          "expected": expected, "actual": actual, "status": status, "current": current})
-        for key, expected in sorted(tags.items()):
-            m = _INPUT_SHA.fullmatch(key)
-            recorded = tags.get(f"finetail.input.{m.group(1)}") if m else None
-            if pixels and recorded and recorded.endswith(".parquet"):
-                for d in walker.data_rows(_resolve(recorded, rd, base)):
-                    rows.append({**common, "role": "data", **d, "current": current})
-        for key, expected in sorted(tags.items()):
-            m = _OUTPUT_SHA.fullmatch(key)
-            recorded = tags.get(f"finetail.output.{m.group(1)}") if m else None
-            if not recorded or not current:  # a superseded run's outputs were rewritten by its successor
-                continue
+            if pixels and path.suffix == ".parquet":
+                rows.extend({**common, "role": "data", **d, "current": current} for d in walker.data_rows(path))
+        # a superseded run's outputs were rewritten by its successor: only the current run's count
+        for name, recorded, expected in _tagged_files(tags, "output") if current else ():
             path = _resolve(recorded, rd, base)
             if path.name == "metrics.json" and metrics_path is not None:
                 path = metrics_path
             actual, status = walker.hash.check(path, expected)
-            rows.append({**common, "role": f"output.{m.group(1)}", "path": recorded, "resolved": str(path),
+            rows.append({**common, "role": f"output.{name}", "path": recorded, "resolved": str(path),
                          "expected": expected, "actual": actual, "status": status, "current": current})
         if metrics_path is not None:
             record = _read_json(metrics_path)
@@ -783,6 +772,17 @@ def audit(results_dir: str | os.PathLike, tracking_uri: str | None = None, exper
                              "current": current})
     rows.sort(key=lambda r: (r["resolved"], r["role"], r["run_id"]))
     return rows
+
+
+def _tagged_files(tags: Mapping[str, str], kind: str):
+    """``(name, recorded path, recorded sha256)`` of each ``finetail.<kind>.<name>`` file a
+    run's tags name (``kind``: ``input`` or ``output``)."""
+    pattern = _INPUT_SHA if kind == "input" else _OUTPUT_SHA
+    for key, expected in sorted(tags.items()):
+        m = pattern.fullmatch(key)
+        recorded = tags.get(f"finetail.{kind}.{m.group(1)}") if m else None
+        if recorded:
+            yield m.group(1), recorded, expected
 
 
 def _final_vs_run(record: dict, run, metrics_path: Path) -> list[dict]:
