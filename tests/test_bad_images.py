@@ -177,16 +177,18 @@ def server():
         yield s
 
 
+def _tar_members(blob: bytes) -> dict[str, bytes]:
+    """Name -> bytes of every regular file in a tar archive held in memory."""
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tf:
+        return {m.name: tf.extractfile(m).read() for m in tf if m.isfile()}
+
+
 @pytest.mark.parametrize("mode", ["error", "skip"])
 def test_registry_dataset_with_a_truncated_image(mode, server, tmp_path):
     blobs, expected = BUILDERS["cub200"]()
-    import tarfile
-
-    members = {}
-    with tarfile.open(fileobj=io.BytesIO(blobs["CUB_200_2011.tgz"])) as tf:
-        for m in tf:
-            if m.isfile():
-                members[m.name] = tf.extractfile(m).read()
+    members = _tar_members(blobs["CUB_200_2011.tgz"])
     victim = sorted(n for n in members if n.endswith(".jpg"))[0]
     members[victim] = b""
     blobs["CUB_200_2011.tgz"] = make_tar(members)
@@ -211,13 +213,7 @@ def test_registry_dataset_with_a_truncated_image(mode, server, tmp_path):
 
 def test_corrupt_cifar_batch_names_the_file(server, tmp_path):
     blobs, _ = BUILDERS["cifar10"]()
-    import tarfile
-
-    members = {}
-    with tarfile.open(fileobj=io.BytesIO(blobs["cifar-10-python.tar.gz"])) as tf:
-        for m in tf:
-            if m.isfile():
-                members[m.name] = tf.extractfile(m).read()
+    members = _tar_members(blobs["cifar-10-python.tar.gz"])
     # labels intact (the parser reads them), pixels cut short: 100 bytes an image, not 3,072
     batch = pickle.loads(members["cifar-10-batches-py/data_batch_2"], encoding="bytes")
     batch[b"data"] = batch[b"data"][:, :100]

@@ -166,7 +166,7 @@ def _train(a: argparse.Namespace, dev) -> None:
     import torch
 
     from . import distributed
-    from .engine import Preempted, TrainConfig, digest_data, job_key_digest, resume_extra, train
+    from .engine import Preempted, TrainConfig, job_key_digest, resume_extra, train
     from .manifest import file_sha256, load_array_split, read_manifest, verify_array_stores
     from .tracking import Tracker, config_digest, git_commit, resolve_tracking_uri
 
@@ -205,7 +205,12 @@ def _train(a: argparse.Namespace, dev) -> None:
         inputs.update(init_model=str(a.init_model), init_model_sha256=file_sha256(a.init_model))
 
     # The resume key: recipe, both splits' bytes, initial weights, training code.
-    data = digest_data(tr.images, tr.labels, te.images, te.labels, extra=inputs["manifest_sha256"])
+    # The manifest's sha256 covers every row (store index or file path, label, split) and the
+    # per-file digests of a file manifest; the store digests, just verified, cover the pixels
+    # of an array manifest. Together they name the bytes both splits are loaded from, so the
+    # loaded arrays need no second hash.
+    data = config_digest({k: v for k, v in inputs.items()
+                          if k == "manifest_sha256" or (k.startswith("store.") and k.endswith("_sha256"))})
     job_key = job_key_digest(cfg, tr.labels, num_classes, inputs.get("init_model_sha256"), data)
 
     def run_train(on_epoch, extra_state):
