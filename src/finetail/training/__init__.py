@@ -1,0 +1,1 @@
+"""Training: the recipe, the engine's parts and the training job (``finetail train``)."""
