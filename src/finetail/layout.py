@@ -1,0 +1,195 @@
+"""The results layout: every path under ``results/<study>/`` and ``logs/<study>/``.
+
+The rules (``workflow/rules/*.smk``), the report and lineage/audit all build their paths
+here, so renaming a folder is a change to this module alone. Paths are strings joined with
+``/`` (Snakemake wants strings, and a wildcard such as ``"{dataset}"`` passes through
+unchanged); Python callers wrap them in :class:`pathlib.Path`.
+
+::
+
+    results/<study>/
+      datasets/<name>/          manifest.parquet, images.npy, classes.csv, source.json
+      longtail/<dataset>_if<IF>/ manifest.parquet, counts.csv
+      cbloss/<dataset>/if<IF>/<loss>/             one training job's results:
+      cbloss_natural/<dataset>/<model>/<loss>/    metrics.json, per_class.csv,
+      pretrain/<source>/                          history.csv (pretrain: model.pt)
+      finetune/<source>/<target>/
+      checkpoints/<training folder>/  last.pt, run.json
+      sources/<source>/         manifest.parquet, classes.csv (pooled datasets)
+      features/<model>/<dataset>.npz
+      similarity/<model>/       matrix.csv, emd.csv, heatmap.png
+      selection/<name>/classes.csv
+      report/                   summary.md, tables, figures
+      mlflow.db, mlartifacts/   the default tracking store
+    logs/<study>/<rule>/<wildcards...>.log
+
+Imports nothing beyond the standard library.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["TRAINING", "Layout", "imbalance_tag", "parse_train_dir"]
+
+# One training job's result folder, per training rule, as a pattern over the rule's wildcards.
+TRAINING: dict[str, str] = {
+    "cbloss": "cbloss/{dataset}/if{imbalance}/{loss}",
+    "cbloss_natural": "cbloss_natural/{dataset}/{model}/{loss}",
+    "pretrain": "pretrain/{source}",
+    "finetune": "finetune/{source}/{target}",
+}
+
+_DATASETS = "datasets"
+_LONGTAIL = "longtail"
+_SOURCES = "sources"
+_FEATURES = "features"
+_SIMILARITY = "similarity"
+_SELECTION = "selection"
+_CHECKPOINTS = "checkpoints"
+_REPORT = "report"
+_MLFLOW_DB = "mlflow.db"
+_ARTIFACTS = "mlartifacts"
+
+
+def imbalance_tag(imbalance: float | str) -> str:
+    """Imbalance factor as used in paths: 100 -> "100", 12.5 -> "12.5" (a string passes)."""
+    return imbalance if isinstance(imbalance, str) else f"{imbalance:g}"
+
+
+def _pattern_regex(pattern: str) -> re.Pattern:
+    """A TRAINING pattern as a regex over a path's last parts, one named group per wildcard."""
+    out = ""
+    for literal, name in re.findall(r"([^{]*)(?:\{(\w+)\})?", pattern):
+        out += re.escape(literal) + (f"(?P<{name}>[^/]+)" if name else "")
+    return re.compile(out)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Paths of one study. ``root`` is ``results/<study>``, ``logs`` is ``logs/<study>``."""
+
+    root: str
+    logs: str = ""
+
+    @classmethod
+    def of_study(cls, study: str, base: str | os.PathLike = "") -> Layout:
+        """The layout of study ``study`` under ``base`` (default: relative paths, as Snakemake uses)."""
+        b = os.fspath(base)
+        join = (lambda *p: "/".join([b.rstrip("/"), *p])) if b else (lambda *p: "/".join(p))
+        return cls(root=join("results", study), logs=join("logs", study))
+
+    @classmethod
+    def at(cls, root: str | os.PathLike) -> Layout:
+        """The layout of an existing results folder ``root`` (``results/<study>``)."""
+        r = Path(root)
+        return cls(root=os.fspath(root), logs=os.fspath(r.parents[1] / "logs" / r.name) if len(r.parents) > 1 else "")
+
+    def _p(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    # -- datasets and long-tailed subsets
+    def dataset_dir(self, name: str) -> str:
+        return self._p(_DATASETS, name)
+
+    def dataset(self, name: str, file: str = "manifest.parquet") -> str:
+        return self._p(_DATASETS, name, file)
+
+    def longtail_dir(self, dataset: str, imbalance: float | str) -> str:
+        return self._p(_LONGTAIL, f"{dataset}_if{imbalance_tag(imbalance)}")
+
+    def longtail(self, dataset: str, imbalance: float | str, file: str = "manifest.parquet") -> str:
+        return f"{self.longtail_dir(dataset, imbalance)}/{file}"
+
+    # -- training jobs
+    def train_dir(self, rule: str, **wildcards: str) -> str:
+        """A training job's result folder: ``train_dir("finetune", source="natural", target="cub200")``."""
+        wc = {k: imbalance_tag(v) if k == "imbalance" else v for k, v in wildcards.items()}
+        return self._p(TRAINING[rule].format(**wc))
+
+    def train(self, rule: str, file: str = "metrics.json", **wildcards: str) -> str:
+        return f"{self.train_dir(rule, **wildcards)}/{file}"
+
+    def checkpoint(self, rule: str, file: str = "last.pt", **wildcards: str) -> str:
+        """Where a training job keeps its resume point (``last.pt``) and run record (``run.json``)."""
+        wc = {k: imbalance_tag(v) if k == "imbalance" else v for k, v in wildcards.items()}
+        return self._p(_CHECKPOINTS, TRAINING[rule].format(**wc), file)
+
+    def cell(self, cell: str) -> str:
+        """A report cell ``"<rule>:<wildcard>:..."`` (wildcards in the rule's folder order) as its
+        result folder: ``"cbloss:gen10:10:cb_focal"`` (or ``if10``) -> ``.../cbloss/gen10/if10/cb_focal``."""
+        rule, *parts = cell.split(":")
+        if rule not in TRAINING:
+            raise ValueError(f"{cell!r}: {rule!r} is not a training rule; expected one of {sorted(TRAINING)}")
+        names = re.findall(r"\{(\w+)\}", TRAINING[rule])
+        if len(parts) != len(names):
+            raise ValueError(f"{cell!r}: rule {rule} takes {len(names)} part(s) ({', '.join(names)}), not {len(parts)}")
+        wc = dict(zip(names, parts, strict=True))
+        if "imbalance" in wc and wc["imbalance"].startswith("if"):
+            wc["imbalance"] = wc["imbalance"][2:]
+        return self.train_dir(rule, **wc)
+
+    # -- transfer half
+    def source_dir(self, name: str) -> str:
+        return self._p(_SOURCES, name)
+
+    def source(self, name: str, file: str = "manifest.parquet") -> str:
+        return self._p(_SOURCES, name, file)
+
+    def features_dir(self, model: str) -> str:
+        return self._p(_FEATURES, model)
+
+    def features(self, model: str, dataset: str) -> str:
+        return self._p(_FEATURES, model, f"{dataset}.npz")
+
+    def similarity(self, model: str, file: str = "matrix.csv") -> str:
+        return self._p(_SIMILARITY, model, file)
+
+    def selection(self, name: str) -> str:
+        return self._p(_SELECTION, name, "classes.csv")
+
+    # -- report, tracking store, logs
+    def report(self, file: str = "summary.md") -> str:
+        return self._p(_REPORT, file)
+
+    def mlflow_db(self) -> str:
+        return self._p(_MLFLOW_DB)
+
+    def artifacts(self) -> str:
+        return self._p(_ARTIFACTS)
+
+    def log(self, rule: str, *parts: str) -> str:
+        """``logs/<study>/<rule>/<parts...>.log``."""
+        return "/".join([self.logs, rule, *parts]) + ".log"
+
+    # -- reading paths back
+    def stage_of(self, path: str | os.PathLike) -> str | None:
+        """The first folder under the root that ``path`` lies in (``datasets``, ``longtail``, ...)."""
+        try:
+            return Path(path).resolve().relative_to(Path(self.root).resolve()).parts[0]
+        except (ValueError, IndexError):
+            return None
+
+
+def parse_train_dir(path: str | os.PathLike) -> tuple[Path, str, dict[str, str]] | None:
+    """``(results root, rule, wildcards)`` of a training job's result folder (or a file in
+    it), read against :data:`TRAINING`; None when ``path`` is not shaped like one.
+
+    >>> parse_train_dir("results/default/finetune/natural/cub200/metrics.json")[1:]
+    ('finetune', {'source': 'natural', 'target': 'cub200'})
+    """
+    p = Path(path)
+    if p.suffix:
+        p = p.parent
+    parts = p.parts
+    for rule, pattern in TRAINING.items():
+        depth = pattern.count("/") + 1
+        if len(parts) <= depth:
+            continue
+        m = _pattern_regex(pattern).fullmatch("/".join(parts[-depth:]))
+        if m:
+            return Path(*parts[:-depth]), rule, m.groupdict()
+    return None
