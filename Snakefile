@@ -31,7 +31,7 @@ wildcard_constraints:
 
 include: "workflow/rules/datasets.smk"
 include: "workflow/rules/longtail.smk"
-include: "workflow/rules/cbloss.smk"
+include: "workflow/rules/training.smk"
 include: "workflow/rules/similarity.smk"
 include: "workflow/rules/transfer.smk"
 include: "workflow/rules/report.smk"

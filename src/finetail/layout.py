@@ -118,6 +118,11 @@ class Layout:
         wc = {k: imbalance_tag(v) if k == "imbalance" else v for k, v in wildcards.items()}
         return self._p(_CHECKPOINTS, TRAINING[rule].format(**wc), file)
 
+    def train_log(self, rule: str, **wildcards: str) -> str:
+        """A training job's log: ``logs/<study>/<its result folder's pattern>.log``."""
+        wc = {k: imbalance_tag(v) if k == "imbalance" else v for k, v in wildcards.items()}
+        return f"{self.logs}/{TRAINING[rule].format(**wc)}.log"
+
     def cell(self, cell: str) -> str:
         """A report cell ``"<rule>:<wildcard>:..."`` (wildcards in the rule's folder order) as its
         result folder: ``"cbloss:gen10:10:cb_focal"`` (or ``if10``) -> ``.../cbloss/gen10/if10/cb_focal``."""

@@ -4,8 +4,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from finetail.code import CODE_OF, code_digest
-from finetail.config import check_config, imbalance_tag
+from finetail.code import code_digest
+from finetail.config import check_config
+from finetail.layout import Layout, imbalance_tag
 
 check_config(config)
 
@@ -20,8 +21,7 @@ if shutil.which("finetail") is None:
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 
 STUDY = config["study"]
-RESULTS = f"results/{STUDY}"
-LOGS = f"logs/{STUDY}"
+L = Layout.of_study(STUDY)  # every results/ and logs/ path (finetail.layout)
 EXPERIMENT = config["tracking"]["experiment"] or f"finetail-{STUDY}"
 CB = config.get("cbloss")
 
@@ -36,13 +36,15 @@ def cli_option(flag, value):
 TRACKING_ARGS = cli_option("--tracking-uri", config["tracking"]["uri"])
 
 
-# The library code each kind of job runs (finetail.code, the same list a training job puts
-# in its resume key), as a digest in its params: editing that code changes the params, so
-# Snakemake plans those jobs again (rerun trigger "params").
+# The library code each `finetail <command>` runs (finetail.code: found from the command's
+# imports; the training job puts the same digest in its resume key), as a digest in the
+# params of the rules that call it: editing that code changes the params, so Snakemake plans
+# those jobs again (rerun trigger "params").
 PKG = Path(workflow.basedir) / "src" / "finetail"
 
 
-CODE = {kind: code_digest(kind, PKG) for kind in CODE_OF}
+def code(command):
+    return code_digest(command, PKG)
 
 
 def as_json(obj):
@@ -97,7 +99,7 @@ def get_cbloss_natural_metrics():
     if not NAT:
         return []
     return expand(
-        f"{RESULTS}/cbloss_natural/{{dataset}}/{{model}}/{{loss}}/metrics.json",
+        L.train("cbloss_natural", dataset="{dataset}", model="{model}", loss="{loss}"),
         dataset=NAT["datasets"],
         model=list(NAT_MODELS),
         loss=list(NAT["losses"]),
@@ -112,13 +114,11 @@ def get_cbloss_metrics():
     if not CB:
         return []
     return expand(
-        f"{RESULTS}/cbloss/{{dataset}}/if{{imbalance}}/{{loss}}/metrics.json",
+        L.train("cbloss", dataset="{dataset}", imbalance="{imbalance}", loss="{loss}"),
         dataset=CB["datasets"],
         imbalance=[imbalance_tag(i) for i in CB["imbalance"]],
         loss=list(CB["losses"]),
     )
-
-
 
 
 # ---------------------------------------------------------------- transfer half
@@ -146,33 +146,33 @@ def get_source_inputs(wildcards):
     """Manifests a source pools: its datasets, or (selected) the selection pool's sources."""
     if wildcards.source == SELECTED:
         return {
-            "manifests": [f"{RESULTS}/sources/{s}/manifest.parquet" for s in SEL["pool"]],
-            "classes": f"{RESULTS}/selection/{SELECTED}/classes.csv",
+            "manifests": [L.source(s) for s in SEL["pool"]],
+            "classes": L.selection(SELECTED),
         }
-    return {"manifests": [f"{RESULTS}/datasets/{d}/manifest.parquet" for d in TR["sources"][wildcards.source]]}
+    return {"manifests": [L.dataset(d) for d in TR["sources"][wildcards.source]]}
 
 
 def get_features_manifest(wildcards):
     if wildcards.fdataset in ALL_SOURCES:
-        return f"{RESULTS}/sources/{wildcards.fdataset}/manifest.parquet"
-    return f"{RESULTS}/datasets/{wildcards.fdataset}/manifest.parquet"
+        return L.source(wildcards.fdataset)
+    return L.dataset(wildcards.fdataset)
 
 
 def get_feature_model(wildcards):
     """The pipeline-pretrained feature model's weights, or nothing for a torchvision model."""
-    return [] if FMODEL.startswith("tv:") else [f"{RESULTS}/pretrain/{FMODEL}/model.pt"]
+    return [] if FMODEL.startswith("tv:") else [L.train("pretrain", "model.pt", source=FMODEL)]
 
 
 def get_finetune_init(wildcards):
-    return [] if wildcards.source == "scratch" else [f"{RESULTS}/pretrain/{wildcards.source}/model.pt"]
+    return [] if wildcards.source == "scratch" else [L.train("pretrain", "model.pt", source=wildcards.source)]
 
 
 def get_transfer_metrics():
     if not TR:
         return []
     rows = ALL_SOURCES + (["scratch"] if TR["finetune"]["scratch"] else [])
-    return expand(f"{RESULTS}/finetune/{{source}}/{{target}}/metrics.json", source=rows, target=TARGETS)
+    return expand(L.train("finetune", source="{source}", target="{target}"), source=rows, target=TARGETS)
 
 
 def get_final_outputs():
-    return [f"{RESULTS}/report/summary.md"]
+    return [L.report()]

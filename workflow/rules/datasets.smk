@@ -1,22 +1,23 @@
-# Datasets: each becomes a manifest (+ array store) under results/<study>/datasets/<name>/.
+# Datasets: each becomes a manifest (+ array store) in its folder of the layout
+# (finetail.layout: datasets/<name>/). Code: finetail.world (generate), finetail.datasets (prepare).
 
 
 rule generate_world:
     wildcard_constraints:
         dataset=alternation(WORLD_SETS),
     output:
-        manifest=f"{RESULTS}/datasets/{{dataset}}/manifest.parquet",
-        store=f"{RESULTS}/datasets/{{dataset}}/images.npy",
-        classes=f"{RESULTS}/datasets/{{dataset}}/classes.csv",
-        source=f"{RESULTS}/datasets/{{dataset}}/source.json",
+        manifest=L.dataset("{dataset}", "manifest.parquet"),
+        store=L.dataset("{dataset}", "images.npy"),
+        classes=L.dataset("{dataset}", "classes.csv"),
+        source=L.dataset("{dataset}", "source.json"),
     params:
-        code=CODE["generate"],
+        code=code("generate"),
         spec=get_world_spec,
         out_dir=lambda wildcards, output: os.path.dirname(output.manifest),
     conda:
         "../../envs/finetail.yaml"
     log:
-        f"{LOGS}/generate_world/{{dataset}}.log",
+        L.log("generate_world", "{dataset}"),
     resources:
         mem_mb=2000,
         runtime=10,
@@ -31,18 +32,18 @@ rule prepare_dataset:
     input:
         get_imagefolder_source,
     output:
-        manifest=f"{RESULTS}/datasets/{{dataset}}/manifest.parquet",
-        classes=f"{RESULTS}/datasets/{{dataset}}/classes.csv",
-        source=f"{RESULTS}/datasets/{{dataset}}/source.json",
+        manifest=L.dataset("{dataset}", "manifest.parquet"),
+        classes=L.dataset("{dataset}", "classes.csv"),
+        source=L.dataset("{dataset}", "source.json"),
     params:
-        code=CODE["prepare"],
+        code=code("prepare"),
         spec=lambda wildcards: as_json(config["datasets"][wildcards.dataset]),
         resources=config["resources_dir"],
         out_dir=lambda wildcards, output: os.path.dirname(output.manifest),
     conda:
         "../../envs/finetail.yaml"
     log:
-        f"{LOGS}/prepare_dataset/{{dataset}}.log",
+        L.log("prepare_dataset", "{dataset}"),
     resources:
         mem_mb=4000,
         runtime=600,

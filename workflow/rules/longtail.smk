@@ -1,21 +1,22 @@
 # Long-tailed training subsets: manifests that point into the balanced set's store.
+# Code: finetail.longtail.
 
 
 rule longtail:
     input:
-        manifest=f"{RESULTS}/datasets/{{dataset}}/manifest.parquet",
+        manifest=L.dataset("{dataset}"),
     output:
-        manifest=f"{RESULTS}/longtail/{{dataset}}_if{{imbalance}}/manifest.parquet",
-        counts=f"{RESULTS}/longtail/{{dataset}}_if{{imbalance}}/counts.csv",
+        manifest=L.longtail("{dataset}", "{imbalance}"),
+        counts=L.longtail("{dataset}", "{imbalance}", "counts.csv"),
     params:
-        code=CODE["longtail"],
+        code=code("longtail"),
         profile=config["longtail"]["profile"],
         seed=config["longtail"]["seed"],
         out_dir=lambda wildcards, output: os.path.dirname(output.manifest),
     conda:
         "../../envs/finetail.yaml"
     log:
-        f"{LOGS}/longtail/{{dataset}}_if{{imbalance}}.log",
+        L.log("longtail", "{dataset}_if{imbalance}"),
     resources:
         mem_mb=1000,
         runtime=5,

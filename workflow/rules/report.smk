@@ -1,4 +1,5 @@
 # The report: tables and figures from every metrics.json, with the papers' numbers beside ours.
+# Code: finetail.report (lineage and audit of its numbers: finetail.provenance).
 
 
 rule report:
@@ -6,13 +7,13 @@ rule report:
         cbloss=get_cbloss_metrics(),
         cbloss_natural=get_cbloss_natural_metrics(),
         finetune=get_transfer_metrics(),
-        pretrain=expand(f"{RESULTS}/pretrain/{{source}}/metrics.json", source=ALL_SOURCES),
-        similarity=[f"{RESULTS}/similarity/{FMODEL_TAG}/matrix.csv"] if TR else [],
-        selection=[f"{RESULTS}/selection/{SELECTED}/classes.csv"] if SELECTED else [],
+        pretrain=[L.train("pretrain", source=s) for s in ALL_SOURCES],
+        similarity=[L.similarity(FMODEL_TAG)] if TR else [],
+        selection=[L.selection(SELECTED)] if SELECTED else [],
     output:
-        summary=f"{RESULTS}/report/summary.md",
+        summary=L.report(),
     params:
-        code=CODE["report"],
+        code=code("report"),
         spec=as_json(
             {
                 "cbloss": CB,
@@ -26,11 +27,11 @@ rule report:
             }
         ),
         out_dir=lambda wildcards, output: os.path.dirname(output.summary),
-        results=lambda wildcards, output: str(Path(output.summary).parents[1]),
+        results=L.root,
     conda:
         "../../envs/finetail.yaml"
     log:
-        f"{LOGS}/report/report.log",
+        L.log("report", "report"),
     resources:
         mem_mb=1000,
         runtime=10,

@@ -1,5 +1,6 @@
 # Domain similarity: class-mean features of a feature model, the source x target EMD
 # similarity matrix, and the greedy selection of the most similar source classes.
+# Code: finetail.features, finetail.similarity, finetail.selection.
 
 
 rule features:
@@ -7,16 +8,16 @@ rule features:
         manifest=get_features_manifest,
         model=get_feature_model,
     output:
-        f"{RESULTS}/features/{FMODEL_TAG}/{{fdataset}}.npz",
+        L.features(FMODEL_TAG, "{fdataset}"),
     params:
-        code=CODE["features"],
+        code=code("features"),
         model=lambda wildcards, input: input.model[0] if input.model else FMODEL,
         model_name=FMODEL,
         weights=cli_option("--weights", TR["features"]["weights"]) if TR else [],
     conda:
         "../../envs/finetail.yaml"
     log:
-        f"{LOGS}/features/{FMODEL_TAG}/{{fdataset}}.log",
+        L.log("features", FMODEL_TAG, "{fdataset}"),
     threads: 1
     resources:
         gpu=1,  # one GPU where there is one (Slurm: --gpus; locally: --resources gpu=N tokens)
@@ -29,13 +30,13 @@ rule features:
 
 rule similarity:
     input:
-        expand(f"{RESULTS}/features/{FMODEL_TAG}/{{d}}.npz", d=ALL_SOURCES + TARGETS),
+        [L.features(FMODEL_TAG, d) for d in ALL_SOURCES + TARGETS],
     output:
-        matrix=f"{RESULTS}/similarity/{FMODEL_TAG}/matrix.csv",
-        emd=f"{RESULTS}/similarity/{FMODEL_TAG}/emd.csv",
-        heatmap=report(f"{RESULTS}/similarity/{FMODEL_TAG}/heatmap.png", caption="../report/similarity.rst", category="transfer"),
+        matrix=L.similarity(FMODEL_TAG, "matrix.csv"),
+        emd=L.similarity(FMODEL_TAG, "emd.csv"),
+        heatmap=report(L.similarity(FMODEL_TAG, "heatmap.png"), caption="../report/similarity.rst", category="transfer"),
     params:
-        code=CODE["similarity"],
+        code=code("similarity"),
         spec=lambda wildcards: as_json(
             {"sources": ALL_SOURCES, "targets": TARGETS, **TR["similarity"]}
         ),
@@ -44,7 +45,7 @@ rule similarity:
     conda:
         "../../envs/finetail.yaml"
     log:
-        f"{LOGS}/similarity/{FMODEL_TAG}.log",
+        L.log("similarity", FMODEL_TAG),
     resources:
         mem_mb=2000,
         runtime=10,
@@ -55,11 +56,11 @@ rule similarity:
 
 rule selection:
     input:
-        expand(f"{RESULTS}/features/{FMODEL_TAG}/{{d}}.npz", d=(SEL or {}).get("pool", []) + TARGETS),
+        [L.features(FMODEL_TAG, d) for d in (SEL or {}).get("pool", []) + TARGETS],
     output:
-        f"{RESULTS}/selection/{{source}}/classes.csv",
+        L.selection("{source}"),
     params:
-        code=CODE["similarity"],
+        code=code("select"),
         spec=lambda wildcards: as_json(
             {"pool": SEL["pool"], "targets": TARGETS, "top_k": SEL["top_k"], "threshold": SEL["threshold"],
              **TR["similarity"]}
@@ -68,7 +69,7 @@ rule selection:
     conda:
         "../../envs/finetail.yaml"
     log:
-        f"{LOGS}/selection/{{source}}.log",
+        L.log("selection", "{source}"),
     resources:
         mem_mb=2000,
         runtime=10,

@@ -1,0 +1,108 @@
+# Training: one job (and one MLflow run) per result folder of finetail.layout.TRAINING.
+# The class-balanced loss grid (cbloss: dataset x imbalance factor x loss; cbloss_natural:
+# naturally long-tailed dataset x model x loss), pretraining on each transfer source and
+# fine-tuning every source (and "scratch", random weights) on every target are the same
+# job with other inputs and specs: one rule, and three uses of it.
+# Code: finetail.training (job.py is what `finetail train` runs).
+
+
+def training_params(stage, spec, **options):
+    """The params every training job takes; ``spec`` builds its --spec JSON; ``options``: the
+    job's optional arguments (init, save_model) as argument lists."""
+    return {
+        "code": code("train"),
+        "spec": spec,
+        "wildcards": get_wildcards_json,
+        "out_dir": lambda wildcards, output: os.path.dirname(output.metrics),
+        "checkpoint": lambda wildcards: L.checkpoint(stage, **dict(wildcards.items())),
+        "study_dir": L.root,
+        "experiment": EXPERIMENT,
+        "tracking": TRACKING_ARGS,
+        "init": [],
+        "save_model": [],
+        **options,
+    }
+
+
+def training_outputs(stage, *wildcards, model=False):
+    """metrics.json, per_class.csv, history.csv (and model.pt) in the job's result folder."""
+    wc = {w: "{" + w + "}" for w in wildcards}
+    files = {"metrics": "metrics.json", "per_class": "per_class.csv", "history": "history.csv"}
+    if model:
+        files = {"model": "model.pt", **files}
+    return {key: L.train(stage, name, **wc) for key, name in files.items()}
+
+
+def training_log(stage, *wildcards):
+    return L.train_log(stage, **{w: "{" + w + "}" for w in wildcards})
+
+
+rule cbloss:
+    input:
+        manifest=L.longtail("{dataset}", "{imbalance}"),
+    output:
+        **training_outputs("cbloss", "dataset", "imbalance", "loss"),
+    params:
+        **training_params("cbloss", get_cbloss_spec),
+    conda:
+        "../../envs/finetail.yaml"
+    log:
+        training_log("cbloss", "dataset", "imbalance", "loss"),
+    threads: 1
+    resources:
+        gpu=1,  # one GPU where there is one (Slurm: --gpus; locally: --resources gpu=N tokens)
+        mem_mb=3000,
+        runtime=240,
+    shell:
+        "finetail train --manifest {input.manifest:q} --spec {params.spec:q} {params.init:q} {params.save_model:q} "
+        "--out-dir {params.out_dir:q} --checkpoint {params.checkpoint:q} --study-dir {params.study_dir:q} "
+        "--rule {rule:q} --wildcards {params.wildcards:q} --experiment {params.experiment:q} "
+        "{params.tracking:q} --threads {threads:q} --nproc {resources.gpu:q} > {log:q} 2>&1"
+
+
+use rule cbloss as cbloss_natural with:
+    input:
+        manifest=L.dataset("{dataset}"),
+    output:
+        **training_outputs("cbloss_natural", "dataset", "model", "loss"),
+    params:
+        **training_params("cbloss_natural", get_cbloss_natural_spec),
+    log:
+        training_log("cbloss_natural", "dataset", "model", "loss"),
+    resources:
+        gpu=1,
+        mem_mb=16000,
+        runtime=4320,
+
+
+use rule cbloss as pretrain with:
+    input:
+        manifest=L.source("{source}"),
+    output:
+        **training_outputs("pretrain", "source", model=True),
+    params:
+        **training_params(
+            "pretrain", get_pretrain_spec, save_model=lambda wildcards, output: ["--save-model", output.model]
+        ),
+    log:
+        training_log("pretrain", "source"),
+    resources:
+        gpu=1,
+        mem_mb=4000,
+        runtime=720,
+
+
+use rule cbloss as finetune with:
+    input:
+        manifest=L.dataset("{target}"),
+        init=get_finetune_init,
+    output:
+        **training_outputs("finetune", "source", "target"),
+    params:
+        **training_params(
+            "finetune",
+            get_finetune_spec,
+            init=lambda wildcards, input: cli_option("--init-model", input.init[0] if input.init else None),
+        ),
+    log:
+        training_log("finetune", "source", "target"),
