@@ -174,5 +174,38 @@ def get_transfer_metrics():
     return expand(L.train("finetune", source="{source}", target="{target}"), source=rows, target=TARGETS)
 
 
+# ---------------------------------------------------------------- training jobs (training.smk)
+def training_params(stage, spec, **options):
+    """The params every training job takes; ``spec`` builds its --spec JSON; ``options``: the
+    job's optional arguments (init, save_model) as argument lists."""
+    return {
+        "stage": stage,
+        "code": code("train"),
+        "spec": spec,
+        "wildcards": get_wildcards_json,
+        "out_dir": lambda wildcards, output: os.path.dirname(output.metrics),
+        "checkpoint": lambda wildcards: L.checkpoint(stage, **dict(wildcards.items())),
+        "study_dir": lambda wildcards: L.root,  # holds the default MLflow store
+        "experiment": EXPERIMENT,
+        "tracking": TRACKING_ARGS,
+        "init": [],
+        "save_model": [],
+        **options,
+    }
+
+
+def training_outputs(stage, *wildcards, model=False):
+    """metrics.json, per_class.csv, history.csv (and model.pt) in the job's result folder."""
+    wc = {w: f"{{{w}}}" for w in wildcards}
+    files = {"metrics": "metrics.json", "per_class": "per_class.csv", "history": "history.csv"}
+    if model:
+        files = {"model": "model.pt", **files}
+    return {key: L.train(stage, name, **wc) for key, name in files.items()}
+
+
+def training_log(stage, *wildcards):
+    return L.train_log(stage, **{w: f"{{{w}}}" for w in wildcards})
+
+
 def get_final_outputs():
     return [L.report()]

@@ -27,7 +27,7 @@ rule report:
             }
         ),
         out_dir=lambda wildcards, output: os.path.dirname(output.summary),
-        results=L.root,
+        results=lambda wildcards: L.root,
     conda:
         "../../envs/finetail.yaml"
     log:

@@ -6,37 +6,6 @@
 # Code: finetail.training (job.py is what `finetail train` runs).
 
 
-def training_params(stage, spec, **options):
-    """The params every training job takes; ``spec`` builds its --spec JSON; ``options``: the
-    job's optional arguments (init, save_model) as argument lists."""
-    return {
-        "code": code("train"),
-        "spec": spec,
-        "wildcards": get_wildcards_json,
-        "out_dir": lambda wildcards, output: os.path.dirname(output.metrics),
-        "checkpoint": lambda wildcards: L.checkpoint(stage, **dict(wildcards.items())),
-        "study_dir": L.root,
-        "experiment": EXPERIMENT,
-        "tracking": TRACKING_ARGS,
-        "init": [],
-        "save_model": [],
-        **options,
-    }
-
-
-def training_outputs(stage, *wildcards, model=False):
-    """metrics.json, per_class.csv, history.csv (and model.pt) in the job's result folder."""
-    wc = {w: "{" + w + "}" for w in wildcards}
-    files = {"metrics": "metrics.json", "per_class": "per_class.csv", "history": "history.csv"}
-    if model:
-        files = {"model": "model.pt", **files}
-    return {key: L.train(stage, name, **wc) for key, name in files.items()}
-
-
-def training_log(stage, *wildcards):
-    return L.train_log(stage, **{w: "{" + w + "}" for w in wildcards})
-
-
 rule cbloss:
     input:
         manifest=L.longtail("{dataset}", "{imbalance}"),
@@ -56,7 +25,7 @@ rule cbloss:
     shell:
         "finetail train --manifest {input.manifest:q} --spec {params.spec:q} {params.init:q} {params.save_model:q} "
         "--out-dir {params.out_dir:q} --checkpoint {params.checkpoint:q} --study-dir {params.study_dir:q} "
-        "--rule {rule:q} --wildcards {params.wildcards:q} --experiment {params.experiment:q} "
+        "--rule {params.stage:q} --wildcards {params.wildcards:q} --experiment {params.experiment:q} "
         "{params.tracking:q} --threads {threads:q} --nproc {resources.gpu:q} > {log:q} 2>&1"
 
 
