@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .layout import Layout
 from .manifest import atomic_write
 
 __all__ = ["build_report", "cbloss_frame", "paper_table", "to_markdown"]
@@ -63,7 +64,7 @@ def cbloss_frame(results: Path, cb: dict) -> pd.DataFrame:
     for ds in cb["datasets"]:
         for imb in cb["imbalance"]:
             for name, spec in cb["losses"].items():
-                path = results / "cbloss" / ds / f"if{imb:g}" / name / "metrics.json"
+                path = Path(Layout.at(results).train("cbloss", dataset=ds, imbalance=imb, loss=name))
                 if not path.exists():
                     raise FileNotFoundError(f"{path} is missing: run the cbloss job for this cell first")
                 m = json.loads(path.read_text())
@@ -142,7 +143,7 @@ def _plot_per_class(results: Path, df: pd.DataFrame, path: Path) -> None:
         part = df[df["dataset"] == ds]
         imb = part["imbalance"].max()
         for _, r in part[part["imbalance"] == imb].iterrows():
-            pc = pd.read_csv(results / "cbloss" / ds / f"if{imb:g}" / r["loss"] / "per_class.csv")
+            pc = pd.read_csv(Layout.at(results).train("cbloss", "per_class.csv", dataset=ds, imbalance=imb, loss=r["loss"]))
             pc = pc.sort_values("train_count")
             if len(pc) <= 20:
                 ax.plot(pc["train_count"], 100 * pc["accuracy"], marker=".", ls="-", alpha=0.8, label=r["setting"])
@@ -173,7 +174,7 @@ def _natural_section(results: Path, nat: dict, out: Path) -> tuple[list[str], li
         for name, spec in nat["losses"].items():
             row = {"model": model, "loss": name, "setting": _loss_label(spec)}
             for ds in nat["datasets"]:
-                path = results / "cbloss_natural" / ds / tag / name / "metrics.json"
+                path = Path(Layout.at(results).train("cbloss_natural", dataset=ds, model=tag, loss=name))
                 if not path.exists():
                     raise FileNotFoundError(f"{path} is missing: run that cbloss_natural job first")
                 f = json.loads(path.read_text())["final"]
@@ -209,7 +210,7 @@ def transfer_frame(results: Path, sources: list[str], targets: list[str]) -> pd.
     rows = []
     for s in sources:
         for t in targets:
-            path = results / "finetune" / s / t / "metrics.json"
+            path = Path(Layout.at(results).train("finetune", source=s, target=t))
             if not path.exists():
                 raise FileNotFoundError(f"{path} is missing: run the finetune job for {s} -> {t} first")
             m = json.loads(path.read_text())
@@ -263,8 +264,7 @@ def _transfer_section(results: Path, spec: dict, out: Path) -> tuple[list[str], 
     table = table.reset_index()
     table.to_csv(out / "transfer_table.csv", index=False)
     paper = paper_table("transfer_table")
-    sim_dir = results / "similarity" / spec["feature_model"]
-    sim = pd.read_csv(sim_dir / "matrix.csv", index_col=0)
+    sim = pd.read_csv(Layout.at(results).similarity(spec["feature_model"]), index_col=0)
     paper_sim = paper_table("domain_similarity")
 
     # Pairs (source, target) with a similarity and an accuracy. Accuracy differs by target far
@@ -311,9 +311,10 @@ def _transfer_section(results: Path, spec: dict, out: Path) -> tuple[list[str], 
     ]
     sel = spec.get("selected")
     if sel:
-        chosen = pd.read_csv(results / "selection" / sel / "classes.csv")
+        chosen_csv = Layout.at(results).selection(sel)
+        chosen = pd.read_csv(chosen_csv)
         lines.append(f"\nSelected source `{sel}`: {len(chosen)} classes (greedy, union over targets); "
-                     f"list with scores in `selection/{sel}/classes.csv`.\n")
+                     f"list with scores in `{Path(chosen_csv).relative_to(results)}`.\n")
     files = [out / n for n in ("transfer_cells.csv", "transfer_table.csv", "transfer_correlation.json",
                                "similarity_vs_accuracy.csv", "similarity_vs_accuracy.png")]
     return lines, files
