@@ -1,8 +1,15 @@
 """MLflow tracking: the only module that imports mlflow.
 
-One run per training job. Params are the job's config subtree (flattened), metrics are
-logged per epoch with ``step=epoch``, tags carry the lineage (rule, wildcards, git commit,
-config digest, input digests, parent run ids), artifacts are the job's result files.
+One run per training job (:class:`Tracker`). Params are the job's config subtree (flattened),
+metrics are logged per epoch with ``step=epoch``, tags carry the lineage (rule, wildcards,
+git commit, config digest, input and output digests, parent run ids; their names are
+:mod:`finetail.record`'s), artifacts are the job's result files. Lineage and audit read the
+store back through :class:`TrackingStore` (read-only, runs as :class:`StoredRun`).
+
+Which store: one rule for ``finetail train``, ``finetail lineage`` and ``finetail audit``
+(:func:`choose_tracking_uri`): the ``--tracking-uri`` flag, then ``MLFLOW_TRACKING_URI``,
+then the config's ``tracking.uri`` (train) or the URI the runs recorded (lineage, audit;
+if that store still exists), then the study's SQLite file ``results/<study>/mlflow.db``.
 
 The default store is a SQLite database under ``results/<study>/``. SQLite allows one writer
 at a time, so every write from every process goes through an exclusive ``flock`` on a lock
