@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from finetail.lineage import audit, audit_exit_code, format_audit
+from finetail.provenance import audit, audit_exit_code, format_audit
 from finetail.manifest import file_sha256, write_array_dataset
 
 from conftest import ROOT, assert_same_weights, toy_images, write_toy_manifest

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from finetail.lineage import audit, audit_exit_code, format_audit, format_lineage, lineage
+from finetail.provenance import audit, audit_exit_code, format_audit, format_lineage, lineage
 from finetail.manifest import file_sha256
 
 from test_workflow import TINY, snakemake

@@ -240,14 +240,14 @@ def cmd_report(a: argparse.Namespace) -> None:
 
 
 def cmd_lineage(a: argparse.Namespace) -> None:
-    from .lineage import format_lineage, lineage
+    from .provenance import format_lineage, lineage
 
     chain = lineage(a.target, a.results, a.tracking_uri)
     print(json.dumps(chain, indent=2, default=str) if a.json else format_lineage(chain))
 
 
 def cmd_audit(a: argparse.Namespace) -> None:
-    from .lineage import audit, audit_exit_code, format_audit
+    from .provenance import audit, audit_exit_code, format_audit
 
     rows = audit(a.results, a.tracking_uri, pixels=not a.skip_pixels)
     print(format_audit(rows, verbose=a.verbose))
@@ -272,7 +272,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rule", default="manual", help="Snakemake rule name, for the run's tags")
     p.add_argument("--wildcards", default="{}", help="JSON of the job's wildcards, for the run's tags")
     p.add_argument("--experiment", default="finetail", help="MLflow experiment name")
-    p.add_argument("--tracking-uri", default=None, help="MLflow URI (MLFLOW_TRACKING_URI wins)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow URI, overriding everything else (then MLFLOW_TRACKING_URI, then "
+                        "--config-tracking-uri, then <study-dir>/mlflow.db)")
+    p.add_argument("--config-tracking-uri", default=None,
+                   help="the study config's tracking.uri (the rules pass it here); MLFLOW_TRACKING_URI wins over it")
     p.add_argument("--save-model", default=None, help="also write the final weights here")
     p.add_argument("--init-model", default=None, help="start the backbone from this model.pt (fine-tuning); new head")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -354,13 +358,17 @@ def build_parser() -> argparse.ArgumentParser:
     li.add_argument("target", help="a metrics.json (or its folder), an MLflow run id, a cell such as "
                     "finetune:natural:cub200 or cbloss:gen10:if10:cb_focal, or report/<table>.csv:<row>")
     li.add_argument("--results", default=None, help="results/<study> (needed for run ids and cells)")
-    li.add_argument("--tracking-uri", default=None, help="MLflow URI (default: the study's store)")
+    li.add_argument("--tracking-uri", default=None,
+                    help="MLflow URI (default: MLFLOW_TRACKING_URI, then the store the run recorded, "
+                         "then <results>/mlflow.db)")
     li.add_argument("--json", action="store_true", help="print the chain as JSON")
     li.set_defaults(func=cmd_lineage)
 
     au = sub.add_parser("audit", help="re-hash every file the tracking store names; exit 1 if any changed or is missing")
     au.add_argument("--results", required=True, help="results/<study>")
-    au.add_argument("--tracking-uri", default=None)
+    au.add_argument("--tracking-uri", default=None,
+                    help="MLflow URI (default: MLFLOW_TRACKING_URI, then the store the runs recorded, "
+                         "then <results>/mlflow.db)")
     au.add_argument("--include-stale", action="store_true", help="also fail on runs superseded by a rerun")
     au.add_argument("--skip-pixels", action="store_true",
                     help="do not re-hash the image files behind each manifest (quick audit of real data)")

@@ -113,6 +113,14 @@ class Layout:
     def train(self, rule: str, file: str = "metrics.json", **wildcards: str) -> str:
         return f"{self.train_dir(rule, **wildcards)}/{file}"
 
+    def train_glob(self, rule: str, file: str = "metrics.json") -> str:
+        """A glob pattern matching ``file`` in every result folder of ``rule`` (each wildcard ``*``)."""
+        return self.train(rule, file, **dict.fromkeys(re.findall(r"\{(\w+)\}", TRAINING[rule]), "*"))
+
+    def checkpoint_glob(self, rule: str, file: str = "run.json") -> str:
+        """A glob pattern matching ``file`` in every checkpoint folder of ``rule``."""
+        return self.checkpoint(rule, file, **dict.fromkeys(re.findall(r"\{(\w+)\}", TRAINING[rule]), "*"))
+
     def checkpoint(self, rule: str, file: str = "last.pt", **wildcards: str) -> str:
         """Where a training job keeps its resume point (``last.pt``) and run record (``run.json``)."""
         wc = {k: imbalance_tag(v) if k == "imbalance" else v for k, v in wildcards.items()}
@@ -165,6 +173,11 @@ class Layout:
 
     def artifacts(self) -> str:
         return self._p(_ARTIFACTS)
+
+    def base(self) -> str:
+        """The folder the study runs in (the parent of ``results/``): recorded relative paths
+        (``results/<study>/...``) start there."""
+        return os.fspath(Path(self.root).parents[1])
 
     def log(self, rule: str, *parts: str) -> str:
         """``logs/<study>/<rule>/<parts...>.log``."""

@@ -15,6 +15,7 @@ import pandas as pd
 
 from .layout import Layout
 from .manifest import atomic_write
+from .record import MetricsRecord
 
 __all__ = ["build_report", "cbloss_frame", "paper_table", "to_markdown"]
 
@@ -67,8 +68,8 @@ def cbloss_frame(results: Path, cb: dict) -> pd.DataFrame:
                 path = Path(Layout.at(results).train("cbloss", dataset=ds, imbalance=imb, loss=name))
                 if not path.exists():
                     raise FileNotFoundError(f"{path} is missing: run the cbloss job for this cell first")
-                m = json.loads(path.read_text())
-                f = m["final"]
+                m = MetricsRecord.read(path)
+                f = m.final
                 pct = lambda v: None if v is None else 100.0 * v  # noqa: E731
                 rows.append(
                     {
@@ -76,7 +77,7 @@ def cbloss_frame(results: Path, cb: dict) -> pd.DataFrame:
                         "type": spec["type"], "beta": spec.get("beta", 0.0), "gamma": spec.get("gamma", 0.0),
                         "top1_error": pct(f["top1_error"]), "balanced_acc": pct(f["balanced_acc"]),
                         "many_acc": pct(f["many_acc"]), "medium_acc": pct(f["medium_acc"]),
-                        "few_acc": pct(f["few_acc"]), "run_id": m.get("run_id"), "wall_s": m.get("wall_s"),
+                        "few_acc": pct(f["few_acc"]), "run_id": m.run_id, "wall_s": m.wall_s,
                     }
                 )
     return pd.DataFrame(rows)
@@ -177,7 +178,7 @@ def _natural_section(results: Path, nat: dict, out: Path) -> tuple[list[str], li
                 path = Path(Layout.at(results).train("cbloss_natural", dataset=ds, model=tag, loss=name))
                 if not path.exists():
                     raise FileNotFoundError(f"{path} is missing: run that cbloss_natural job first")
-                f = json.loads(path.read_text())["final"]
+                f = MetricsRecord.read(path).final
                 row[f"{ds}_top1"] = 100.0 * f["top1_error"]
                 row[f"{ds}_top5"] = None if f.get("top5_error") is None else 100.0 * f["top5_error"]
             rows.append(row)
@@ -213,9 +214,9 @@ def transfer_frame(results: Path, sources: list[str], targets: list[str]) -> pd.
             path = Path(Layout.at(results).train("finetune", source=s, target=t))
             if not path.exists():
                 raise FileNotFoundError(f"{path} is missing: run the finetune job for {s} -> {t} first")
-            m = json.loads(path.read_text())
-            rows.append({"source": s, "target": t, "top1_acc": 100.0 * m["final"]["top1_acc"],
-                         "run_id": m.get("run_id"), "parent_run_id": m.get("parent_run_id")})
+            m = MetricsRecord.read(path)
+            rows.append({"source": s, "target": t, "top1_acc": 100.0 * m.final["top1_acc"],
+                         "run_id": m.run_id, "parent_run_id": m.parent_run_id})
     return pd.DataFrame(rows)
 
 

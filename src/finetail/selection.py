@@ -22,8 +22,8 @@ import pandas as pd
 from finetail.similarity import (
     DEFAULT_GAMMA,
     ClassStats,
-    _check_gamma,
-    _check_min_images,
+    check_gamma,
+    check_min_images,
     class_to_domain_emd,
 )
 
@@ -156,8 +156,8 @@ def greedy_select(
         threshold = float(threshold)
         if not math.isfinite(threshold) or not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be a similarity in [0, 1]; got {threshold!r}")
-    gamma = _check_gamma(gamma)
-    min_source_images = _check_min_images(min_source_images)
+    gamma = check_gamma(gamma)
+    min_source_images = check_min_images(min_source_images)
     if not isinstance(source, ClassStats):
         raise TypeError(f"source must be a ClassStats; got {type(source).__name__}")
     if not targets:

@@ -48,6 +48,8 @@ __all__ = [
     "EMDNotConverged",
     "class_to_domain_emd",
     "domain_similarity",
+    "check_gamma",
+    "check_min_images",
     "euclidean_distances",
     "load_class_stats",
     "plot_similarity_heatmap",
@@ -147,14 +149,16 @@ def _as_counts(x: Any, name: str, n: int) -> np.ndarray:
     return arr.astype(np.int64)
 
 
-def _check_gamma(gamma: float) -> float:
+def check_gamma(gamma: float) -> float:
+    """``gamma`` as a float; ValueError unless finite and >= 0."""
     g = float(gamma)
     if not math.isfinite(g) or g < 0:
         raise ValueError(f"gamma must be a finite non-negative number; got {gamma!r}")
     return g
 
 
-def _check_min_images(min_source_images: int) -> int:
+def check_min_images(min_source_images: int) -> int:
+    """``min_source_images`` as an int; ValueError unless a non-negative integer."""
     if isinstance(min_source_images, bool) or int(min_source_images) != min_source_images:
         raise ValueError(f"min_source_images must be an integer; got {min_source_images!r}")
     if min_source_images < 0:
@@ -382,7 +386,7 @@ def euclidean_distances(a: Any, b: Any, *, max_chunk_bytes: int = _MAX_CHUNK_BYT
 
 def similarity_from_emd(emd: Any, gamma: float = DEFAULT_GAMMA) -> Any:
     """``exp(-gamma * emd)``, elementwise. ``similarity_from_emd(0.0) == 1.0``."""
-    return np.exp(-_check_gamma(gamma) * np.asarray(emd, dtype=np.float64))
+    return np.exp(-check_gamma(gamma) * np.asarray(emd, dtype=np.float64))
 
 
 def point_mass_emd(source_mean: Any, target_means: Any, target_counts: Any) -> float:
@@ -571,8 +575,8 @@ def domain_similarity(
     >>> d, round(sim, 6)  # exp(-0.01 * 5)
     (5.0, 0.951229)
     """
-    gamma = _check_gamma(gamma)
-    min_source_images = _check_min_images(min_source_images)
+    gamma = check_gamma(gamma)
+    min_source_images = check_min_images(min_source_images)
     s = _as_means(source_means, "source_means")
     t = _as_means(target_means, "target_means")
     if s.shape[1] != t.shape[1]:

@@ -1,8 +1,15 @@
 """MLflow tracking: the only module that imports mlflow.
 
-One run per training job. Params are the job's config subtree (flattened), metrics are
-logged per epoch with ``step=epoch``, tags carry the lineage (rule, wildcards, git commit,
-config digest, input digests, parent run ids), artifacts are the job's result files.
+One run per training job (:class:`Tracker`). Params are the job's config subtree (flattened),
+metrics are logged per epoch with ``step=epoch``, tags carry the lineage (rule, wildcards,
+git commit, config digest, input and output digests, parent run ids; their names are
+:mod:`finetail.record`'s), artifacts are the job's result files. Lineage and audit read the
+store back through :class:`TrackingStore` (read-only, runs as :class:`StoredRun`).
+
+Which store: one rule for ``finetail train``, ``finetail lineage`` and ``finetail audit``
+(:func:`choose_tracking_uri`): the ``--tracking-uri`` flag, then ``MLFLOW_TRACKING_URI``,
+then the config's ``tracking.uri`` (train) or the URI the runs recorded (lineage, audit;
+if that store still exists), then the study's SQLite file ``results/<study>/mlflow.db``.
 
 The default store is a SQLite database under ``results/<study>/``. SQLite allows one writer
 at a time, so every write from every process goes through an exclusive ``flock`` on a lock
@@ -19,34 +26,30 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
+
+from .record import RESUMED, flatten, job_params
 
 __all__ = [
+    "StoredRun",
     "Tracker",
+    "TrackingStore",
     "TrackingUnavailable",
+    "choose_tracking_uri",
     "config_digest",
     "flatten",
     "git_commit",
-    "resolve_tracking_uri",
+    "sqlite_path",
+    "sqlite_uri",
+    "store_exists",
 ]
 
 
 class TrackingUnavailable(RuntimeError):
     """The tracking server named by the config or MLFLOW_TRACKING_URI cannot be reached."""
-
-
-def flatten(d: Mapping, prefix: str = "") -> dict[str, str]:
-    """Flatten nested config into MLflow params: ``{"recipe": {"lr": 0.1}} -> {"recipe.lr": "0.1"}``."""
-    out: dict[str, str] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = json.dumps(v) if isinstance(v, list | tuple | bool) or v is None else str(v)
-    return out
 
 
 def config_digest(subtree: Mapping) -> str:
@@ -72,20 +75,77 @@ def git_commit(path: str | Path = ".") -> tuple[str, bool]:
         return "unknown", False
 
 
-def resolve_tracking_uri(configured: str | None, default_db: str | Path) -> str:
-    """MLFLOW_TRACKING_URI wins, then the config's ``tracking.uri``, then the study's SQLite file."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or configured
-    if uri:
-        return uri
-    path = Path(default_db).resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path}"
+def sqlite_uri(path: str | os.PathLike) -> str:
+    """The tracking URI of a SQLite file (made absolute)."""
+    return f"sqlite:///{Path(path).resolve()}"
 
 
-def _sqlite_path(uri: str) -> Path | None:
+def sqlite_path(uri: str) -> Path | None:
+    """The file of a ``sqlite:///`` URI (query dropped); None for other URIs."""
     if not uri.startswith("sqlite:"):
         return None
-    return Path(uri.split("sqlite:///", 1)[1].split("?", 1)[0])
+    return Path(uri.split("sqlite:///", 1)[-1].split("?", 1)[0])
+
+
+def store_exists(uri: str | None, timeout: float = 2.0) -> bool:
+    """Whether a tracking store can be read: a SQLite file or a ``file:`` folder exists, an
+    http(s) server answers ``/health`` within ``timeout`` seconds; other schemes are taken
+    as existing."""
+    if not uri:
+        return False
+    db = sqlite_path(uri)
+    if db is not None:
+        return db.is_file()
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path)).is_dir()
+    if parsed.scheme in ("http", "https"):
+        try:
+            check_server(uri, timeout=timeout)
+        except TrackingUnavailable:
+            return False
+    return True
+
+
+def choose_tracking_uri(explicit: str | None, configured: str | Iterable[str | None] | None,
+                        default_db: str | os.PathLike | None, *, read_only: bool = False) -> str | None:
+    """The tracking store a command uses: one rule for training, lineage and audit.
+
+    1. ``explicit``: the command's ``--tracking-uri`` flag;
+    2. the ``MLFLOW_TRACKING_URI`` environment variable;
+    3. ``configured``: for ``finetail train`` the study config's ``tracking.uri`` (the rules
+       pass it as ``--config-tracking-uri``); for lineage and audit the URI(s) the runs
+       recorded (metrics.json, run.json), the first whose store still exists;
+    4. the study's default SQLite store ``default_db`` (``results/<study>/mlflow.db``).
+
+    Parameters
+    ----------
+    explicit, configured : see above; empty strings count as not given.
+    default_db : path of the study's SQLite file.
+    read_only : lineage and audit. A configured URI counts only when its store exists
+        (:func:`store_exists`) and the default only when its file exists; None when no store
+        is found. Otherwise (training) the configured URI is taken as is, and the default's
+        folder is created.
+
+    Returns
+    -------
+    str or None
+    """
+    if explicit:
+        return explicit
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    candidates = [configured] if isinstance(configured, str) else list(configured or ())
+    for uri in candidates:
+        if uri and (not read_only or store_exists(uri)):
+            return uri
+    if default_db is None:
+        return None
+    path = Path(default_db)
+    if read_only:
+        return sqlite_uri(path) if path.is_file() else None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return sqlite_uri(path)
 
 
 def check_server(uri: str, timeout: float = 5.0) -> None:
@@ -120,7 +180,7 @@ class Tracker:
     def __init__(self, uri: str, experiment: str, artifact_root: str | Path | None = None) -> None:
         check_server(uri)
         self.uri = uri
-        db = _sqlite_path(uri)
+        db = sqlite_path(uri)
         self._lock_path = Path(str(db) + ".lock") if db else None
         if db is not None and "timeout=" not in uri:
             self.uri = uri + ("&" if "?" in uri else "?") + "timeout=60"
@@ -183,8 +243,12 @@ class Tracker:
     def start(
         self, run_name: str, params: Mapping, tags: Mapping[str, str], resume_run_id: str | None = None
     ) -> str:
-        """Start a run (or reopen ``resume_run_id`` when a job resumes) and log params and tags."""
-        from mlflow.entities import Param, RunTag
+        """Start a run (or reopen ``resume_run_id`` when a job resumes) and log params and tags.
+
+        ``params`` is the job's spec (nested); it is logged flattened, with the spec itself as
+        a tag (:func:`finetail.record.job_params`).
+        """
+        from mlflow.entities import Param
         from mlflow.exceptions import MlflowException
 
         run = None
@@ -196,15 +260,15 @@ class Tracker:
         if run is not None:
             self.run_id = run.info.run_id
             self._call(self.client.update_run, self.run_id, status="RUNNING")
-            self._call(self.client.set_tag, self.run_id, "finetail.resumed", "true")
+            self.log_tags({RESUMED: "true"})
             return self.run_id
         run = self._call(self.client.create_run, self.experiment_id, tags=dict(tags), run_name=run_name)
         self.run_id = run.info.run_id
-        flat = flatten(params)
-        items = [Param(k, v[:6000]) for k, v in sorted(flat.items())]
+        flat, spec_tag = job_params(params)
+        items = [Param(k, v) for k, v in flat.items()]
         for i in range(0, len(items), 100):
             self._call(self.client.log_batch, self.run_id, params=items[i : i + 100])
-        self._call(self.client.log_batch, self.run_id, tags=[RunTag("finetail.config_json", json.dumps(params)[:5000])])
+        self.log_tags(spec_tag)
         return self.run_id
 
     def find_run(self, job_key: str, output_dir: str) -> str | None:
@@ -234,7 +298,8 @@ class Tracker:
         if items:
             self._call(self.client.log_batch, self.run_id, metrics=items)
 
-    def set_tags(self, tags: Mapping[str, str]) -> None:
+    def log_tags(self, tags: Mapping[str, str]) -> None:
+        """Set tags on the run (one batch)."""
         from mlflow.entities import RunTag
 
         self._call(self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
@@ -246,3 +311,89 @@ class Tracker:
     def end(self, status: str = "FINISHED") -> None:
         if self.run_id is not None:
             self._call(self.client.set_terminated, self.run_id, status=status)
+
+
+# --------------------------------------------------------------------------- reading
+@dataclass(frozen=True)
+class StoredRun:
+    """A run as read back from the store: what lineage and audit need, no mlflow types."""
+
+    run_id: str
+    status: str  # RUNNING, FINISHED, FAILED, KILLED, ...
+    tags: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)  # latest value of each
+
+    @classmethod
+    def of(cls, run) -> StoredRun:
+        return cls(run.info.run_id, run.info.status, dict(run.data.tags), dict(run.data.metrics))
+
+
+class TrackingStore:
+    """Read-only access to a tracking store, for lineage and audit.
+
+    The client is created on first use; a store that does not exist (a missing SQLite file,
+    or no URI at all) reads as empty (:attr:`available` is False, :meth:`get_run` None).
+    """
+
+    def __init__(self, uri: str | None) -> None:
+        self.uri = uri
+        self._client = None
+        self._runs: dict[str, StoredRun | None] = {}
+
+    @property
+    def available(self) -> bool:
+        """There is a URI, and it is not a SQLite file that does not exist."""
+        if self.uri is None:
+            return False
+        db = sqlite_path(self.uri)
+        return db is None or db.is_file()
+
+    @property
+    def client(self):
+        if self._client is None:
+            if not self.available:
+                raise FileNotFoundError(f"tracking store {self.uri} does not exist")
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.uri)
+        return self._client
+
+    def get_run(self, run_id: str) -> StoredRun | None:
+        """The run, or None when the store lacks it (or there is no store). Cached."""
+        if not self.available:
+            return None
+        if run_id not in self._runs:
+            from mlflow.exceptions import MlflowException
+
+            try:
+                self._runs[run_id] = StoredRun.of(self.client.get_run(run_id))
+            except MlflowException:
+                self._runs[run_id] = None
+        return self._runs[run_id]
+
+    def experiment_id(self, name: str) -> str:
+        """The id of experiment ``name``. Raises ValueError when the store has none."""
+        exp = self.client.get_experiment_by_name(name)
+        if exp is None:
+            raise ValueError(f"no experiment {name!r} in the tracking store {self.uri}")
+        return exp.experiment_id
+
+    def all_runs(self, experiment: str | None = None) -> list[StoredRun]:
+        """Every active run of ``experiment`` (default: of every active experiment), all pages."""
+        from mlflow.entities import ViewType
+
+        if experiment is not None:
+            ids = [self.experiment_id(experiment)]
+        else:
+            ids = [e.experiment_id for e in self.client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
+        runs: list[StoredRun] = []
+        token = None
+        while ids:
+            page = self.client.search_runs(ids, run_view_type=ViewType.ACTIVE_ONLY, max_results=1000, page_token=token)
+            runs.extend(StoredRun.of(r) for r in page)
+            token = page.token
+            if not token:
+                break
+        for r in runs:
+            self._runs.setdefault(r.run_id, r)
+        return runs

@@ -13,7 +13,7 @@ from ..manifest import class_table, write_manifest
 from .download import ChecksumError, ManualDownloadRequired, download, file_digest, safe_extract, verify
 from .parsers import parse_imagefolder
 from .registry import DatasetEntry, get, rebase_url
-from .store import _check_on_bad_image, check_image_files, to_array_store
+from .store import check_on_bad_image, check_image_files, to_array_store
 
 __all__ = ["fetch", "prepare", "prepare_imagefolder"]
 
@@ -191,7 +191,7 @@ def prepare(
     BadImageError
         An image cannot be read (with ``on_bad_image="error"``); no manifest is written.
     """
-    _check_on_bad_image(on_bad_image)
+    check_on_bad_image(on_bad_image)
     entry = get(name) if isinstance(name, str) else name
     out_dir = Path(out_dir)
     manifest = out_dir / "manifest.parquet"
@@ -249,7 +249,7 @@ def prepare_imagefolder(
     """
     if kind not in ("files", "array"):
         raise ValueError(f"kind must be 'files' or 'array', got {kind!r}")
-    _check_on_bad_image(on_bad_image)
+    check_on_bad_image(on_bad_image)
     source, out_dir = Path(source), Path(out_dir)
     from .download import archive_kind
 

@@ -48,6 +48,7 @@ __all__ = [
     "BadImageError",
     "BadImageWarning",
     "check_image_files",
+    "check_on_bad_image",
     "decode_image",
     "pre_resize",
     "read_image",
@@ -73,7 +74,8 @@ class BadImageWarning(UserWarning):
     """A bad image skipped because ``on_bad_image="skip"``."""
 
 
-def _check_on_bad_image(on_bad_image: str) -> None:
+def check_on_bad_image(on_bad_image: str) -> None:
+    """ValueError unless ``on_bad_image`` is one of :data:`ON_BAD_IMAGE`."""
     if on_bad_image not in ON_BAD_IMAGE:
         raise ValueError(f"on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}")
 
@@ -265,7 +267,7 @@ def check_image_files(
     BadImageError
         A bad (or missing) image with ``on_bad_image="error"``, or no readable image at all.
     """
-    _check_on_bad_image(on_bad_image)
+    check_on_bad_image(on_bad_image)
     df, base = _resolve(manifest, root)
     if workers is None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -329,7 +331,7 @@ def to_array_store(
     BadImageError
         A bad image with ``on_bad_image="error"``, or no readable image at all.
     """
-    _check_on_bad_image(on_bad_image)
+    check_on_bad_image(on_bad_image)
     df, base = _resolve(manifest, root)
     if df.empty:
         raise ValueError("empty manifest: nothing to store")

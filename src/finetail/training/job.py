@@ -53,7 +53,9 @@ def run_job(a: argparse.Namespace, dev) -> None:
     from .. import distributed
     from ..engine import Preempted, TrainConfig, job_key_digest, resume_extra, train
     from ..manifest import file_sha256, load_array_split, read_manifest, verify_array_stores
-    from ..tracking import Tracker, config_digest, git_commit, resolve_tracking_uri
+    from ..layout import Layout
+    from ..record import RUN_JSON, FileRef, MetricsRecord, RunFile, job_tags, output_tags
+    from ..tracking import Tracker, choose_tracking_uri, config_digest, git_commit
 
     world, rank = distributed.world_size(), distributed.rank()
     log = _log if world == 1 else (lambda msg: _log(f"rank {rank}/{world}: {msg}"))
@@ -118,39 +120,26 @@ def run_job(a: argparse.Namespace, dev) -> None:
     out = Path(a.out_dir)
     # A result of an earlier attempt must not outlive a failed one: the job writes it anew.
     (out / "metrics.json").unlink(missing_ok=True)
-    uri = resolve_tracking_uri(a.tracking_uri, Path(a.study_dir) / "mlflow.db")
-    tracker = Tracker(uri, a.experiment, artifact_root=Path(a.study_dir) / "mlartifacts")  # fails fast if down
+    study = Layout.at(a.study_dir)
+    uri = choose_tracking_uri(a.tracking_uri, a.config_tracking_uri, study.mlflow_db())
+    tracker = Tracker(uri, a.experiment, artifact_root=study.artifacts())  # fails fast if down
     prev = resume_extra(a.checkpoint, cfg, tr.labels, num_classes, inputs.get("init_model_sha256"), data)
     commit, dirty = git_commit(Path(__file__).parent)
     wildcards = json.loads(a.wildcards)
-    tags = {
-        "finetail.rule": a.rule,
-        **{f"finetail.wildcard.{k}": str(v) for k, v in wildcards.items()},
-        "mlflow.source.git.commit": commit,
-        "finetail.git_dirty": str(dirty).lower(),
-        "finetail.config_digest": digest,
-        "finetail.job_key": job_key,
-        "finetail.output_dir": str(Path(a.out_dir).resolve()),
-        "finetail.world_size": str(world),
-    }
-    for name, value in inputs.items():
-        if not name.endswith("_sha256"):
-            tags[f"finetail.input.{name}"] = value
-            tags[f"finetail.input.{name}.sha256"] = inputs[f"{name}_sha256"]
-    if parent_run:
-        tags["mlflow.parentRunId"] = parent_run
-        tags["finetail.parent_runs"] = parent_run
+    out_dir = str(Path(a.out_dir).resolve())
+    tags = job_tags(a.rule, wildcards, git_commit=commit, git_dirty=dirty, config_digest=digest, job_key=job_key,
+                    output_dir=out_dir, world_size=world, inputs=inputs, parent_run=parent_run)
     run_name = a.rule + ":" + "/".join(str(v) for v in wildcards.values())
     # One MLflow run per job, always: continue the checkpoint's run, else the run this job
     # (same key) created before it was killed, else start one and record it before training.
-    run_file = Path(a.checkpoint).with_name("run.json")
+    run_file = Path(a.checkpoint).with_name(RUN_JSON)
     resume_id, why = (prev or {}).get("run_id"), "checkpoint"
     if resume_id is None:
         resume_id, why = _recorded_run(run_file, job_key), "run record"
     if resume_id is None:
-        resume_id, why = tracker.find_run(job_key, tags["finetail.output_dir"]), "tracking store"
+        resume_id, why = tracker.find_run(job_key, out_dir), "tracking store"
     run_id = tracker.start(run_name, spec, tags, resume_run_id=resume_id)
-    _write_json({"run_id": run_id, "job_key": job_key, "tracking_uri": uri}, run_file)
+    _write_json(RunFile(run_id, job_key, uri).to_json(), run_file)
     if resume_id == run_id:
         where = f" at epoch {prev['epoch'] + 1}" if prev else " (no checkpoint yet: training from the start)"
         log(f"{why} found{where}: continuing MLflow run {run_id}")
@@ -174,7 +163,7 @@ def run_job(a: argparse.Namespace, dev) -> None:
 
     pd.DataFrame(hist).to_csv(out / "history.csv", index=False)
     final = {k: v for k, v in res["metrics"].items() if k != "per_class_acc"}
-    record = {
+    record = MetricsRecord(**{
         "rule": a.rule,
         "wildcards": wildcards,
         "run_id": run_id,
@@ -194,7 +183,7 @@ def run_job(a: argparse.Namespace, dev) -> None:
         "torch": torch.__version__,
         "wall_s": round(wall, 2),
         "mean_images_per_s": float(np.mean([h["images_per_s"] for h in hist])) if hist else None,
-    }
+    })
     if a.save_model:
         from ..engine import save_state
 
@@ -204,8 +193,8 @@ def run_job(a: argparse.Namespace, dev) -> None:
              "normalisation": json.dumps(res["normalisation"])},
             Path(a.save_model),
         )
-        record["model_sha256"] = file_sha256(a.save_model)
-    _write_json(record, out / "metrics.json.partial")
+        record.model_sha256 = file_sha256(a.save_model)
+    _write_json(record.to_json(), out / "metrics.json.partial")
     tracker.log_metrics({f"final_{k}": v for k, v in final.items() if isinstance(v, float)}, step=res["epochs"])
     # The bytes of every result file, so audit catches an edited number (metrics.json is
     # renamed into place below, unchanged).
@@ -213,12 +202,8 @@ def run_job(a: argparse.Namespace, dev) -> None:
                "history.csv": out / "history.csv"}
     if a.save_model:
         written["model.pt"] = Path(a.save_model)
-    out_tags = {}
-    for name, path in written.items():
-        final_path = out / name if name != "model.pt" else path
-        out_tags[f"finetail.output.{name}"] = str(final_path)
-        out_tags[f"finetail.output.{name}.sha256"] = file_sha256(path)
-    tracker.set_tags(out_tags)
+    tracker.log_tags(output_tags(FileRef(name, str(out / name if name != "model.pt" else path), file_sha256(path))
+                                 for name, path in written.items()))
     tracker.log_artifacts([out / "metrics.json.partial", out / "per_class.csv", out / "history.csv"])
     tracker.end("FINISHED")
     os.replace(out / "metrics.json.partial", out / "metrics.json")
@@ -227,8 +212,10 @@ def run_job(a: argparse.Namespace, dev) -> None:
 
 def _recorded_run(run_file: Path, job_key: str) -> str | None:
     """The run id a killed attempt of this very job (same key) recorded before training."""
+    from ..record import RunFile
+
     try:
-        rec = json.loads(run_file.read_text())
-    except (OSError, ValueError):
+        rec = RunFile.read(run_file)
+    except (OSError, ValueError, TypeError):
         return None
-    return rec.get("run_id") if rec.get("job_key") == job_key else None
+    return rec.run_id if rec.job_key == job_key else None
