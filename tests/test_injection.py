@@ -376,7 +376,7 @@ def test_every_rule_quotes_every_value(tmp_path):
     features = [c for c in calls if c[0] == "features"]
     assert all(arg(c, "--weights") == EVIL["weights"] for c in features) and len(features) == 4
     trains = [c for c in calls if c[0] == "train"]
-    assert all(arg(c, "--tracking-uri") == EVIL["uri"] and arg(c, "--experiment") == EVIL["experiment"]
+    assert all(arg(c, "--config-tracking-uri") == EVIL["uri"] and arg(c, "--experiment") == EVIL["experiment"]
                for c in trains)
     finetunes = [c for c in trains if arg(c, "--rule") == "finetune"]
     assert {arg(c, "--init-model") for c in finetunes if "--init-model" in c} == {

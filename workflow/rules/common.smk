@@ -33,7 +33,7 @@ def cli_option(flag, value):
     return [flag, str(value)] if value else []
 
 
-TRACKING_ARGS = cli_option("--tracking-uri", config["tracking"]["uri"])
+TRACKING_ARGS = cli_option("--config-tracking-uri", config["tracking"]["uri"])
 
 
 # The library code each `finetail <command>` runs (finetail.code: found from the command's
