@@ -20,91 +20,27 @@ def _log(msg: str) -> None:
     print(f"[finetail {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def _write_json(obj: dict, path: Path) -> None:
-    from .manifest import atomic_write
-
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
-
-
 # --------------------------------------------------------------------------- generate
 def cmd_generate(a: argparse.Namespace) -> None:
-    from .manifest import class_table, write_array_dataset
-    from .world import WorldConfig, generate
+    from .world import write_world_dataset
 
-    spec = json.loads(a.spec)
-    world = WorldConfig(**spec.get("world", {}))
-    ds = {k: v for k, v in spec.get("dataset", {}).items() if k != "kind"}
-    t0 = time.perf_counter()
-    g = generate(a.dataset, world, ds.get("train_per_class"), ds.get("test_per_class"))
-    out = Path(a.out_dir)
-    df = write_array_dataset(out, g.images, g.labels, g.class_names, g.split)
-    info = g.class_info.merge(class_table(df)[["label"]], on="label")
-    info.to_csv(out / "classes.csv", index=False)
-    _write_json(
-        {"dataset": a.dataset, "source": "finetail.world", "world": spec.get("world", {}), "sizes": ds,
-         "images": int(len(df)), "classes": len(g.class_names), "shape": list(g.images.shape[1:])},
-        out / "source.json",
-    )
-    _log(f"generated {a.dataset}: {len(df)} images, {len(g.class_names)} classes in {time.perf_counter() - t0:.1f}s")
+    _log(write_world_dataset(a.dataset, json.loads(a.spec), Path(a.out_dir)))
 
 
 # --------------------------------------------------------------------------- prepare
 def cmd_prepare(a: argparse.Namespace) -> None:
-    import warnings
+    from .datasets.pipeline import prepare_from_spec
 
-    from .datasets import prepare, prepare_imagefolder
-
-    spec = json.loads(a.spec)
-    kind = spec.get("kind")
-    out = Path(a.out_dir)
-    short_side = spec.get("short_side")
-    on_bad_image = spec.get("on_bad_image", "error")
-    progress = sys.stderr.isatty()
-    if short_side and spec.get("store") == "array":
-        raise ValueError(f"datasets.{a.dataset}: short_side applies to file stores, not store: array")
-    # With a pre-resize, the full-size manifest goes to original/ and the resized copies (and
-    # the manifest the pipeline reads) to the dataset's folder.
-    target = out / "original" if short_side else out
-    with warnings.catch_warnings():
-        # Warnings (a skipped bad image, a class without training images) as one log line each.
-        warnings.simplefilter("always")
-        warnings.showwarning = lambda message, *_args, **_kw: _log(f"warning: {message}")
-        if kind == "registry":
-            path = prepare(spec.get("name", a.dataset), a.resources, target, base_url=spec.get("mirror"),
-                           progress=progress, on_bad_image=on_bad_image)
-        elif kind == "imagefolder":
-            path = prepare_imagefolder(spec["source"], target, kind=spec.get("store", "files"),
-                                       on_bad_image=on_bad_image, progress=progress)
-        else:
-            raise ValueError(f"finetail prepare handles kinds 'registry' and 'imagefolder', not {kind!r}")
-        if short_side:
-            import shutil
-
-            from .datasets import pre_resize
-            from .manifest import write_manifest
-
-            resized = pre_resize(path, out / "resized", short_side, progress=progress)
-            resized = resized.assign(path="resized/" + resized["path"])
-            write_manifest(resized, out / "manifest.parquet")
-            for name in ("classes.csv", "source.json"):
-                shutil.copyfile(target / name, out / name)
-            path = out / "manifest.parquet"
+    path = prepare_from_spec(a.dataset, json.loads(a.spec), a.resources, Path(a.out_dir), log=_log,
+                             progress=sys.stderr.isatty())
     _log(f"prepared {a.dataset} -> {path}")
 
 
 # --------------------------------------------------------------------------- longtail
 def cmd_longtail(a: argparse.Namespace) -> None:
-    from .longtail import longtail_subset
-    from .manifest import class_table, read_manifest, rebase_store, write_manifest
+    from .longtail import write_longtail
 
-    src = read_manifest(a.input)
-    sub = longtail_subset(src, a.imbalance, a.profile, a.seed, a.n_max)
-    out = Path(a.out_dir)
-    sub = rebase_store(sub, a.input, out / "manifest.parquet")
-    write_manifest(sub, out / "manifest.parquet")
-    counts = class_table(sub)
-    counts.to_csv(out / "counts.csv", index=False)
-    _log(f"long-tailed {a.input} at IF {a.imbalance:g}: {int(counts['train_count'].sum())} training images")
+    _log(write_longtail(a.input, a.imbalance, a.profile, a.seed, a.n_max, Path(a.out_dir)))
 
 
 # --------------------------------------------------------------------------- train
@@ -147,87 +83,27 @@ def cmd_train(a: argparse.Namespace) -> None:
 
 # --------------------------------------------------------------------------- transfer half
 def cmd_pool(a: argparse.Namespace) -> None:
-    """Concatenate source manifests (optionally only some classes) into one relabelled manifest."""
-    import pandas as pd
+    from .transfer import pool_sources
 
-    from .manifest import class_table, read_manifest, rebase_store, write_manifest
-
-    out = Path(a.out_dir) / "manifest.parquet"
-    parts = []
-    for m in a.inputs:
-        df = read_manifest(m)
-        parts.append(rebase_store(df, m, out).assign(source=Path(m).parent.name))
-    df = pd.concat(parts, ignore_index=True)
-    dup = df.groupby("class_name")["source"].nunique()
-    if (dup > 1).any():
-        raise ValueError(f"class names shared between pooled sources: {sorted(dup[dup > 1].index)[:5]}")
-    if a.classes:
-        keep = pd.read_csv(a.classes)["class_name"]
-        missing = sorted(set(keep) - set(df["class_name"]))
-        if missing:
-            raise ValueError(f"{a.classes} names classes that no input has: {missing[:5]}")
-        df = df[df["class_name"].isin(set(keep))]
-    order = df.drop_duplicates("class_name")[["source", "label", "class_name"]].sort_values(["source", "label"])
-    relabel = {c: i for i, c in enumerate(order["class_name"])}
-    df = df.assign(label=df["class_name"].map(relabel).astype("int64"))
-    write_manifest(df, out)
-    class_table(df).to_csv(Path(a.out_dir) / "classes.csv", index=False)
-    _log(f"pooled {len(a.inputs)} manifest(s): {len(relabel)} classes, {int((df['split'] == 'train').sum())} training images")
+    _log(pool_sources(a.inputs, a.classes, Path(a.out_dir)))
 
 
 def cmd_features(a: argparse.Namespace) -> None:
-    import torch
+    from .features import write_class_features
 
-    from .features import class_mean_features, load_feature_model
-    from .manifest import file_sha256, load_array_split
-    from .similarity import ClassStats, save_class_stats
-
-    torch.set_num_threads(a.threads)
-    fm = load_feature_model(a.model, a.weights)
-    split = load_array_split(a.manifest, a.split)
-    means, counts = class_mean_features(fm, split.images, split.labels, len(split.class_names), device=a.device)
-    keep = counts > 0
-    stats = ClassStats(means[keep], counts[keep], [n for n, k in zip(split.class_names, keep, strict=True) if k])
-    ident = fm.identity
-    save_class_stats(
-        a.out, stats, model=a.model_name, model_kind=ident["kind"], model_run_id=ident.get("run_id", ""),
-        model_weights=ident.get("weights", ""), model_sha256=ident["sha256"],
-        manifest=str(a.manifest), manifest_sha256=file_sha256(a.manifest), split=a.split,
-    )
-    _log(f"features of {a.manifest} ({a.split}): {stats.means.shape[0]} classes x {stats.means.shape[1]} dims -> {a.out}")
+    _log(write_class_features(a.model, a.weights, a.model_name, a.manifest, a.split, a.out, a.threads, a.device))
 
 
 def cmd_similarity(a: argparse.Namespace) -> None:
-    from .similarity import load_class_stats, plot_similarity_heatmap, similarity_matrix
+    from .similarity import write_similarity
 
-    spec = json.loads(a.spec)
-    load = lambda name: load_class_stats(Path(a.features_dir) / f"{name}.npz")  # noqa: E731
-    sources = {s: load(s) for s in spec["sources"]}
-    targets = {t: load(t) for t in spec["targets"]}
-    gamma = spec.get("gamma", 0.01)
-    sim, emd = similarity_matrix(sources, targets, gamma, spec.get("min_source_images", 0))
-    out = Path(a.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    sim.to_csv(out / "matrix.csv", float_format="%.6f")
-    emd.to_csv(out / "emd.csv", float_format="%.6f")
-    plot_similarity_heatmap(sim, out / "heatmap.png", title=f"domain similarity exp(-{gamma:g} EMD)")
-    _log(f"similarity matrix {sim.shape[0]} sources x {sim.shape[1]} targets -> {out / 'matrix.csv'}")
+    _log(write_similarity(Path(a.features_dir), json.loads(a.spec), Path(a.out_dir)))
 
 
 def cmd_select(a: argparse.Namespace) -> None:
-    from .selection import concat_class_stats, greedy_select
-    from .similarity import load_class_stats
+    from .selection import write_selection
 
-    spec = json.loads(a.spec)
-    pool = concat_class_stats(*(load_class_stats(Path(a.features_dir) / f"{p}.npz") for p in spec["pool"]))
-    targets = {t: load_class_stats(Path(a.features_dir) / f"{t}.npz") for t in spec["targets"]}
-    chosen = greedy_select(
-        pool, targets, top_k=spec.get("top_k"), threshold=spec.get("threshold"),
-        gamma=spec.get("gamma", 0.01), min_source_images=spec.get("min_source_images", 0),
-    )
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    chosen.to_csv(a.out, index=False, float_format="%.6f")
-    _log(f"selected {len(chosen)} of {len(pool.class_names)} source classes -> {a.out}")
+    _log(write_selection(Path(a.features_dir), json.loads(a.spec), Path(a.out)))
 
 
 # --------------------------------------------------------------------------- report

@@ -18,7 +18,7 @@ import torch
 
 from .models import Classifier, build_model
 
-__all__ = ["FeatureModel", "class_mean_features", "load_feature_model", "state_digest"]
+__all__ = ["FeatureModel", "class_mean_features", "load_feature_model", "state_digest", "write_class_features"]
 
 
 @dataclass
@@ -96,3 +96,26 @@ def class_mean_features(
         raise ValueError("no images to extract features from")
     means = sums.numpy() / np.maximum(counts, 1)[:, None]
     return means, counts
+
+
+def write_class_features(model: str, weights: str | None, model_name: str, manifest: str | Path, split: str,
+                         out: str | Path, threads: int = 1, device: str = "cpu") -> str:
+    """``finetail features``: the per-class mean penultimate features of one split of a
+    manifest under a feature model (a pipeline ``model.pt`` or ``tv:<name>``), saved with the
+    model's identity and the manifest's sha256. Returns a log line."""
+    from .manifest import file_sha256, load_array_split
+    from .similarity import ClassStats, save_class_stats
+
+    torch.set_num_threads(threads)
+    fm = load_feature_model(model, weights)
+    data = load_array_split(manifest, split)
+    means, counts = class_mean_features(fm, data.images, data.labels, len(data.class_names), device=device)
+    keep = counts > 0
+    stats = ClassStats(means[keep], counts[keep], [n for n, k in zip(data.class_names, keep, strict=True) if k])
+    ident = fm.identity
+    save_class_stats(
+        out, stats, model=model_name, model_kind=ident["kind"], model_run_id=ident.get("run_id", ""),
+        model_weights=ident.get("weights", ""), model_sha256=ident["sha256"],
+        manifest=str(manifest), manifest_sha256=file_sha256(manifest), split=split,
+    )
+    return f"features of {manifest} ({split}): {stats.means.shape[0]} classes x {stats.means.shape[1]} dims -> {out}"

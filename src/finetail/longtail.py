@@ -8,10 +8,12 @@ Class ``i`` of ``C`` keeps ``n_i = int(n_max * (1/IF) ** (i / (C - 1)))`` traini
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
-__all__ = ["PROFILES", "class_counts", "longtail_subset"]
+__all__ = ["PROFILES", "class_counts", "longtail_subset", "write_longtail"]
 
 PROFILES = ("exp", "step")
 
@@ -78,3 +80,18 @@ def longtail_subset(
         keep.append(idx[rng.permutation(len(idx))[:n]])
     subset = manifest.loc[np.concatenate(keep)]
     return pd.concat([subset, manifest[manifest["split"] != "train"]])
+
+
+def write_longtail(manifest: str | Path, imbalance: float, profile: str, seed: int, n_max: int | None,
+                   out: Path) -> str:
+    """``finetail longtail``: the long-tailed subset of a balanced manifest as
+    ``out/manifest.parquet`` (rows pointing into the balanced set's store) and
+    ``out/counts.csv``. Returns a log line."""
+    from .manifest import class_table, read_manifest, rebase_store, write_manifest
+
+    sub = longtail_subset(read_manifest(manifest), imbalance, profile, seed, n_max)
+    sub = rebase_store(sub, manifest, out / "manifest.parquet")
+    write_manifest(sub, out / "manifest.parquet")
+    counts = class_table(sub)
+    counts.to_csv(out / "counts.csv", index=False)
+    return f"long-tailed {manifest} at IF {imbalance:g}: {int(counts['train_count'].sum())} training images"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -25,9 +26,10 @@ from finetail.similarity import (
     check_gamma,
     check_min_images,
     class_to_domain_emd,
+    load_class_stats,
 )
 
-__all__ = ["SELECTION_COLUMNS", "concat_class_stats", "greedy_select"]
+__all__ = ["SELECTION_COLUMNS", "concat_class_stats", "greedy_select", "write_selection"]
 
 SELECTION_COLUMNS = ("class_name", "score", "best_target", "targets", "count")
 """Columns of :func:`greedy_select`'s result, in order."""
@@ -209,3 +211,18 @@ def greedy_select(
         columns=list(SELECTION_COLUMNS),
     )
     return result.sort_values(["score", "class_name"], ascending=[False, True], kind="stable").reset_index(drop=True)
+
+
+def write_selection(features_dir: Path, spec: dict, out: Path) -> str:
+    """``finetail select``: the greedy selection of the pool's source classes most similar to
+    the targets (``spec``: pool, targets, top_k or threshold, gamma, min_source_images) as a
+    CSV of :data:`SELECTION_COLUMNS`. Returns a log line."""
+    pool = concat_class_stats(*(load_class_stats(features_dir / f"{p}.npz") for p in spec["pool"]))
+    targets = {t: load_class_stats(features_dir / f"{t}.npz") for t in spec["targets"]}
+    chosen = greedy_select(
+        pool, targets, top_k=spec.get("top_k"), threshold=spec.get("threshold"),
+        gamma=spec.get("gamma", DEFAULT_GAMMA), min_source_images=spec.get("min_source_images", 0),
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    chosen.to_csv(out, index=False, float_format="%.6f")
+    return f"selected {len(chosen)} of {len(pool.class_names)} source classes -> {out}"

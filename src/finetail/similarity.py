@@ -57,6 +57,7 @@ __all__ = [
     "save_class_stats",
     "similarity_from_emd",
     "similarity_matrix",
+    "write_similarity",
 ]
 
 DEFAULT_GAMMA = 0.01
@@ -745,3 +746,18 @@ def plot_similarity_heatmap(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, format="png")
     return path
+
+
+def write_similarity(features_dir: Path, spec: dict, out: Path) -> str:
+    """``finetail similarity``: the source x target similarity matrix of the class statistics
+    in ``features_dir/<name>.npz`` (``spec``: sources, targets, gamma, min_source_images) as
+    ``out/matrix.csv``, ``out/emd.csv`` and ``out/heatmap.png``. Returns a log line."""
+    sources = {s: load_class_stats(features_dir / f"{s}.npz") for s in spec["sources"]}
+    targets = {t: load_class_stats(features_dir / f"{t}.npz") for t in spec["targets"]}
+    gamma = spec.get("gamma", DEFAULT_GAMMA)
+    sim, emd = similarity_matrix(sources, targets, gamma, spec.get("min_source_images", 0))
+    out.mkdir(parents=True, exist_ok=True)
+    sim.to_csv(out / "matrix.csv", float_format="%.6f")
+    emd.to_csv(out / "emd.csv", float_format="%.6f")
+    plot_similarity_heatmap(sim, out / "heatmap.png", title=f"domain similarity exp(-{gamma:g} EMD)")
+    return f"similarity matrix {sim.shape[0]} sources x {sim.shape[1]} targets -> {out / 'matrix.csv'}"

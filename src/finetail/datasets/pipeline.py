@@ -13,9 +13,9 @@ from ..manifest import class_table, write_manifest
 from .download import ChecksumError, ManualDownloadRequired, download, file_digest, safe_extract, verify
 from .parsers import parse_imagefolder
 from .registry import DatasetEntry, get, rebase_url
-from .store import check_on_bad_image, check_image_files, to_array_store
+from .store import check_image_files, check_on_bad_image, to_array_store
 
-__all__ = ["fetch", "prepare", "prepare_imagefolder"]
+__all__ = ["fetch", "prepare", "prepare_from_spec", "prepare_imagefolder"]
 
 _STAMP = "source.json"
 
@@ -264,3 +264,40 @@ def prepare_imagefolder(
     root = source.parent if source.is_file() else source
     stamp = {"dataset": "imagefolder", "source": str(source), "kind": kind, "on_bad_image": on_bad_image}
     return _write_outputs(df, root, out_dir, kind, stamp, on_bad_image, progress)
+
+
+def prepare_from_spec(name: str, spec: dict, resources: str | Path, out: Path, log=print,
+                      progress: bool = False) -> Path:
+    """``finetail prepare``: a dataset of the config (``spec``: kind ``registry`` or
+    ``imagefolder`` and their keys) prepared into ``out``; with ``short_side``, the full-size
+    manifest goes to ``out/original/`` and resized copies (and the manifest the pipeline reads)
+    to ``out``. Warnings (a skipped bad image, a class without training images) go to ``log``
+    as one line each. Returns the manifest's path."""
+    kind = spec.get("kind")
+    short_side = spec.get("short_side")
+    on_bad_image = spec.get("on_bad_image", "error")
+    if short_side and spec.get("store") == "array":
+        raise ValueError(f"datasets.{name}: short_side applies to file stores, not store: array")
+    target = out / "original" if short_side else out
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *_args, **_kw: log(f"warning: {message}")
+        if kind == "registry":
+            path = prepare(spec.get("name", name), resources, target, base_url=spec.get("mirror"),
+                           progress=progress, on_bad_image=on_bad_image)
+        elif kind == "imagefolder":
+            path = prepare_imagefolder(spec["source"], target, kind=spec.get("store", "files"),
+                                       on_bad_image=on_bad_image, progress=progress)
+        else:
+            raise ValueError(f"finetail prepare handles kinds 'registry' and 'imagefolder', not {kind!r}")
+        if not short_side:
+            return Path(path)
+        import shutil
+
+        from .store import pre_resize
+
+        resized = pre_resize(path, out / "resized", short_side, progress=progress)
+        write_manifest(resized.assign(path="resized/" + resized["path"]), out / "manifest.parquet")
+        for f in ("classes.csv", _STAMP):
+            shutil.copyfile(target / f, out / f)
+    return out / "manifest.parquet"

@@ -8,7 +8,17 @@ import os
 from pathlib import Path
 
 from ..layout import Layout
-from ..record import INPUT, METRICS_JSON, OUTPUT, OUTPUT_DIR, RULE, MetricsRecord, final_metric, tagged_files, wildcards_of
+from ..record import (
+    INPUT,
+    METRICS_JSON,
+    OUTPUT,
+    OUTPUT_DIR,
+    RULE,
+    MetricsRecord,
+    final_metric,
+    tagged_files,
+    wildcards_of,
+)
 from ..tracking import StoredRun
 from .files import CHANGED, MISSING, OK, open_store, recorded_uris, resolve, short
 from .walk import Walker

@@ -15,8 +15,20 @@ from typing import Any
 
 from ..layout import Layout, parse_train_dir
 from ..record import (
-    CONFIG_DIGEST, GIT_COMMIT, GIT_DIRTY, INPUT, METRICS_JSON, OUTPUT_DIR, RULE, RUN_JSON, MetricsRecord, RunFile,
-    final_of, parent_runs, tagged_files, wildcards_of,
+    CONFIG_DIGEST,
+    GIT_COMMIT,
+    GIT_DIRTY,
+    INPUT,
+    METRICS_JSON,
+    OUTPUT_DIR,
+    RULE,
+    RUN_JSON,
+    MetricsRecord,
+    RunFile,
+    final_of,
+    parent_runs,
+    tagged_files,
+    wildcards_of,
 )
 from ..tracking import StoredRun, TrackingStore
 from .files import OK, Hasher, metrics_index, open_store, recorded_uris, resolve, results_dir_of, short

@@ -52,8 +52,8 @@ def run_job(a: argparse.Namespace, dev) -> None:
 
     from .. import distributed
     from ..engine import Preempted, TrainConfig, job_key_digest, resume_extra, train
-    from ..manifest import file_sha256, load_array_split, read_manifest, verify_array_stores
     from ..layout import Layout
+    from ..manifest import file_sha256, load_array_split, read_manifest, verify_array_stores
     from ..record import RUN_JSON, FileRef, MetricsRecord, RunFile, job_tags, output_tags
     from ..tracking import Tracker, choose_tracking_uri, config_digest, git_commit
 
