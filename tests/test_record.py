@@ -115,12 +115,13 @@ def test_lineage_uri_precedence(tmp_path, monkeypatch):
 
 
 def test_train_cli_has_both_tracking_options():
-    from finetail.cli import _train_argv, build_parser
+    from finetail.cli import build_parser
+    from finetail.training.job import train_argv
 
     a = build_parser().parse_args(["train", "--manifest", "m", "--spec", "{}", "--out-dir", "o", "--checkpoint", "c",
                                    "--study-dir", "s", "--config-tracking-uri", "http://cfg", "--tracking-uri", "x"])
     assert a.config_tracking_uri == "http://cfg" and a.tracking_uri == "x"
-    argv = _train_argv(a)  # the torchrun relaunch keeps both
+    argv = train_argv(a)  # the torchrun relaunch keeps both
     assert argv[argv.index("--config-tracking-uri") + 1] == "http://cfg"
 
 

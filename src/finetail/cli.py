@@ -44,41 +44,10 @@ def cmd_longtail(a: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------- train
-
-
-def _train_argv(a: argparse.Namespace) -> list[str]:
-    """``a`` as ``train`` arguments again, without ``--nproc`` (for the ``torchrun`` relaunch)."""
-    p = argparse.ArgumentParser()
-    _add_train_args(p)
-    out = ["train"]
-    for act in p._actions:
-        if not act.option_strings or act.dest in ("help", "nproc"):
-            continue
-        value = getattr(a, act.dest)
-        if isinstance(act, argparse._StoreTrueAction):
-            out += [act.option_strings[0]] if value else []
-        elif value is not None:
-            out += [act.option_strings[0], str(value)]
-    return out
-
-
 def cmd_train(a: argparse.Namespace) -> None:
-    from . import distributed
-    from .training.job import run_job
+    from .training.job import launch
 
-    if a.nproc > 1 and not distributed.launched():
-        # One job, N processes: become torchrun (same pid, so Slurm's and Snakemake's signals
-        # reach its agent, which forwards SIGTERM to every rank) and exit with its status.
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(a.nproc),
-               "-m", "finetail.cli", *_train_argv(a)]
-        _log(f"relaunching under torchrun with {a.nproc} processes")
-        sys.stderr.flush()
-        os.execv(sys.executable, cmd)
-    dev = distributed.init(a.device)
-    try:
-        run_job(a, dev)
-    finally:
-        distributed.teardown()
+    launch(a)
 
 
 # --------------------------------------------------------------------------- transfer half
@@ -139,29 +108,6 @@ def cmd_check_config(a: argparse.Namespace) -> None:
     print(f"{a.config}: valid (study {cfg['study']!r}, {len(cfg['datasets'])} datasets)")
 
 
-def _add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--manifest", required=True, help="manifest with train and test splits")
-    p.add_argument("--spec", required=True, help='JSON: {"recipe": {...}, "loss": {...}, "shots": {...}}')
-    p.add_argument("--out-dir", required=True, help="writes metrics.json, per_class.csv, history.csv")
-    p.add_argument("--checkpoint", required=True, help="resume point, rewritten after every epoch")
-    p.add_argument("--study-dir", required=True, help="results/<study>: holds the default MLflow store")
-    p.add_argument("--rule", default="manual", help="Snakemake rule name, for the run's tags")
-    p.add_argument("--wildcards", default="{}", help="JSON of the job's wildcards, for the run's tags")
-    p.add_argument("--experiment", default="finetail", help="MLflow experiment name")
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow URI, overriding everything else (then MLFLOW_TRACKING_URI, then "
-                        "--config-tracking-uri, then <study-dir>/mlflow.db)")
-    p.add_argument("--config-tracking-uri", default=None,
-                   help="the study config's tracking.uri (the rules pass it here); MLFLOW_TRACKING_URI wins over it")
-    p.add_argument("--save-model", default=None, help="also write the final weights here")
-    p.add_argument("--init-model", default=None, help="start the backbone from this model.pt (fine-tuning); new head")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--device", default=os.environ.get("FINETAIL_DEVICE", "auto"), help="auto, cpu, cuda, cuda:1...")
-    p.add_argument("--progress", action="store_true", help="show a progress bar instead of a line per epoch")
-    p.add_argument("--nproc", type=int, default=1,
-                   help="processes (one per GPU) training together under torchrun with DDP; the global batch is the recipe's")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="finetail",
@@ -192,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     lt.set_defaults(func=cmd_longtail)
 
     t = sub.add_parser("train", help="train one model (pretrain, fine-tune or a CB-loss cell), tracked in MLflow")
-    _add_train_args(t)
+    from .training.job import add_train_args
+
+    add_train_args(t)
     t.set_defaults(func=cmd_train)
 
     po = sub.add_parser("pool", help="pool source manifests (optionally a class list) into one relabelled manifest")

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["run_job"]
+__all__ = ["add_train_args", "launch", "run_job", "train_argv"]
 
 
 def _log(msg: str) -> None:
@@ -24,6 +24,65 @@ def _write_json(obj: dict, path: Path) -> None:
     from ..manifest import atomic_write
 
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--manifest", required=True, help="manifest with train and test splits")
+    p.add_argument("--spec", required=True, help='JSON: {"recipe": {...}, "loss": {...}, "shots": {...}}')
+    p.add_argument("--out-dir", required=True, help="writes metrics.json, per_class.csv, history.csv")
+    p.add_argument("--checkpoint", required=True, help="resume point, rewritten after every epoch")
+    p.add_argument("--study-dir", required=True, help="results/<study>: holds the default MLflow store")
+    p.add_argument("--rule", default="manual", help="Snakemake rule name, for the run's tags")
+    p.add_argument("--wildcards", default="{}", help="JSON of the job's wildcards, for the run's tags")
+    p.add_argument("--experiment", default="finetail", help="MLflow experiment name")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow URI, overriding everything else (then MLFLOW_TRACKING_URI, then "
+                        "--config-tracking-uri, then <study-dir>/mlflow.db)")
+    p.add_argument("--config-tracking-uri", default=None,
+                   help="the study config's tracking.uri (the rules pass it here); MLFLOW_TRACKING_URI wins over it")
+    p.add_argument("--save-model", default=None, help="also write the final weights here")
+    p.add_argument("--init-model", default=None, help="start the backbone from this model.pt (fine-tuning); new head")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--device", default=os.environ.get("FINETAIL_DEVICE", "auto"), help="auto, cpu, cuda, cuda:1...")
+    p.add_argument("--progress", action="store_true", help="show a progress bar instead of a line per epoch")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes (one per GPU) training together under torchrun with DDP; the global batch is the recipe's")
+
+
+def train_argv(a: argparse.Namespace) -> list[str]:
+    """``a`` as ``train`` arguments again, without ``--nproc`` (for the ``torchrun`` relaunch)."""
+    p = argparse.ArgumentParser()
+    add_train_args(p)
+    out = ["train"]
+    for act in p._actions:
+        if not act.option_strings or act.dest in ("help", "nproc"):
+            continue
+        value = getattr(a, act.dest)
+        if isinstance(act, argparse._StoreTrueAction):
+            out += [act.option_strings[0]] if value else []
+        elif value is not None:
+            out += [act.option_strings[0], str(value)]
+    return out
+
+
+def launch(a: argparse.Namespace) -> None:
+    """``finetail train``: run the job here, or (``--nproc`` N > 1) become ``torchrun`` with N
+    processes that each run it."""
+    from .. import distributed
+
+    if a.nproc > 1 and not distributed.launched():
+        # One job, N processes: become torchrun (same pid, so Slurm's and Snakemake's signals
+        # reach its agent, which forwards SIGTERM to every rank) and exit with its status.
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(a.nproc),
+               "-m", "finetail.cli", *train_argv(a)]
+        _log(f"relaunching under torchrun with {a.nproc} processes")
+        sys.stderr.flush()
+        os.execv(sys.executable, cmd)
+    dev = distributed.init(a.device)
+    try:
+        run_job(a, dev)
+    finally:
+        distributed.teardown()
 
 
 def _per_class_table(res: dict, class_names: list[str], test_labels, shots: dict):
