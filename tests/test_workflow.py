@@ -188,9 +188,12 @@ def test_changing_one_targets_finetune_setting_reruns_only_its_finetunes(study):
     assert set(re.findall(r"output: \S*finetune/[^/\s]+/([^/\s]+)/metrics\.json", r.stdout)) == {"cub200"}
 
 
-def test_editing_training_code_plans_the_training_jobs(study, tmp_path):
-    """A copy of the workflow and library: unchanged, nothing to do; engine.py edited, every
-    training job (and what reads their results) is planned again."""
+def test_editing_code_plans_the_jobs_that_run_it(study, tmp_path):
+    """A copy of the workflow and library: unchanged, nothing to do. Each edit below (the
+    training job's module, the tracking module, the train command's lines in cli.py, the
+    pooling module) plans again exactly the jobs whose command reaches that code (found from
+    the imports, finetail.code), and what reads their results; the edit is undone before the
+    next one."""
     import shutil
 
     code = tmp_path / "code"
@@ -198,6 +201,7 @@ def test_editing_training_code_plans_the_training_jobs(study, tmp_path):
     shutil.copytree(ROOT / "src", code / "src", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "Snakefile", code / "Snakefile")
     shutil.copy(ROOT / "config.yaml", code / "config.yaml")
+    pkg = code / "src" / "finetail"
 
     def plan():
         cfg = study / "study.yaml"
@@ -208,11 +212,27 @@ def test_editing_training_code_plans_the_training_jobs(study, tmp_path):
         return planned(r)
 
     assert plan() == {}
-    engine = code / "src" / "finetail" / "engine.py"
-    engine.write_text(engine.read_text() + "\n# an edit\n")
-    jobs = plan()
-    assert jobs["cbloss"] == 4 and jobs["cbloss_natural"] == 2 and jobs["pretrain"] == 4 and jobs["finetune"] == 10
-    assert "generate_world" not in jobs and "longtail" not in jobs
+    training = {"cbloss": 4, "cbloss_natural": 2, "pretrain": 4, "finetune": 10}
+    edits = [
+        ("training/job.py", lambda t: t + "\n# an edit\n", training),
+        ("tracking.py", lambda t: t + "\n# an edit\n", training),
+        ("cli.py", lambda t: t.replace("    launch(a)\n", "    launch(a)  # an edit\n", 1), training),
+        ("transfer.py", lambda t: t + "\n# an edit\n", {"pool_source": 4, "pretrain": 4, "finetune": 8}),
+    ]
+    for name, edit, expected in edits:
+        f = pkg / name
+        before = f.read_text()
+        f.write_text(edit(before))
+        assert f.read_text() != before
+        jobs = plan()
+        assert {k: jobs.get(k) for k in expected} == expected, name
+        assert "generate_world" not in jobs and "longtail" not in jobs, name
+        f.write_text(before)
+    assert plan() == {}
+    # an edit elsewhere in cli.py (another command's lines) plans nothing
+    cli = pkg / "cli.py"
+    cli.write_text(cli.read_text().replace('    print(format_audit(', '    print(  # an edit\n        format_audit(', 1))
+    assert plan() == {}
 
 
 def test_lint_is_clean():

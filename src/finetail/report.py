@@ -7,6 +7,7 @@ rebuilt from ``results/`` alone.
 from __future__ import annotations
 
 import json
+import os
 from importlib import resources
 from pathlib import Path
 
@@ -266,6 +267,8 @@ def _transfer_section(results: Path, spec: dict, out: Path) -> tuple[list[str], 
     table.to_csv(out / "transfer_table.csv", index=False)
     paper = paper_table("transfer_table")
     sim = pd.read_csv(Layout.at(results).similarity(spec["feature_model"]), index_col=0)
+    layout = Layout.at(results)
+    heatmap = os.path.relpath(layout.similarity(spec["feature_model"], "heatmap.png"), os.path.dirname(layout.report()))
     paper_sim = paper_table("domain_similarity")
 
     # Pairs (source, target) with a similarity and an accuracy. Accuracy differs by target far
@@ -300,7 +303,7 @@ def _transfer_section(results: Path, spec: dict, out: Path) -> tuple[list[str], 
         to_markdown(sim.reset_index().rename(columns={"index": "source"}), "{:.3f}"),
         "\nThe paper's (ResNet-101 features):\n",
         to_markdown(paper_sim, "{:.3f}"),
-        "\n![similarity](../similarity/" + spec["feature_model"] + "/heatmap.png)\n",
+        f"\n![similarity]({heatmap})\n",
         "\n## Similarity vs fine-tune accuracy\n",
         f"Over {corr_gain['n']} (source, target) pairs, similarity vs accuracy relative to the target's mean: "
         f"Spearman ρ = {corr_gain['spearman']:.3f} (p = {corr_gain['spearman_p']:.3g}), "
