@@ -97,8 +97,8 @@ def test_a_folder_renamed_in_the_layout_alone_keeps_study_report_lineage_and_aud
     renamed in finetail/layout.py only; the study runs, its report reads the renamed cells,
     and lineage (by cell and by metrics.json) and audit find everything."""
     code = tmp_path / "code"
-    shutil.copytree(ROOT / "workflow", code / "workflow")
-    shutil.copytree(ROOT / "src", code / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    for folder in ("workflow", "envs", "src"):
+        shutil.copytree(ROOT / folder, code / folder, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "Snakefile", code / "Snakefile")
     shutil.copy(ROOT / "config.yaml", code / "config.yaml")
     layout_py = code / "src" / "finetail" / "layout.py"
