@@ -31,7 +31,6 @@ import importlib
 import math
 import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -40,6 +39,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from .fileio import atomic_write
 
 __all__ = [
     "DEFAULT_GAMMA",
@@ -280,15 +281,12 @@ def save_class_stats(path: str | os.PathLike[str], stats: ClassStats, **meta: An
     for key, value in merged.items():
         arrays[key] = np.asarray(value, dtype=np.str_)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:  # a file object: np.savez would append ".npz" to the temp name
             np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, save)
     return path
 
 
