@@ -198,14 +198,14 @@ def cmd_features(a: argparse.Namespace) -> None:
 
 
 def cmd_similarity(a: argparse.Namespace) -> None:
-    from .similarity import load_class_stats, plot_similarity_heatmap, similarity_matrix
+    from .similarity import DEFAULT_MIN_SOURCE_IMAGES, load_class_stats, plot_similarity_heatmap, similarity_matrix
 
     spec = json.loads(a.spec)
     load = lambda name: load_class_stats(Path(a.features_dir) / f"{name}.npz")  # noqa: E731
     sources = {s: load(s) for s in spec["sources"]}
     targets = {t: load(t) for t in spec["targets"]}
     gamma = spec.get("gamma", 0.01)
-    sim, emd = similarity_matrix(sources, targets, gamma, spec.get("min_source_images", 0))
+    sim, emd = similarity_matrix(sources, targets, gamma, spec.get("min_source_images", DEFAULT_MIN_SOURCE_IMAGES))
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sim.to_csv(out / "matrix.csv", float_format="%.6f")
@@ -216,14 +216,14 @@ def cmd_similarity(a: argparse.Namespace) -> None:
 
 def cmd_select(a: argparse.Namespace) -> None:
     from .selection import concat_class_stats, greedy_select
-    from .similarity import load_class_stats
+    from .similarity import DEFAULT_MIN_SOURCE_IMAGES, load_class_stats
 
     spec = json.loads(a.spec)
     pool = concat_class_stats(*(load_class_stats(Path(a.features_dir) / f"{p}.npz") for p in spec["pool"]))
     targets = {t: load_class_stats(Path(a.features_dir) / f"{t}.npz") for t in spec["targets"]}
     chosen = greedy_select(
         pool, targets, top_k=spec.get("top_k"), threshold=spec.get("threshold"),
-        gamma=spec.get("gamma", 0.01), min_source_images=spec.get("min_source_images", 0),
+        gamma=spec.get("gamma", 0.01), min_source_images=spec.get("min_source_images", DEFAULT_MIN_SOURCE_IMAGES),
     )
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     chosen.to_csv(a.out, index=False, float_format="%.6f")

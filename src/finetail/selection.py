@@ -21,6 +21,7 @@ import pandas as pd
 
 from finetail.similarity import (
     DEFAULT_GAMMA,
+    DEFAULT_MIN_SOURCE_IMAGES,
     ClassStats,
     check_gamma,
     check_min_images,
@@ -96,7 +97,7 @@ def greedy_select(
     top_k: int | None = None,
     threshold: float | None = None,
     gamma: float = DEFAULT_GAMMA,
-    min_source_images: int = 0,
+    min_source_images: int = DEFAULT_MIN_SOURCE_IMAGES,
 ) -> pd.DataFrame:
     """Select the source classes most similar to any of the target domains.
 
@@ -117,7 +118,8 @@ def greedy_select(
     threshold : float, optional
         Minimum similarity, in [0, 1].
     gamma : float, default 0.01
-    min_source_images : int, default 0
+    min_source_images : int, default DEFAULT_MIN_SOURCE_IMAGES (200)
+        0 keeps every source class.
 
     Returns
     -------
@@ -143,7 +145,7 @@ def greedy_select(
     --------
     >>> src = ClassStats([[0.0], [4.0], [9.0]], [10, 10, 10], ["a", "b", "c"])
     >>> tgt = {"t": ClassStats([[1.0]], [5], ["x"])}
-    >>> greedy_select(src, tgt, top_k=2)["class_name"].tolist()
+    >>> greedy_select(src, tgt, top_k=2, min_source_images=0)["class_name"].tolist()
     ['a', 'b']
     """
     if (top_k is None) == (threshold is None):

@@ -11,7 +11,8 @@ domains is the Earth Mover's Distance between the two weighted point sets,
 
 with weights proportional to image counts (each side normalised to sum 1), and the
 domain similarity is ``exp(-gamma * d)`` with ``gamma = 0.01``. Source classes with fewer
-than ``min_source_images`` images are dropped first (the reference notebook used 200).
+than ``min_source_images`` images are dropped first (:data:`DEFAULT_MIN_SOURCE_IMAGES`, 200,
+as in the reference notebook).
 
 The full EMD is solved exactly with POT's network simplex (``ot.emd2``); a solver that stops
 before optimality raises :class:`EMDNotConverged`. For a single source class (a point mass)
@@ -44,6 +45,7 @@ from .fileio import atomic_write
 
 __all__ = [
     "DEFAULT_GAMMA",
+    "DEFAULT_MIN_SOURCE_IMAGES",
     "DEFAULT_NUM_ITER_MAX",
     "ClassStats",
     "EMDNotConverged",
@@ -62,6 +64,12 @@ __all__ = [
 
 DEFAULT_GAMMA = 0.01
 """The paper's ``gamma`` in ``similarity = exp(-gamma * EMD)``."""
+
+DEFAULT_MIN_SOURCE_IMAGES = 200
+"""Source classes with fewer training images are dropped (the reference notebook's 200). The
+one default of ``min_source_images``: the functions here, :func:`finetail.selection.greedy_select`
+and ``finetail similarity`` / ``finetail select`` use it, and the config schema's
+``transfer.similarity.min_source_images`` default equals it (a test checks)."""
 
 DEFAULT_NUM_ITER_MAX = 100_000_000
 """Network-simplex iteration cap for :func:`domain_similarity` (POT's default is 1e5, too
@@ -528,7 +536,7 @@ def domain_similarity(
     target_means: Any,
     target_counts: Any,
     gamma: float = DEFAULT_GAMMA,
-    min_source_images: int = 0,
+    min_source_images: int = DEFAULT_MIN_SOURCE_IMAGES,
     *,
     num_iter_max: int = DEFAULT_NUM_ITER_MAX,
 ) -> tuple[float, float]:
@@ -547,8 +555,8 @@ def domain_similarity(
     target_means : array_like, shape (C_t, D)
     target_counts : array_like of int, shape (C_t,)
     gamma : float, default 0.01
-    min_source_images : int, default 0
-        The reference notebook used 200.
+    min_source_images : int, default DEFAULT_MIN_SOURCE_IMAGES (200)
+        0 keeps every source class.
     num_iter_max : int, keyword-only
         Network-simplex iteration cap passed to ``ot.emd2``.
 
@@ -569,7 +577,7 @@ def domain_similarity(
 
     Examples
     --------
-    >>> sim, d = domain_similarity([[0.0, 0.0]], [100], [[3.0, 4.0]], [50])
+    >>> sim, d = domain_similarity([[0.0, 0.0]], [300], [[3.0, 4.0]], [50])
     >>> d, round(sim, 6)  # exp(-0.01 * 5)
     (5.0, 0.951229)
     """
@@ -612,7 +620,7 @@ def similarity_matrix(
     sources: Mapping[str, ClassStats],
     targets: Mapping[str, ClassStats],
     gamma: float = DEFAULT_GAMMA,
-    min_source_images: int = 0,
+    min_source_images: int = DEFAULT_MIN_SOURCE_IMAGES,
     *,
     num_iter_max: int = DEFAULT_NUM_ITER_MAX,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -624,7 +632,7 @@ def similarity_matrix(
         Domains by name, all in one feature space (same ``D``; if ``meta["model"]`` is set it
         must agree across all of them).
     gamma : float, default 0.01
-    min_source_images : int, default 0
+    min_source_images : int, default DEFAULT_MIN_SOURCE_IMAGES (200)
         Applied to source domains only.
     num_iter_max : int, keyword-only
         See :func:`domain_similarity`.
@@ -640,7 +648,7 @@ def similarity_matrix(
     --------
     >>> src = {"s": ClassStats([[0.0]], [1], ["a"])}
     >>> tgt = {"t": ClassStats([[10.0]], [1], ["b"])}
-    >>> sim, emd = similarity_matrix(src, tgt)
+    >>> sim, emd = similarity_matrix(src, tgt, min_source_images=0)
     >>> float(emd.loc["s", "t"]), round(float(sim.loc["s", "t"]), 4)
     (10.0, 0.9048)
     """
