@@ -47,8 +47,7 @@ def test_atomic_write_mode_follows_the_umask_not_mkstemp(tmp_path):
     plain = tmp_path / "plain.txt"
     plain.write_text("p")
     atomic_write(tmp_path / "atomic.txt", lambda tmp: tmp.write_text("a"))
-    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
-    assert mode(tmp_path / "atomic.txt") == mode(plain)
+    assert stat.S_IMODE(os.stat(tmp_path / "atomic.txt").st_mode) == stat.S_IMODE(os.stat(plain).st_mode)
 
 
 @pytest.mark.parametrize("algorithm", ["sha256", "md5"])

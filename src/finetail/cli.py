@@ -198,7 +198,12 @@ def cmd_features(a: argparse.Namespace) -> None:
 
 
 def cmd_similarity(a: argparse.Namespace) -> None:
-    from .similarity import DEFAULT_MIN_SOURCE_IMAGES, load_class_stats, plot_similarity_heatmap, similarity_matrix
+    from .similarity import (
+        DEFAULT_MIN_SOURCE_IMAGES,
+        load_class_stats,
+        plot_similarity_heatmap,
+        similarity_matrix,
+    )
 
     spec = json.loads(a.spec)
     load = lambda name: load_class_stats(Path(a.features_dir) / f"{name}.npz")  # noqa: E731

@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .fileio import atomic_write, file_sha256  # re-exported: callers import them from here too
+# Re-exported: cli.py, engine.py, training/job.py and tests import them from here.
+from .fileio import atomic_write, file_sha256
 
 __all__ = [
     "ArraySplit",

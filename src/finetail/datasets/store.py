@@ -439,7 +439,7 @@ def pre_resize(
                 buf = io.BytesIO()
                 im.save(buf, format="JPEG", quality=quality)
                 data = buf.getvalue()
-                atomic_write(dst, lambda tmp: tmp.write_bytes(data))
+                atomic_write(dst, lambda tmp, data=data: tmp.write_bytes(data))
             paths.append(dst_rel)
             widths.append(w)
             heights.append(h)
