@@ -125,3 +125,12 @@ def test_default_study_is_found_from_another_working_directory(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "results/default/report/summary.md" in r.stdout
+
+
+def test_schema_min_source_images_default_is_the_library_default():
+    from finetail.config import SCHEMA
+    from finetail.similarity import DEFAULT_MIN_SOURCE_IMAGES
+
+    schema = yaml.safe_load(SCHEMA.read_text())
+    prop = schema["properties"]["transfer"]["properties"]["similarity"]["properties"]["min_source_images"]
+    assert prop["default"] == DEFAULT_MIN_SOURCE_IMAGES

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 import pytest
 
-from finetail.selection import SELECTION_COLUMNS, concat_class_stats, greedy_select
-from finetail.similarity import ClassStats
+from finetail import selection
+from finetail.selection import SELECTION_COLUMNS, concat_class_stats
+from finetail.similarity import DEFAULT_MIN_SOURCE_IMAGES, ClassStats
+
+# The toy world has 5-60 images per class: the min_source_images filter (default
+# DEFAULT_MIN_SOURCE_IMAGES = 200) is off here unless a test sets it.
+greedy_select = functools.partial(selection.greedy_select, min_source_images=0)
 
 # 1-d toy world. Target T1: classes at 0 (3 images) and 4 (1 image), so a source class at x
 # has point-mass EMD (3|x| + |x - 4|) / 4. Target T2: one class at 10, EMD |x - 10|.
@@ -106,6 +112,12 @@ def test_min_source_images_eligibility(source, targets):
     assert sorted(out["class_name"]) == ["c", "d", "f"]
     with pytest.raises(ValueError, match="no eligible source class"):
         greedy_select(source, targets, top_k=2, min_source_images=61)
+
+
+def test_min_source_images_default_is_the_constant():
+    src = ClassStats([[0.0], [1.0]], [DEFAULT_MIN_SOURCE_IMAGES - 1, DEFAULT_MIN_SOURCE_IMAGES], ["near", "far"])
+    out = selection.greedy_select(src, {"T": ClassStats([[0.0]], [1], ["t"])}, top_k=2)
+    assert out["class_name"].tolist() == ["far"]  # "near" is one image short
 
 
 def test_gamma_changes_scores_not_ranking(source, targets):

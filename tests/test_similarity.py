@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import subprocess
 import sys
@@ -12,11 +13,12 @@ import pandas as pd
 import pytest
 from scipy.optimize import linprog
 
+from finetail import similarity as fs
 from finetail.similarity import (
+    DEFAULT_MIN_SOURCE_IMAGES,
     ClassStats,
     EMDNotConverged,
     class_to_domain_emd,
-    domain_similarity,
     euclidean_distances,
     load_class_stats,
     plot_similarity_heatmap,
@@ -25,6 +27,10 @@ from finetail.similarity import (
     similarity_from_emd,
     similarity_matrix,
 )
+
+# The EMD tests use toy counts (a few images per class): they turn the min_source_images
+# filter (default DEFAULT_MIN_SOURCE_IMAGES = 200) off; the filter has tests of its own.
+domain_similarity = functools.partial(fs.domain_similarity, min_source_images=0)
 
 
 def lp_emd(xs, ws, xt, wt):
@@ -112,6 +118,16 @@ def test_euclidean_distances_exact_for_coincident_points():
     np.testing.assert_array_equal(np.diag(d), 0.0)
     ref = np.linalg.norm(a[:, None] - a[None], axis=2)
     np.testing.assert_allclose(d, ref, rtol=1e-10, atol=0)
+
+
+def test_min_source_images_default_is_the_constant():
+    assert DEFAULT_MIN_SOURCE_IMAGES == 200
+    src = np.array([[0.0], [100.0]])
+    _, d = fs.domain_similarity(src, [DEFAULT_MIN_SOURCE_IMAGES, DEFAULT_MIN_SOURCE_IMAGES - 1], [[0.0]], [1])
+    assert d == 0.0  # the class one image short is dropped
+    a = ClassStats(src, [DEFAULT_MIN_SOURCE_IMAGES, DEFAULT_MIN_SOURCE_IMAGES - 1], ["a0", "a1"])
+    _, emd = similarity_matrix({"A": a}, {"T": ClassStats([[0.0]], [1], ["t"])})
+    assert emd.loc["A", "T"] == 0.0
 
 
 def test_min_source_images_filter():
@@ -217,7 +233,7 @@ def test_heatmap_writes_png(tmp_path):
 def test_no_heavy_imports():
     code = (
         "import sys, numpy as np, finetail.similarity as fs, finetail.selection; "
-        "fs.domain_similarity(np.eye(3), [1, 2, 3], np.ones((2, 3)), [1, 1]); "
+        "fs.domain_similarity(np.eye(3), [1, 2, 3], np.ones((2, 3)), [1, 1], min_source_images=0); "
         "print(','.join(m for m in ('snakemake', 'mlflow', 'torch', 'matplotlib') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["ConfigError", "MODEL_PATTERN", "NAME_PATTERN", "SCHEMA", "WEIGHTS_PATTERN", "check_config", "load_config",
-           "train_spec"]
+__all__ = ["ConfigError", "MODEL_PATTERN", "NAME_PATTERN", "SCHEMA", "WEIGHTS_PATTERN", "check_config", "load_config"]
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
@@ -221,8 +220,3 @@ def load_config(path: str | Path, schema: str | Path = SCHEMA) -> dict:
 def imbalance_tag(imbalance: float) -> str:
     """Imbalance factor as used in paths: 100 -> "100", 12.5 -> "12.5"."""
     return f"{imbalance:g}"
-
-
-def train_spec(recipe: dict, loss: dict, shots: dict) -> dict:
-    """The config subtree a training job depends on, as the CLI's ``--spec`` takes it."""
-    return {"recipe": dict(recipe), "loss": dict(loss), "shots": dict(shots)}

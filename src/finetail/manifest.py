@@ -20,13 +20,15 @@ image is copied.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+# Re-exported: cli.py, engine.py, training/job.py and tests import them from here.
+from .fileio import atomic_write, file_sha256
 
 __all__ = [
     "ArraySplit",
@@ -47,25 +49,6 @@ __all__ = [
 REQUIRED = ("label", "class_name", "split")
 STORE_SHA256 = "store_sha256"  # array manifests: sha256 of the row's .npy store
 FILE_SHA256 = "sha256"  # file manifests: sha256 of the row's image file
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def atomic_write(path: str | Path, write) -> None:
-    """Call ``write(tmp)`` on a temp file beside ``path``, then ``os.replace`` it into place:
-    readers see the old file or the whole new one, never a partial write."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def write_manifest(df: pd.DataFrame, path: str | Path) -> None:

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .fileio import atomic_write
 from .layout import Layout
-from .manifest import atomic_write
 from .record import MetricsRecord
 
 __all__ = ["build_report", "cbloss_frame", "paper_table", "to_markdown"]

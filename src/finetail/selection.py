@@ -22,6 +22,7 @@ import pandas as pd
 
 from finetail.similarity import (
     DEFAULT_GAMMA,
+    DEFAULT_MIN_SOURCE_IMAGES,
     ClassStats,
     check_gamma,
     check_min_images,
@@ -98,7 +99,7 @@ def greedy_select(
     top_k: int | None = None,
     threshold: float | None = None,
     gamma: float = DEFAULT_GAMMA,
-    min_source_images: int = 0,
+    min_source_images: int = DEFAULT_MIN_SOURCE_IMAGES,
 ) -> pd.DataFrame:
     """Select the source classes most similar to any of the target domains.
 
@@ -119,7 +120,8 @@ def greedy_select(
     threshold : float, optional
         Minimum similarity, in [0, 1].
     gamma : float, default 0.01
-    min_source_images : int, default 0
+    min_source_images : int, default DEFAULT_MIN_SOURCE_IMAGES (200)
+        0 keeps every source class.
 
     Returns
     -------
@@ -145,39 +147,15 @@ def greedy_select(
     --------
     >>> src = ClassStats([[0.0], [4.0], [9.0]], [10, 10, 10], ["a", "b", "c"])
     >>> tgt = {"t": ClassStats([[1.0]], [5], ["x"])}
-    >>> greedy_select(src, tgt, top_k=2)["class_name"].tolist()
+    >>> greedy_select(src, tgt, top_k=2, min_source_images=0)["class_name"].tolist()
     ['a', 'b']
     """
-    if (top_k is None) == (threshold is None):
-        raise ValueError("give exactly one of top_k and threshold")
-    if top_k is not None:
-        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
-            raise ValueError(f"top_k must be a positive integer; got {top_k!r}")
-        top_k = int(top_k)
-    if threshold is not None:
-        threshold = float(threshold)
-        if not math.isfinite(threshold) or not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold must be a similarity in [0, 1]; got {threshold!r}")
+    top_k, threshold = _check_rule(top_k, threshold)
     gamma = check_gamma(gamma)
     min_source_images = check_min_images(min_source_images)
-    if not isinstance(source, ClassStats):
-        raise TypeError(f"source must be a ClassStats; got {type(source).__name__}")
-    if not targets:
-        raise ValueError("targets must name at least one target domain")
-    for name, st in targets.items():
-        if not isinstance(st, ClassStats):
-            raise TypeError(f"target {name!r} must be a ClassStats; got {type(st).__name__}")
-        if _TARGET_SEP in str(name):
-            raise ValueError(f"target name {name!r} must not contain {_TARGET_SEP!r}")
-        if st.dim != source.dim:
-            raise ValueError(f"feature dimensions differ: source {source.dim} vs target {name!r} {st.dim}")
+    _check_domains(source, targets)
 
-    eligible = np.flatnonzero(source.counts >= min_source_images)
-    if eligible.size == 0:
-        raise ValueError(
-            f"no eligible source class: all {source.num_classes} have fewer than "
-            f"min_source_images={min_source_images} images"
-        )
+    eligible = _eligible(source, min_source_images)
     names = np.asarray(source.class_names, dtype=object)[eligible]
     counts = source.counts[eligible]
     means = source.means[eligible]
@@ -198,8 +176,54 @@ def greedy_select(
             chosen_by[i].append(str(tname))
             if sim[i] > best_score[i]:
                 best_score[i], best_target[i] = sim[i], str(tname)
+    return _selection_frame(names, counts, best_score, best_target, chosen_by)
 
-    sel = np.array([i for i in range(eligible.size) if chosen_by[i]], dtype=np.int64)
+
+def _check_rule(top_k, threshold) -> tuple[int | None, float | None]:
+    """Exactly one of ``top_k`` (a positive int) and ``threshold`` (a similarity in [0, 1])."""
+    if (top_k is None) == (threshold is None):
+        raise ValueError("give exactly one of top_k and threshold")
+    if top_k is not None:
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+            raise ValueError(f"top_k must be a positive integer; got {top_k!r}")
+        top_k = int(top_k)
+    if threshold is not None:
+        threshold = float(threshold)
+        if not math.isfinite(threshold) or not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be a similarity in [0, 1]; got {threshold!r}")
+    return top_k, threshold
+
+
+def _check_domains(source: ClassStats, targets: Mapping[str, ClassStats]) -> None:
+    """ClassStats on both sides, at least one target, names free of the separator, one ``D``."""
+    if not isinstance(source, ClassStats):
+        raise TypeError(f"source must be a ClassStats; got {type(source).__name__}")
+    if not targets:
+        raise ValueError("targets must name at least one target domain")
+    for name, st in targets.items():
+        if not isinstance(st, ClassStats):
+            raise TypeError(f"target {name!r} must be a ClassStats; got {type(st).__name__}")
+        if _TARGET_SEP in str(name):
+            raise ValueError(f"target name {name!r} must not contain {_TARGET_SEP!r}")
+        if st.dim != source.dim:
+            raise ValueError(f"feature dimensions differ: source {source.dim} vs target {name!r} {st.dim}")
+
+
+def _eligible(source: ClassStats, min_source_images: int) -> np.ndarray:
+    """Indices of the source classes with at least ``min_source_images`` images; none is an error."""
+    eligible = np.flatnonzero(source.counts >= min_source_images)
+    if eligible.size == 0:
+        raise ValueError(
+            f"no eligible source class: all {source.num_classes} have fewer than "
+            f"min_source_images={min_source_images} images"
+        )
+    return eligible
+
+
+def _selection_frame(names, counts, best_score, best_target, chosen_by) -> pd.DataFrame:
+    """The selected classes (those some target chose) as :data:`SELECTION_COLUMNS`, sorted by
+    score descending then class name, with a fresh index."""
+    sel = np.array([i for i in range(len(names)) if chosen_by[i]], dtype=np.int64)
     result = pd.DataFrame(
         {
             "class_name": pd.Series(names[sel], dtype=object),
@@ -221,7 +245,7 @@ def write_selection(features_dir: Path, spec: dict, out: Path) -> str:
     targets = {t: load_class_stats(features_dir / f"{t}.npz") for t in spec["targets"]}
     chosen = greedy_select(
         pool, targets, top_k=spec.get("top_k"), threshold=spec.get("threshold"),
-        gamma=spec.get("gamma", DEFAULT_GAMMA), min_source_images=spec.get("min_source_images", 0),
+        gamma=spec.get("gamma", DEFAULT_GAMMA), min_source_images=spec.get("min_source_images", DEFAULT_MIN_SOURCE_IMAGES),
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     chosen.to_csv(out, index=False, float_format="%.6f")

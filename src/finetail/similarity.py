@@ -11,7 +11,8 @@ domains is the Earth Mover's Distance between the two weighted point sets,
 
 with weights proportional to image counts (each side normalised to sum 1), and the
 domain similarity is ``exp(-gamma * d)`` with ``gamma = 0.01``. Source classes with fewer
-than ``min_source_images`` images are dropped first (the reference notebook used 200).
+than ``min_source_images`` images are dropped first (:data:`DEFAULT_MIN_SOURCE_IMAGES`, 200,
+as in the reference notebook).
 
 The full EMD is solved exactly with POT's network simplex (``ot.emd2``); a solver that stops
 before optimality raises :class:`EMDNotConverged`. For a single source class (a point mass)
@@ -31,7 +32,6 @@ import importlib
 import math
 import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -41,8 +41,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .fileio import atomic_write
+
 __all__ = [
     "DEFAULT_GAMMA",
+    "DEFAULT_MIN_SOURCE_IMAGES",
     "DEFAULT_NUM_ITER_MAX",
     "ClassStats",
     "EMDNotConverged",
@@ -62,6 +65,12 @@ __all__ = [
 
 DEFAULT_GAMMA = 0.01
 """The paper's ``gamma`` in ``similarity = exp(-gamma * EMD)``."""
+
+DEFAULT_MIN_SOURCE_IMAGES = 200
+"""Source classes with fewer training images are dropped (the reference notebook's 200). The
+one default of ``min_source_images``: the functions here, :func:`finetail.selection.greedy_select`
+and ``finetail similarity`` / ``finetail select`` use it, and the config schema's
+``transfer.similarity.min_source_images`` default equals it (a test checks)."""
 
 DEFAULT_NUM_ITER_MAX = 100_000_000
 """Network-simplex iteration cap for :func:`domain_similarity` (POT's default is 1e5, too
@@ -281,15 +290,12 @@ def save_class_stats(path: str | os.PathLike[str], stats: ClassStats, **meta: An
     for key, value in merged.items():
         arrays[key] = np.asarray(value, dtype=np.str_)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:  # a file object: np.savez would append ".npz" to the temp name
             np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, save)
     return path
 
 
@@ -531,7 +537,7 @@ def domain_similarity(
     target_means: Any,
     target_counts: Any,
     gamma: float = DEFAULT_GAMMA,
-    min_source_images: int = 0,
+    min_source_images: int = DEFAULT_MIN_SOURCE_IMAGES,
     *,
     num_iter_max: int = DEFAULT_NUM_ITER_MAX,
 ) -> tuple[float, float]:
@@ -550,8 +556,8 @@ def domain_similarity(
     target_means : array_like, shape (C_t, D)
     target_counts : array_like of int, shape (C_t,)
     gamma : float, default 0.01
-    min_source_images : int, default 0
-        The reference notebook used 200.
+    min_source_images : int, default DEFAULT_MIN_SOURCE_IMAGES (200)
+        0 keeps every source class.
     num_iter_max : int, keyword-only
         Network-simplex iteration cap passed to ``ot.emd2``.
 
@@ -572,7 +578,7 @@ def domain_similarity(
 
     Examples
     --------
-    >>> sim, d = domain_similarity([[0.0, 0.0]], [100], [[3.0, 4.0]], [50])
+    >>> sim, d = domain_similarity([[0.0, 0.0]], [300], [[3.0, 4.0]], [50])
     >>> d, round(sim, 6)  # exp(-0.01 * 5)
     (5.0, 0.951229)
     """
@@ -615,7 +621,7 @@ def similarity_matrix(
     sources: Mapping[str, ClassStats],
     targets: Mapping[str, ClassStats],
     gamma: float = DEFAULT_GAMMA,
-    min_source_images: int = 0,
+    min_source_images: int = DEFAULT_MIN_SOURCE_IMAGES,
     *,
     num_iter_max: int = DEFAULT_NUM_ITER_MAX,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -627,7 +633,7 @@ def similarity_matrix(
         Domains by name, all in one feature space (same ``D``; if ``meta["model"]`` is set it
         must agree across all of them).
     gamma : float, default 0.01
-    min_source_images : int, default 0
+    min_source_images : int, default DEFAULT_MIN_SOURCE_IMAGES (200)
         Applied to source domains only.
     num_iter_max : int, keyword-only
         See :func:`domain_similarity`.
@@ -643,7 +649,7 @@ def similarity_matrix(
     --------
     >>> src = {"s": ClassStats([[0.0]], [1], ["a"])}
     >>> tgt = {"t": ClassStats([[10.0]], [1], ["b"])}
-    >>> sim, emd = similarity_matrix(src, tgt)
+    >>> sim, emd = similarity_matrix(src, tgt, min_source_images=0)
     >>> float(emd.loc["s", "t"]), round(float(sim.loc["s", "t"]), 4)
     (10.0, 0.9048)
     """
@@ -755,7 +761,7 @@ def write_similarity(features_dir: Path, spec: dict, out: Path) -> str:
     sources = {s: load_class_stats(features_dir / f"{s}.npz") for s in spec["sources"]}
     targets = {t: load_class_stats(features_dir / f"{t}.npz") for t in spec["targets"]}
     gamma = spec.get("gamma", DEFAULT_GAMMA)
-    sim, emd = similarity_matrix(sources, targets, gamma, spec.get("min_source_images", 0))
+    sim, emd = similarity_matrix(sources, targets, gamma, spec.get("min_source_images", DEFAULT_MIN_SOURCE_IMAGES))
     out.mkdir(parents=True, exist_ok=True)
     sim.to_csv(out / "matrix.csv", float_format="%.6f")
     emd.to_csv(out / "emd.csv", float_format="%.6f")

@@ -719,76 +719,98 @@ def _blend(img: np.ndarray, colour: np.ndarray, mask: np.ndarray) -> None:
     img += tmp
 
 
-def _render_chunk(spec: ClassSpec, u: np.ndarray, world: WorldConfig, noise_rng: np.random.Generator) -> np.ndarray:
-    """Render images from per-image uniforms ``u`` (n, _N_POSE) -> uint8 (n, H, W, 3)."""
-    n, size = u.shape[0], world.image_size
-    lin = (np.arange(size, dtype=_F32) + _F32(0.5)) * _F32(2.0 / size) - _F32(1.0)
-    gx = lin[None, None, :]  # (1, 1, W) image x in [-1, 1]
-    gy = lin[None, :, None]  # (1, H, 1)
+def _per_image(values) -> np.ndarray:
+    """Per-image values (n,) -> (n, 1, 1) float32, to broadcast over an image."""
+    return np.asarray(values, dtype=_F32)[:, None, None]
 
-    def per_image(values) -> np.ndarray:  # (n,) -> (n, 1, 1) float32
-        return np.asarray(values, dtype=_F32)[:, None, None]
 
-    def rgb(h, s, v) -> np.ndarray:  # per-image colour -> (n, 3, 1, 1) float32
-        h, s, v = np.broadcast_arrays(h, s, v, np.zeros(n))[:3]
-        return _hsv_to_rgb(h, np.clip(s, 0, 1), np.clip(v, 0, 1)).astype(_F32)[:, :, None, None]
+def _rgb(n: int, h, s, v) -> np.ndarray:
+    """Per-image colour (each of h, s, v a scalar or (n,)) -> (n, 3, 1, 1) float32."""
+    h, s, v = np.broadcast_arrays(h, s, v, np.zeros(n))[:3]
+    return _hsv_to_rgb(h, np.clip(s, 0, 1), np.clip(v, 0, 1)).astype(_F32)[:, :, None, None]
 
-    # pose: object frame coordinates (n, H, W), object radius ~ 1
+
+def _object_frame(u: np.ndarray, world: WorldConfig, gx: np.ndarray, gy: np.ndarray):
+    """Object-frame coordinates ``x, y`` (n, H, W) from the pose uniforms (object radius ~ 1),
+    one pixel in object units ``px_obj`` (n,) and ``aa`` (n, 1, 1), distance -> pixels for
+    anti-aliased edges."""
     p = u[:, _U_POSE:]
     cx, cy = (p[:, 0] * 2 - 1) * world.position, (p[:, 1] * 2 - 1) * world.position
     scale = 0.34 + 0.2 * p[:, 2]
     theta = np.deg2rad((p[:, 3] * 2 - 1) * world.rotation)
-    cos_s, sin_s = per_image(np.cos(theta) / scale), per_image(np.sin(theta) / scale)
-    dx, dy = gx - per_image(cx), gy - per_image(cy)
+    cos_s, sin_s = _per_image(np.cos(theta) / scale), _per_image(np.sin(theta) / scale)
+    dx, dy = gx - _per_image(cx), gy - _per_image(cy)
     x = cos_s * dx + sin_s * dy
     y = cos_s * dy - sin_s * dx
-    px_obj = (2.0 / size) / scale  # one pixel in object units, per image
-    aa = per_image(1.0 / px_obj)  # distance -> pixels, for anti-aliased edges
+    px_obj = (2.0 / world.image_size) / scale
+    aa = _per_image(1.0 / px_obj)
+    return x, y, px_obj, aa
 
-    # background: the realm's palette + two colour gratings + distractors; the realm
-    # (natural: greens and browns, artifact: any hue, greyer) is part of the domain
+
+def _background(spec: ClassSpec, u: np.ndarray, world: WorldConfig, gx: np.ndarray, gy: np.ndarray) -> np.ndarray:
+    """The scene behind the object (n, 3, H, W) float32: the realm's palette (natural: greens
+    and browns, artifact: any hue, greyer; the realm is part of the domain), two colour
+    gratings and all distractors but the last."""
+    n, size = u.shape[0], world.image_size
     b = u[:, _U_BG:]
     if spec.realm == "natural":
-        bg = rgb(0.05 + 0.4 * b[:, 0], 0.2 + 0.35 * b[:, 1], 0.25 + 0.5 * b[:, 2])
+        bg = _rgb(n, 0.05 + 0.4 * b[:, 0], 0.2 + 0.35 * b[:, 1], 0.25 + 0.5 * b[:, 2])
     else:
-        bg = rgb(b[:, 0], 0.05 + 0.2 * b[:, 1], 0.35 + 0.5 * b[:, 2])
+        bg = _rgb(n, b[:, 0], 0.05 + 0.2 * b[:, 1], 0.35 + 0.5 * b[:, 2])
     img = np.broadcast_to(bg, (n, 3, size, size)).copy()
     clutter = _F32(world.clutter)
     if world.clutter > 0:
         for j in range(2):
             g = u[:, _U_GRATING + 4 * j :]
             kfreq = 1.5 + 5.0 * g[:, 1]  # radians per half-width unit
-            kx = per_image(kfreq * np.cos(2 * math.pi * g[:, 0]))
-            ky = per_image(kfreq * np.sin(2 * math.pi * g[:, 0]))
-            wave = np.cos(kx * gx + ky * gy + per_image(2 * math.pi * g[:, 2]))
-            img += (clutter * _F32(0.3)) * wave[:, None] * (rgb(g[:, 3], 0.5, 0.5) - _F32(0.25))
+            kx = _per_image(kfreq * np.cos(2 * math.pi * g[:, 0]))
+            ky = _per_image(kfreq * np.sin(2 * math.pi * g[:, 0]))
+            wave = np.cos(kx * gx + ky * gy + _per_image(2 * math.pi * g[:, 2]))
+            img += (clutter * _F32(0.3)) * wave[:, None] * (_rgb(n, g[:, 3], 0.5, 0.5) - _F32(0.25))
         for j in range(_N_DISTRACT - 1):
             img = _draw_distractor(img, u[:, _U_DISTRACT + 5 * j :], gx, gy, clutter, size, spec.realm)
+    return img
 
-    # body with its surface pattern; some artifacts come in several colours (cars, ...)
+
+def _look_jitter(u: np.ndarray, world: WorldConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image hue shift and value factor (n,), shared by the body, its pattern and its part."""
     look = u[:, _U_LOOK:]
     hue_jit = (look[:, 0] * 2 - 1) * world.color_jitter
     val_jit = 1.0 + (look[:, 1] - 0.5) * 0.3
+    return hue_jit, val_jit
+
+
+def _draw_body(img, spec: ClassSpec, u, world: WorldConfig, frame, jitter) -> None:
+    """Blend the body with its surface pattern and shading onto ``img`` in place; some
+    artifacts come in several colours (cars, ...)."""
+    x, y, px_obj, aa = frame
+    hue_jit, val_jit = jitter
+    n = u.shape[0]
+    look = u[:, _U_LOOK:]
     bh, bs, bv = spec.body_hsv
     ph, ps, pv = spec.pattern_hsv
     morph = _MORPHS[np.minimum((look[:, 4] * spec.color_morphs).astype(np.int64), spec.color_morphs - 1)]
-    body_rgb = rgb(bh + hue_jit, bs * morph[:, 0], bv * val_jit * morph[:, 1])
-    pat_rgb = rgb(ph + hue_jit, ps, pv * val_jit)
+    body_rgb = _rgb(n, bh + hue_jit, bs * morph[:, 0], bv * val_jit * morph[:, 1])
+    pat_rgb = _rgb(n, ph + hue_jit, ps, pv * val_jit)
     d = _body_distance(spec, x, y)
     mask = np.clip(_F32(0.5) - d * aa, _F32(0.0), _F32(1.0))
     # fade patterns finer than ~4 pixels per cycle (they would only alias)
     freq = spec.pattern_freq if spec.pattern != "spokes" else spec.pattern_freq / (2 * math.pi * 0.6)
     fade = np.clip(2.0 - 4.0 * freq * px_obj, 0.0, 1.0) * spec.pattern_contrast
-    pat = _pattern(spec, x, y, per_image(2 * math.pi * look[:, 2]), per_image(fade))
+    pat = _pattern(spec, x, y, _per_image(2 * math.pi * look[:, 2]), _per_image(fade))
     # light from a random direction gives the body a little shading
     la = 2 * math.pi * look[:, 3]
-    shade = _F32(1.0) + _F32(0.12) * (x * per_image(np.cos(la)) + y * per_image(np.sin(la)))
+    shade = _F32(1.0) + _F32(0.12) * (x * _per_image(np.cos(la)) + y * _per_image(np.sin(la)))
     body = (pat_rgb - body_rgb) * pat[:, None]
     body += body_rgb
     body *= shade[:, None]
     _blend(img, body, mask)
 
-    # secondary part(s)
+
+def _draw_part(img, spec: ClassSpec, frame, jitter) -> None:
+    """Blend the secondary part (a disc, mirrored in x or y for pairs) onto ``img`` in place."""
+    x, y, _, aa = frame
+    hue_jit, val_jit = jitter
     a = math.sqrt(spec.aspect)
     pxc, pyc = _F32(spec.part_xy[0] * a), _F32(spec.part_xy[1] / a)
     pdx, pdy = x - pxc, y - pyc
@@ -800,17 +822,17 @@ def _render_chunk(spec: ClassSpec, u: np.ndarray, world: WorldConfig, noise_rng:
         qdy = y + pyc
         pd = np.minimum(pd, pdx * pdx + qdy * qdy)
     pmask = np.clip(_F32(0.5) - (np.sqrt(pd) - _F32(spec.part_radius)) * aa, _F32(0.0), _F32(1.0))
-    part_rgb = rgb(spec.part_hsv[0] + hue_jit, spec.part_hsv[1], spec.part_hsv[2] * val_jit)
+    part_rgb = _rgb(x.shape[0], spec.part_hsv[0] + hue_jit, spec.part_hsv[1], spec.part_hsv[2] * val_jit)
     _blend(img, part_rgb, pmask)
 
-    # the last distractor sits in front of the object: occlusion
-    if world.clutter > 0:
-        img = _draw_distractor(img, u[:, _U_DISTRACT + 5 * (_N_DISTRACT - 1) :], gx, gy, clutter, size, spec.realm)
 
-    # camera: haze, gain, bias, colour cast, noise
+def _camera(img: np.ndarray, u: np.ndarray, world: WorldConfig, noise_rng: np.random.Generator) -> np.ndarray:
+    """Haze, gain, bias, colour cast and noise on ``img`` (n, 3, H, W) float32 (modified) ->
+    uint8 (n, H, W, 3). The only consumer of ``noise_rng``."""
+    n, size = u.shape[0], world.image_size
     c = u[:, _U_CAMERA:]
     haze = (_HAZE * c[:, 5]).astype(_F32)[:, None, None, None]
-    fog = rgb(c[:, 6], 0.15, 0.4 + 0.4 * c[:, 7])
+    fog = _rgb(n, c[:, 6], 0.15, 0.4 + 0.4 * c[:, 7])
     gain = (0.85 + 0.3 * c[:, 0]).astype(_F32)[:, None, None, None]
     bias = ((c[:, 1:2] - 0.5) * 0.1 + (c[:, 2:5] - 0.5) * 0.08).astype(_F32)[:, :, None, None]
     # 255 * ((img * (1 - haze) + fog * haze) * gain + bias) + 0.5, folded into one affine map
@@ -824,6 +846,27 @@ def _render_chunk(spec: ClassSpec, u: np.ndarray, world: WorldConfig, noise_rng:
     out = np.empty((n, size, size, 3), dtype=_F32)
     np.clip(img.transpose(0, 2, 3, 1), _F32(0.0), _F32(255.0), out=out)
     return out.astype(np.uint8)
+
+
+def _render_chunk(spec: ClassSpec, u: np.ndarray, world: WorldConfig, noise_rng: np.random.Generator) -> np.ndarray:
+    """Render images from per-image uniforms ``u`` (n, _N_POSE) -> uint8 (n, H, W, 3).
+
+    Back to front: background (with all distractors but one), body, part, the last
+    distractor (it occludes the object), camera.
+    """
+    size = world.image_size
+    lin = (np.arange(size, dtype=_F32) + _F32(0.5)) * _F32(2.0 / size) - _F32(1.0)
+    gx = lin[None, None, :]  # (1, 1, W) image x in [-1, 1]
+    gy = lin[None, :, None]  # (1, H, 1)
+    frame = _object_frame(u, world, gx, gy)
+    jitter = _look_jitter(u, world)
+    img = _background(spec, u, world, gx, gy)
+    _draw_body(img, spec, u, world, frame, jitter)
+    _draw_part(img, spec, frame, jitter)
+    if world.clutter > 0:
+        last = u[:, _U_DISTRACT + 5 * (_N_DISTRACT - 1) :]
+        img = _draw_distractor(img, last, gx, gy, _F32(world.clutter), size, spec.realm)
+    return _camera(img, u, world, noise_rng)
 
 
 def render_class(class_name: str, n: int, world: WorldConfig, stream: str = "") -> np.ndarray:

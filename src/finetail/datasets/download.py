@@ -22,7 +22,6 @@ Example
 from __future__ import annotations
 
 import gzip
-import hashlib
 import http.client
 import json
 import lzma
@@ -42,6 +41,7 @@ from pathlib import Path, PurePosixPath
 from tqdm import tqdm
 
 from ..errors import UserError
+from ..fileio import atomic_write, file_digest
 
 __all__ = [
     "ArchiveError",
@@ -52,7 +52,7 @@ __all__ = [
     "UnsafeArchiveError",
     "archive_kind",
     "download",
-    "file_digest",
+    "cached_file_digest",
     "safe_extract",
     "verify",
 ]
@@ -107,20 +107,12 @@ class ManualDownloadRequired(UserError, FileNotFoundError):
 # ----------------------------------------------------------------------------- digests
 
 
-def _hash_file(path: Path, algorithm: str) -> str:
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _cache_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.digests.json")
 
 
-def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
-    """Hex digest of a file, cached next to it by (size, mtime).
+def cached_file_digest(path: str | Path, algorithm: str = "sha256") -> str:
+    """:func:`finetail.fileio.file_digest`, cached next to the file by (size, mtime).
 
     Hashing a 150 GB archive takes minutes, so the digest is remembered in a hidden sidecar
     ``.<name>.digests.json`` and recomputed only when the file's size or mtime changed.
@@ -150,10 +142,11 @@ def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
         if data.get("key") != key:
             data = {}
     if algorithm not in data:
-        data[algorithm] = _hash_file(path, algorithm)
+        data[algorithm] = file_digest(path, algorithm)
         data["key"] = key
+        text = json.dumps(data)
         try:
-            cache.write_text(json.dumps(data))
+            atomic_write(cache, lambda tmp: tmp.write_text(text))
         except OSError:
             pass  # a read-only folder: the digest is still correct, just not cached
     return data[algorithm]
@@ -167,7 +160,7 @@ def _check(path: Path, sha256: str | None, md5: str | None, size: int | None) ->
             raise ChecksumError(path, "size", str(size), str(actual))
     for algorithm, expected in (("sha256", sha256), ("md5", md5)):
         if expected is not None:
-            actual = _hash_file(path, algorithm) if path.name.endswith(".part") else file_digest(path, algorithm)
+            actual = file_digest(path, algorithm) if path.name.endswith(".part") else cached_file_digest(path, algorithm)
             if actual.lower() != expected.lower():
                 raise ChecksumError(path, algorithm, expected.lower(), actual)
 
@@ -338,6 +331,8 @@ def download(
     except ChecksumError as e:
         part.unlink(missing_ok=True)
         raise ChecksumError(dest, e.algorithm, e.expected, e.actual) from None
+    # The .part is not an atomic_write temp file: its fixed name is what lets a later
+    # attempt (or a later run) resume it with Range. Verified, it is renamed the same way.
     os.replace(part, dest)
     return dest
 
@@ -448,7 +443,7 @@ def safe_extract(archive: str | Path, out_dir: str | Path) -> list[Path]:
     kind = archive_kind(archive)
     if kind is None:
         raise ValueError(f"{archive}: not a tar or zip archive")
-    digest = file_digest(archive, "sha256")
+    digest = cached_file_digest(archive, "sha256")
     marker = out_dir / _MARKER
     if marker.exists():
         try:

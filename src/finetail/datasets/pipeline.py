@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..manifest import class_table, write_manifest
-from .download import ChecksumError, ManualDownloadRequired, download, file_digest, safe_extract, verify
+from .download import ChecksumError, ManualDownloadRequired, cached_file_digest, download, safe_extract, verify
 from .parsers import parse_imagefolder
 from .registry import DatasetEntry, get, rebase_url
 from .store import check_image_files, check_on_bad_image, to_array_store
@@ -72,7 +72,7 @@ def fetch(
             path = raw_dir / f.filename
             if not verify(path, f.sha256, f.md5, f.size):
                 algorithm, expected = ("sha256", f.sha256) if f.sha256 else ("md5", f.md5) if f.md5 else ("size", str(f.size))
-                actual = file_digest(path, algorithm) if algorithm != "size" else str(path.stat().st_size)
+                actual = cached_file_digest(path, algorithm) if algorithm != "size" else str(path.stat().st_size)
                 raise ChecksumError(path, algorithm, str(expected), actual)
     else:
         for f in entry.files:
@@ -89,7 +89,7 @@ def _stamp(entry: DatasetEntry, raw_dir: Path, on_bad_image: str) -> dict:
     files = {}
     for f in entry.files:
         p = raw_dir / f.filename
-        files[f.filename] = file_digest(p, "sha256") if p.is_file() else None
+        files[f.filename] = cached_file_digest(p, "sha256") if p.is_file() else None
     return {"dataset": entry.name, "kind": entry.kind, "splits": entry.splits, "homepage": entry.homepage,
             "license": entry.license, "files": files, "on_bad_image": on_bad_image}
 

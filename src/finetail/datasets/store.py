@@ -41,6 +41,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from ..errors import UserError
+from ..fileio import atomic_write
 from ..manifest import FILE_SHA256, read_manifest, write_array_dataset, write_manifest
 
 __all__ = [
@@ -438,9 +439,7 @@ def pre_resize(
                 buf = io.BytesIO()
                 im.save(buf, format="JPEG", quality=quality)
                 data = buf.getvalue()
-                tmp = dst.with_name(dst.name + ".tmp")
-                tmp.write_bytes(data)
-                os.replace(tmp, dst)
+                atomic_write(dst, lambda tmp, data=data: tmp.write_bytes(data))
             paths.append(dst_rel)
             widths.append(w)
             heights.append(h)

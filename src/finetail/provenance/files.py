@@ -16,8 +16,8 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
+from ..fileio import file_sha256
 from ..layout import TRAINING, Layout, parse_train_dir
-from ..manifest import file_sha256
 from ..record import METRICS_JSON, RUN_JSON, MetricsRecord, RunFile
 from ..tracking import TrackingStore, choose_tracking_uri, sqlite_path, sqlite_uri
 

@@ -1,0 +1,95 @@
+"""File writing and hashing shared by every stage (standard library only, no torch).
+
+- :func:`atomic_write`: readers see the old file or the whole new one, never a partial
+  write. Every finished file finetail writes goes through it.
+- :func:`file_digest` (and :func:`file_sha256`, its sha256 shorthand): the hex digest of a
+  file's bytes, streamed in 1 MiB blocks.
+
+Example
+-------
+>>> import tempfile, pathlib
+>>> p = pathlib.Path(tempfile.mkdtemp()) / "a" / "hello.txt"
+>>> atomic_write(p, lambda tmp: tmp.write_text("hello"))
+>>> file_sha256(p)[:12], file_digest(p, "md5")[:12]
+('2cf24dba5fb0', '5d41402abc4b')
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = ["atomic_write", "file_digest", "file_sha256"]
+
+_CHUNK = 1 << 20
+ALGORITHMS = ("sha256", "md5")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# Read once at import: os.umask can only be read by setting it, which is not thread-safe.
+_FILE_MODE = 0o666 & ~_umask()
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
+    """Call ``write(tmp)`` on a temp file beside ``path``, then ``os.replace`` it into place.
+
+    The temp file has a unique name in ``path``'s folder (so the replace is a rename on one
+    file system, and two writers of one path never share a temp file), the mode a plain
+    ``open(path, "w")`` would give (``0o666`` less the umask, not ``mkstemp``'s ``0o600``),
+    and is removed if ``write`` or the replace fails. ``path``'s folder is created.
+
+    Parameters
+    ----------
+    path : str or Path
+        The final file.
+    write : callable
+        Called once with the temp file's ``Path`` (the file exists, empty); writes the whole
+        content to it by name (``tmp.write_text``, ``df.to_parquet(tmp)``, ``torch.save(obj,
+        tmp)``, ``open(tmp, "wb")``). The temp name ends in ``.tmp``: a writer that appends
+        its own suffix to a bare name (``np.save("x")`` writes ``x.npy``) must be given an
+        open file instead.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        os.chmod(tmp, _FILE_MODE)
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
+    """Lower-case hex digest of a file's bytes.
+
+    Parameters
+    ----------
+    path : str or Path
+        The file.
+    algorithm : {"sha256", "md5"}
+        Digest algorithm.
+    """
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}; got {algorithm!r}")
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        while block := f.read(_CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes: ``file_digest(path, "sha256")``."""
+    return file_digest(path, "sha256")

@@ -1,0 +1,76 @@
+"""finetail.fileio: the one atomic writer and the one file hash."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+
+import pytest
+
+from finetail import fileio, manifest
+from finetail.fileio import atomic_write, file_digest, file_sha256
+
+
+def test_atomic_write_creates_folder_and_replaces(tmp_path):
+    path = tmp_path / "a" / "b" / "out.txt"
+    atomic_write(path, lambda tmp: tmp.write_text("one"))
+    assert path.read_text() == "one"
+    atomic_write(path, lambda tmp: tmp.write_text("two"))
+    assert path.read_text() == "two"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["out.txt"]
+
+
+def test_atomic_write_temp_is_unique_and_beside_the_target(tmp_path):
+    seen = []
+    for _ in range(2):
+        atomic_write(tmp_path / "x.bin", lambda tmp: (seen.append(tmp), tmp.write_bytes(b"x")))
+    assert seen[0] != seen[1]
+    assert all(t.parent == tmp_path and t.name.startswith(".x.bin.") and t.name.endswith(".tmp") for t in seen)
+
+
+def test_atomic_write_failure_keeps_the_old_file_and_removes_the_temp(tmp_path):
+    path = tmp_path / "out.txt"
+    path.write_text("old")
+
+    def boom(tmp):
+        tmp.write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_write(path, boom)
+    assert path.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+
+
+def test_atomic_write_mode_follows_the_umask_not_mkstemp(tmp_path):
+    plain = tmp_path / "plain.txt"
+    plain.write_text("p")
+    atomic_write(tmp_path / "atomic.txt", lambda tmp: tmp.write_text("a"))
+    assert stat.S_IMODE(os.stat(tmp_path / "atomic.txt").st_mode) == stat.S_IMODE(os.stat(plain).st_mode)
+
+
+@pytest.mark.parametrize("algorithm", ["sha256", "md5"])
+def test_file_digest(tmp_path, algorithm):
+    data = os.urandom(3 * (1 << 20) + 17)  # more than one read block
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    assert file_digest(path, algorithm) == hashlib.new(algorithm, data).hexdigest()
+    assert file_digest(str(path), algorithm) == hashlib.new(algorithm, data).hexdigest()
+
+
+def test_file_sha256_is_file_digest_sha256(tmp_path):
+    path = tmp_path / "f.txt"
+    path.write_text("hello")
+    assert file_sha256(path) == file_digest(path) == hashlib.sha256(b"hello").hexdigest()
+
+
+def test_file_digest_refuses_other_algorithms(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match="sha256"):
+        file_digest(tmp_path / "f", "sha1")
+
+
+def test_manifest_reexports_the_same_functions():
+    assert manifest.atomic_write is fileio.atomic_write
+    assert manifest.file_sha256 is fileio.file_sha256
