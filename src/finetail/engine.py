@@ -517,6 +517,8 @@ def train(
 
         bar = tqdm(total=cfg.epochs, initial=start_epoch, unit="epoch", dynamic_ncols=True)
     metrics: dict = history[-1]["eval"] if history and "eval" in history[-1] else {}
+    if main:  # bench/startup.py times the job's start-up up to this line
+        log(f"training from epoch {start_epoch + 1} of {cfg.epochs}: {n_train} images, {iters} steps per epoch")
     try:
         for epoch in range(start_epoch, cfg.epochs):
             gen = torch.Generator(device=dev).manual_seed(cfg.seed * 1_000_003 + epoch)
