@@ -302,12 +302,13 @@ def test_16bit_png_file_manifest_trains_through_the_loader(tmp_path):
     assert sum(len(b) for b, _ in seen) == 8 and all(b.dtype == torch.uint8 for b, _ in seen)
     assert {int(b.max()) for b, _ in seen} <= {78, 234}
 
-    from finetail.engine import TrainConfig, train
+    from finetail.training.loop import train
+    from finetail.training.recipe import TrainConfig
 
     cfg = TrainConfig.from_dict(dict(model="resnet8", width=8, batch_size=4, lr=0.05, epochs=1, warmup_epochs=0,
                                      milestones=[], lr_factors=[], image_size=32, num_workers=0))
     res = train(cfg, tr.images, tr.labels, te.images, te.labels, 2, tmp_path / "ckpt.pt", device="cpu")
-    assert np.isfinite(res["metrics"]["top1_error"])
+    assert np.isfinite(res.metrics["top1_error"])
 
 
 def test_loader_names_an_unreadable_file(tmp_path):

@@ -173,7 +173,8 @@ def test_diverged_training_fails_and_writes_no_result(tmp_path):
 
 
 def test_nan_is_caught_before_a_checkpoint_in_the_engine(tmp_path):
-    from finetail.engine import TrainConfig, train
+    from finetail.training.loop import train
+    from finetail.training.recipe import TrainConfig
     from finetail.errors import NonFiniteError
 
     x, y = toy_images(20)

@@ -189,7 +189,7 @@ def test_changing_one_targets_finetune_setting_reruns_only_its_finetunes(study):
 
 
 def test_editing_training_code_plans_the_training_jobs(study, tmp_path):
-    """A copy of the workflow and library: unchanged, nothing to do; engine.py edited, every
+    """A copy of the workflow and library: unchanged, nothing to do; the training loop edited, every
     training job (and what reads their results) is planned again."""
     import shutil
 
@@ -208,8 +208,8 @@ def test_editing_training_code_plans_the_training_jobs(study, tmp_path):
         return planned(r)
 
     assert plan() == {}
-    engine = code / "src" / "finetail" / "engine.py"
-    engine.write_text(engine.read_text() + "\n# an edit\n")
+    loop = code / "src" / "finetail" / "training" / "loop.py"
+    loop.write_text(loop.read_text() + "\n# an edit\n")
     jobs = plan()
     assert jobs["cbloss"] == 4 and jobs["cbloss_natural"] == 2 and jobs["pretrain"] == 4 and jobs["finetune"] == 10
     assert "generate_world" not in jobs and "longtail" not in jobs

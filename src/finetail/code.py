@@ -17,8 +17,8 @@ PKG = Path(__file__).resolve().parent
 CODE_OF: dict[str, list[str]] = {
     "generate": ["world.py", "manifest.py"],
     "longtail": ["longtail.py", "manifest.py"],
-    "train": ["engine.py", "losses.py", "models.py", "metrics.py", "manifest.py", "features.py", "loader.py",
-              "distributed.py"],
+    "train": [f"training/{m}.py" for m in ("recipe", "batches", "checkpoint", "optim", "loop")]
+    + ["losses.py", "models.py", "metrics.py", "manifest.py", "features.py", "loader.py", "distributed.py"],
     "features": ["features.py", "models.py", "manifest.py"],
     "similarity": ["similarity.py", "selection.py"],
     "report": ["report.py"],

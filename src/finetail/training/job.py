@@ -26,21 +26,21 @@ def _write_json(obj: dict, path: Path) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
 
 
-def _per_class_table(res: dict, class_names: list[str], test_labels, shots: dict):
+def _per_class_table(res, class_names: list[str], test_labels, shots: dict):
     import numpy as np
     import pandas as pd
 
-    from ..metrics import shot_groups
+    from ..metrics import FEW_SHOT, MANY_SHOT, shot_groups
 
-    counts = res["train_counts"]
+    counts = res.train_counts
     return pd.DataFrame(
         {
             "label": np.arange(len(counts)),
             "class_name": class_names,
             "train_count": counts,
             "test_count": np.bincount(test_labels, minlength=len(counts))[: len(counts)],
-            "accuracy": res["metrics"]["per_class_acc"],
-            "shot": shot_groups(counts, shots.get("many", 100), shots.get("few", 20)),
+            "accuracy": res.metrics["per_class_acc"],
+            "shot": shot_groups(counts, shots.get("many", MANY_SHOT), shots.get("few", FEW_SHOT)),
         }
     )
 
@@ -51,7 +51,9 @@ def run_job(a: argparse.Namespace, dev) -> None:
     import torch
 
     from .. import distributed
-    from ..engine import Preempted, TrainConfig, job_key_digest, resume_extra, train
+    from .checkpoint import job_key_digest, resume_extra
+    from .loop import Preempted, train
+    from .recipe import FEW_SHOT, MANY_SHOT, TrainConfig
     from ..manifest import file_sha256, load_array_split, read_manifest, verify_array_stores
     from ..tracking import Tracker, config_digest, git_commit, resolve_tracking_uri
 
@@ -63,7 +65,7 @@ def run_job(a: argparse.Namespace, dev) -> None:
     loss = spec.get("loss", {"type": "softmax"})
     cfg = TrainConfig.from_dict(
         {**spec.get("recipe", {}), "loss": loss["type"], "beta": loss.get("beta", 0.0),
-         "gamma": loss.get("gamma", 0.0), "many_shot": shots.get("many", 100), "few_shot": shots.get("few", 20)}
+         "gamma": loss.get("gamma", 0.0), "many_shot": shots.get("many", MANY_SHOT), "few_shot": shots.get("few", FEW_SHOT)}
     )
     manifest = Path(a.manifest)
     inputs = {"manifest": str(manifest), "manifest_sha256": file_sha256(manifest)}
@@ -169,11 +171,11 @@ def run_job(a: argparse.Namespace, dev) -> None:
     out.mkdir(parents=True, exist_ok=True)
     per_class = _per_class_table(res, tr.class_names, te.labels, shots)
     per_class.to_csv(out / "per_class.csv", index=False)
-    hist = [{k: v for k, v in row.items() if k != "eval"} for row in res["history"]]
+    hist = [{k: v for k, v in row.items() if k != "eval"} for row in res.history]
     import pandas as pd
 
     pd.DataFrame(hist).to_csv(out / "history.csv", index=False)
-    final = {k: v for k, v in res["metrics"].items() if k != "per_class_acc"}
+    final = {k: v for k, v in res.metrics.items() if k != "per_class_acc"}
     record = {
         "rule": a.rule,
         "wildcards": wildcards,
@@ -183,30 +185,30 @@ def run_job(a: argparse.Namespace, dev) -> None:
         "config_digest": digest,
         "inputs": inputs,
         "parent_run_id": parent_run,
-        "start_backbone_sha256": res["start_backbone_sha256"],
+        "start_backbone_sha256": res.start_backbone_sha256,
         "git_commit": commit,
         "num_classes": num_classes,
         "num_train": int(len(tr.labels)),
         "final": final,
-        "epochs": res["epochs"],
-        "device": res["device"],
-        "world_size": res["world_size"],
+        "epochs": res.epochs,
+        "device": res.device,
+        "world_size": res.world_size,
         "torch": torch.__version__,
         "wall_s": round(wall, 2),
         "mean_images_per_s": float(np.mean([h["images_per_s"] for h in hist])) if hist else None,
     }
     if a.save_model:
-        from ..engine import save_state
+        from .checkpoint import save_state
 
         save_state(
-            {"model": res["model"].state_dict(), "backbone": res["model"].backbone.state_dict(),
+            {"model": res.model.state_dict(), "backbone": res.model.backbone.state_dict(),
              "cfg": json.dumps(spec), "class_names": json.dumps(tr.class_names), "run_id": run_id,
-             "normalisation": json.dumps(res["normalisation"])},
+             "normalisation": json.dumps(res.normalisation)},
             Path(a.save_model),
         )
         record["model_sha256"] = file_sha256(a.save_model)
     _write_json(record, out / "metrics.json.partial")
-    tracker.log_metrics({f"final_{k}": v for k, v in final.items() if isinstance(v, float)}, step=res["epochs"])
+    tracker.log_metrics({f"final_{k}": v for k, v in final.items() if isinstance(v, float)}, step=res.epochs)
     # The bytes of every result file, so audit catches an edited number (metrics.json is
     # renamed into place below, unchanged).
     written = {"metrics.json": out / "metrics.json.partial", "per_class.csv": out / "per_class.csv",
