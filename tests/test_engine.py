@@ -186,3 +186,39 @@ def test_compiled_training_matches_eager_and_shares_checkpoints(toy_manifest, tm
 def test_cuda_graphs_need_compile():
     with pytest.raises(ValueError, match="cuda_graphs needs compile"):
         TrainConfig(cuda_graphs=True).validate()
+
+
+def test_sgd_is_torchs_sgd_without_the_compiler_stack():
+    """finetail.training.optim.SGD updates and saves exactly as torch.optim.SGD, and a few
+    steps (with zero_grad, state_dict, load_state_dict) do not import torch._dynamo."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, torch
+from finetail.training.optim import SGD, sgd
+
+def run(make):
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
+    opt = make([{"params": list(m.parameters())[:-1], "weight_decay": 2e-4}, {"params": [m[2].bias], "weight_decay": 0.0}])
+    for i in range(4):
+        for g in opt.param_groups:
+            g["lr"] = 0.1 * (i + 1)
+        opt.zero_grad(set_to_none=True)
+        m(torch.randn(8, 5)).pow(2).mean().backward()
+        opt.step()
+    opt.load_state_dict(opt.state_dict())
+    return m.state_dict(), opt.state_dict()
+
+ours, ours_opt = run(lambda g: sgd(g, lr=0.1, momentum=0.9, nesterov=True))
+assert "torch._dynamo" not in sys.modules
+theirs, theirs_opt = run(lambda g: torch.optim.SGD(g, lr=0.1, momentum=0.9, nesterov=True))
+assert type(sgd([{"params": [torch.zeros(1, requires_grad=True)]}], 0.1, 0.9, False)) is SGD
+assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+assert ours_opt["param_groups"] == theirs_opt["param_groups"]
+assert all(torch.equal(ours_opt["state"][k]["momentum_buffer"], theirs_opt["state"][k]["momentum_buffer"]) for k in ours_opt["state"])
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
