@@ -5,7 +5,9 @@ Measured as subprocesses (a fresh interpreter each, as Snakemake starts them):
 - **import**: ``python -c "import finetail.cli"``, wall time of the whole process;
 - **train**: a tiny ``finetail train`` (a resnet8 on a generated 10-class world of 16-px
   images, 200 training images, one epoch, one thread) from ``Popen`` to the moment its log
-  line ``training from epoch ...`` arrives on stderr. The engine writes that line right before
+  line ``training from epoch ...`` arrives on stderr, and the CPU time (user + system, all
+  threads) the process had used by then, read from ``/proc`` (less sensitive than wall time
+  to other processes on the machine). The engine writes that line right before
   its first step, after the data, the model, the optimizer, MLflow's run and the checkpoint
   check are set up, so the figure is everything a job pays before it trains. The whole run's
   wall time is recorded too. All runs share one study folder, hence one MLflow store (as the
@@ -52,24 +54,34 @@ def time_import(env: dict) -> float:
     return time.perf_counter() - t0
 
 
-def time_train(env: dict, manifest: Path, work: Path) -> tuple[float, float]:
-    """(seconds to the line before the first step, seconds of the whole job)."""
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a running process (Linux), else None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def time_train(env: dict, manifest: Path, work: Path) -> tuple[float, float | None, float]:
+    """(seconds to the line before the first step, CPU seconds by then, seconds of the whole job)."""
     cmd = [sys.executable, "-m", "finetail.cli", "train", "--manifest", str(manifest), "--spec", json.dumps(SPEC),
            "--out-dir", str(work / "out"), "--checkpoint", str(work / "ckpt.pt"), "--study-dir", str(work.parent),
            "--threads", "1"]
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    first, lines = None, []
+    first, cpu, lines = None, None, []
     assert p.stderr is not None
     for line in p.stderr:
         lines.append(line)
         if first is None and MARK in line:
             first = time.perf_counter() - t0
+            cpu = _cpu_seconds(p.pid)
     rc = p.wait()
     total = time.perf_counter() - t0
     if rc != 0 or first is None:
         raise RuntimeError(f"finetail train failed (exit {rc}) or never logged {MARK!r}:\n{''.join(lines)}")
-    return first, total
+    return first, cpu, total
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -78,6 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "startup.json")
     a = ap.parse_args(argv)
     env = _env()
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     with tempfile.TemporaryDirectory(prefix="finetail-startup-") as tmp:
         tmp = Path(tmp)
         subprocess.run([sys.executable, "-m", "finetail.cli", "generate", "--dataset", "gen10", "--spec",
@@ -85,21 +98,24 @@ def main(argv: list[str] | None = None) -> dict:
                        stderr=subprocess.DEVNULL)
         time_import(env)  # warm the file cache and the bytecode once, unmeasured
         imports = [time_import(env) for _ in range(a.runs)]
-        firsts, totals = [], []
+        firsts, cpus, totals = [], [], []
         for i in range(a.runs + 1):
-            first, total = time_train(env, tmp / "gen10" / "manifest.parquet", tmp / f"run{i}")
+            first, cpu, total = time_train(env, tmp / "gen10" / "manifest.parquet", tmp / f"run{i}")
             if i:  # the first run warms caches (and creates the MLflow store's tables): dropped
                 firsts.append(first)
+                cpus.append(cpu)
                 totals.append(total)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     out = {
         "import_finetail_cli_s": round(statistics.median(imports), 3),
         "train_to_first_step_s": round(statistics.median(firsts), 3),
+        "train_cpu_to_first_step_s": round(statistics.median(cpus), 3) if None not in cpus else None,
         "train_total_s": round(statistics.median(totals), 3),
         "runs": {"import": [round(x, 3) for x in imports], "first_step": [round(x, 3) for x in firsts],
-                 "total": [round(x, 3) for x in totals]},
+                 "first_step_cpu": cpus, "total": [round(x, 3) for x in totals]},
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
+        "load_1min_before": load_before,
         "load_1min_after": load,
     }
     try:
@@ -111,8 +127,9 @@ def main(argv: list[str] | None = None) -> dict:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(out, indent=2) + "\n")
     print(f"import finetail.cli: {out['import_finetail_cli_s']:.2f} s; finetail train to its first step: "
-          f"{out['train_to_first_step_s']:.2f} s (whole job {out['train_total_s']:.2f} s); median of {a.runs}, "
-          f"1-min load {load}; -> {a.out}")
+          f"{out['train_to_first_step_s']:.2f} s ({out['train_cpu_to_first_step_s']} s CPU; whole job "
+          f"{out['train_total_s']:.2f} s); median of {a.runs}, "
+          f"1-min load {load_before} before, {load} after; -> {a.out}")
     return out
 
 

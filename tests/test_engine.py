@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
+from finetail.manifest import load_array_split
 from finetail.training.batches import augment_batch
 from finetail.training.checkpoint import load_checkpoint
 from finetail.training.loop import train
 from finetail.training.recipe import TrainConfig, lr_at
-from finetail.manifest import load_array_split
 
 from conftest import assert_same_weights
 
@@ -120,7 +120,7 @@ def test_sigterm_checkpoints_mid_epoch_and_resumes_bit_for_bit(toy_manifest, tmp
     import os
     import signal
 
-    import finetail.training.batches as batches
+    from finetail.training import batches
     from finetail.training.loop import Preempted
 
     torch.set_num_threads(1)

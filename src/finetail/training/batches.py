@@ -132,7 +132,8 @@ class FileBatches(BatchSource):
 
     def __init__(self, train_files, train_labels: np.ndarray, test_files, test_labels: np.ndarray,
                  cfg: TrainConfig, device: torch.device) -> None:
-        from ..loader import TrainBatches, default_workers  # torchvision: 1.5 s to import, files only
+        # The loader (and torchvision with it, 1.5 s to import) only for file manifests.
+        from ..loader import TrainBatches, default_workers
 
         self.device, self.cfg, self.test_files = device, cfg, test_files
         self.workers = default_workers() if cfg.num_workers is None else cfg.num_workers

@@ -51,11 +51,11 @@ def run_job(a: argparse.Namespace, dev) -> None:
     import torch
 
     from .. import distributed
+    from ..manifest import file_sha256, load_array_split, read_manifest, verify_array_stores
+    from ..tracking import Tracker, config_digest, git_commit, resolve_tracking_uri
     from .checkpoint import job_key_digest, resume_extra
     from .loop import Preempted, train
     from .recipe import FEW_SHOT, MANY_SHOT, TrainConfig
-    from ..manifest import file_sha256, load_array_split, read_manifest, verify_array_stores
-    from ..tracking import Tracker, config_digest, git_commit, resolve_tracking_uri
 
     world, rank = distributed.world_size(), distributed.rank()
     log = _log if world == 1 else (lambda msg: _log(f"rank {rank}/{world}: {msg}"))
