@@ -12,7 +12,7 @@ cross-entropy, for the same number of epochs over the same images.
   std), a shuffling ``DataLoader`` with ``--workers`` worker processes (default min(4, CPUs);
   ``pin_memory`` on CUDA), fp32, ``.to(device)`` per batch, a plain SGD loop. On CUDA,
   ``cudnn.benchmark`` is on for it too (as most CIFAR training scripts set it).
-- **engine**: ``finetail.engine.train`` on uint8 ``N x 32 x 32 x 3`` arrays (the data lives on
+- **engine**: ``finetail.training.loop.train`` on uint8 ``N x 32 x 32 x 3`` arrays (the data lives on
   the device, augmentation is batched there; on CUDA with its defaults: bf16 autocast,
   channels-last; ``--compile`` [``--cuda-graphs``] sets ``TrainConfig.compile`` [``cuda_graphs``]
   when the engine has those fields). Only one evaluation, after the last epoch, outside the
@@ -217,7 +217,8 @@ def run_pipeline(a, dev, pil_images, labels, mean, std, log) -> dict:
 
 
 def run_engine(a, dev, train_x, train_y, test_x, test_y, log) -> dict:
-    from finetail.engine import TrainConfig, train
+    from finetail.training.loop import train
+    from finetail.training.recipe import TrainConfig
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     kw = dict(model="resnet32", width=16, epochs=a.epochs, batch_size=a.batch_size, lr=0.1, momentum=0.9,
@@ -242,11 +243,11 @@ def run_engine(a, dev, train_x, train_y, test_x, test_y, log) -> dict:
         res = train(cfg, train_x, train_y, test_x, test_y, 10, Path(tmp) / "last.pt", device=str(dev),
                     log=lambda m: log(f"engine {m}"))
     wall = time.perf_counter() - t0
-    per_epoch = [float(h["images_per_s"]) for h in res["history"]]
+    per_epoch = [float(h["images_per_s"]) for h in res.history]
     return {
         "images_per_s": steady(per_epoch),
         "epochs_images_per_s": [round(v, 1) for v in per_epoch],
-        "train_loss": [h["train_loss"] for h in res["history"]],
+        "train_loss": [h["train_loss"] for h in res.history],
         "wall_s": round(wall, 2),
         "precision": "bf16 autocast" if dev.type == "cuda" and cfg.amp else "fp32",
         "channels_last": bool(dev.type == "cuda" and cfg.channels_last),

@@ -42,7 +42,8 @@ from finetail.datasets import (
 from finetail.datasets.store import read_image
 from finetail.errors import UserError
 from finetail.loader import TrainBatches, eval_batches, load_file_split
-from finetail.manifest import FILE_SHA256, data_files, file_sha256, load_array_split, read_manifest
+from finetail.fileio import file_sha256
+from finetail.manifest import FILE_SHA256, data_files, load_array_split, read_manifest
 
 # ------------------------------------------------------------------------------ helpers
 
@@ -302,12 +303,13 @@ def test_16bit_png_file_manifest_trains_through_the_loader(tmp_path):
     assert sum(len(b) for b, _ in seen) == 8 and all(b.dtype == torch.uint8 for b, _ in seen)
     assert {int(b.max()) for b, _ in seen} <= {78, 234}
 
-    from finetail.engine import TrainConfig, train
+    from finetail.training.loop import train
+    from finetail.training.recipe import TrainConfig
 
     cfg = TrainConfig.from_dict(dict(model="resnet8", width=8, batch_size=4, lr=0.05, epochs=1, warmup_epochs=0,
                                      milestones=[], lr_factors=[], image_size=32, num_workers=0))
     res = train(cfg, tr.images, tr.labels, te.images, te.labels, 2, tmp_path / "ckpt.pt", device="cpu")
-    assert np.isfinite(res["metrics"]["top1_error"])
+    assert np.isfinite(res.metrics["top1_error"])
 
 
 def test_loader_names_an_unreadable_file(tmp_path):

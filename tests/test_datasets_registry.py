@@ -17,7 +17,8 @@ from finetail.datasets import (
     names,
     prepare,
 )
-from finetail.manifest import FILE_SHA256, file_sha256, load_array_split, read_manifest
+from finetail.fileio import file_sha256
+from finetail.manifest import FILE_SHA256, load_array_split, read_manifest
 
 DOWNLOADABLE = ["cifar10", "cifar100", "inat2017", "cub200", "stanford_dogs", "flowers102", "stanford_cars", "fgvc_aircraft", "food101"]
 MANUAL = ["imagenet", "nabirds"]

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from finetail.distributed import rank_slice, steps_per_epoch, world_size
-from finetail.engine import load_checkpoint
+from finetail.training.checkpoint import load_checkpoint
 
 from conftest import write_toy_manifest
 

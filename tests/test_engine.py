@@ -5,8 +5,11 @@ import json
 import pytest
 import torch
 
-from finetail.engine import TrainConfig, augment_batch, load_checkpoint, lr_at, train
 from finetail.manifest import load_array_split
+from finetail.training.batches import augment_batch
+from finetail.training.checkpoint import load_checkpoint
+from finetail.training.loop import train
+from finetail.training.recipe import TrainConfig, lr_at
 
 from conftest import assert_same_weights
 
@@ -46,8 +49,8 @@ def test_engine_learns_a_toy_problem(toy_manifest, tmp_path):
     torch.set_num_threads(1)
     cfg = TrainConfig(**FAST, epochs=8)
     res = train(cfg, *_data(toy_manifest), 3, tmp_path / "ck.pt", device="cpu", log=lambda m: None)
-    assert res["metrics"]["top1_acc"] >= 0.9  # chance is 1/3
-    losses = [h["train_loss"] for h in res["history"]]
+    assert res.metrics["top1_acc"] >= 0.9  # chance is 1/3
+    losses = [h["train_loss"] for h in res.history]
     assert losses[-1] < 0.5 * losses[0]
     assert load_checkpoint(tmp_path / "ck.pt")["epoch"] == 7
 
@@ -74,9 +77,9 @@ def test_killed_run_resumes_to_the_same_weights(toy_manifest, tmp_path, loss, be
     logs = []
     resumed = train(cfg, *data, 3, tmp_path / "b.pt", device="cpu", log=logs.append)
     assert any("resuming from checkpoint" in m and "at epoch 3 " in m for m in logs)
-    assert len(resumed["history"]) == 6
-    assert_same_weights(full["model"], resumed["model"])
-    assert resumed["metrics"] == full["metrics"]
+    assert len(resumed.history) == 6
+    assert_same_weights(full.model, resumed.model)
+    assert resumed.metrics == full.metrics
 
 
 def test_checkpoint_for_other_settings_is_not_resumed(toy_manifest, tmp_path):
@@ -107,18 +110,18 @@ def test_image_budget_rescales_the_schedule():
 def test_evaluate_reports_top5_error(toy_manifest, tmp_path):
     cfg = TrainConfig(**FAST, epochs=1)
     res = train(cfg, *_data(toy_manifest), 3, tmp_path / "ck.pt", device="cpu", log=lambda m: None)
-    assert res["metrics"]["top5_error"] is None  # fewer than 5 classes
+    assert res.metrics["top5_error"] is None  # fewer than 5 classes
     xtr, ytr, xte, yte = _data(toy_manifest)
     res = train(cfg, xtr, ytr, xte, yte, 6, tmp_path / "ck6.pt", device="cpu", log=lambda m: None)
-    assert 0.0 <= res["metrics"]["top5_error"] <= res["metrics"]["top1_error"]
+    assert 0.0 <= res.metrics["top5_error"] <= res.metrics["top1_error"]
 
 
 def test_sigterm_checkpoints_mid_epoch_and_resumes_bit_for_bit(toy_manifest, tmp_path, monkeypatch):
     import os
     import signal
 
-    import finetail.engine as engine
-    from finetail.engine import Preempted
+    from finetail.training import batches
+    from finetail.training.loop import Preempted
 
     torch.set_num_threads(1)
     cfg = TrainConfig(**{**FAST, "batch_size": 8}, epochs=4)  # 9 iterations an epoch
@@ -126,7 +129,7 @@ def test_sigterm_checkpoints_mid_epoch_and_resumes_bit_for_bit(toy_manifest, tmp
     full = train(cfg, *data, 3, tmp_path / "a.pt", device="cpu", log=lambda m: None)
 
     calls = {"n": 0}
-    real_augment = engine.augment_batch
+    real_augment = batches.augment_batch
 
     def augment_then_term(*args, **kwargs):
         calls["n"] += 1
@@ -134,19 +137,19 @@ def test_sigterm_checkpoints_mid_epoch_and_resumes_bit_for_bit(toy_manifest, tmp
             os.kill(os.getpid(), signal.SIGTERM)
         return real_augment(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "augment_batch", augment_then_term)
+    monkeypatch.setattr(batches, "augment_batch", augment_then_term)
     logs = []
     with pytest.raises(Preempted):
         train(cfg, *data, 3, tmp_path / "b.pt", device="cpu", log=logs.append)
-    monkeypatch.setattr(engine, "augment_batch", real_augment)
+    monkeypatch.setattr(batches, "augment_batch", real_augment)
     state = load_checkpoint(tmp_path / "b.pt")
     assert state["epoch"] == 1 and state["mid_iter"] == 2
     assert any("SIGTERM received: checkpointed epoch 3 at iteration 2 of 9" in m for m in logs)
     logs = []
     resumed = train(cfg, *data, 3, tmp_path / "b.pt", device="cpu", log=logs.append)
     assert any("at epoch 2, iteration 2" in m for m in logs)
-    assert_same_weights(full["model"], resumed["model"])
-    assert [h["train_loss"] for h in resumed["history"]] == pytest.approx([h["train_loss"] for h in full["history"]])
+    assert_same_weights(full.model, resumed.model)
+    assert [h["train_loss"] for h in resumed.history] == pytest.approx([h["train_loss"] for h in full.history])
 
 
 @pytest.mark.slow
@@ -171,15 +174,51 @@ def test_compiled_training_matches_eager_and_shares_checkpoints(toy_manifest, tm
     compiled_losses = [h["train_loss"] for h in json.loads(state["history"])]
     # Two epochs of 5 steps each: fused kernels reorder float sums (about 1e-7 relative per
     # operation), which SGD carries along without amplifying much this early (measured: 3e-6 relative).
-    assert compiled_losses == pytest.approx([h["train_loss"] for h in eager["history"][:2]], rel=1e-3)
+    assert compiled_losses == pytest.approx([h["train_loss"] for h in eager.history[:2]], rel=1e-3)
 
     logs = []
     resumed = train(TrainConfig(**FAST, epochs=4), *data, 3, tmp_path / "c.pt", device="cpu", log=logs.append)
     assert any("resuming from checkpoint" in m and "at epoch 2 " in m for m in logs)
-    assert [h["train_loss"] for h in resumed["history"]] == pytest.approx(
-        [h["train_loss"] for h in eager["history"]], rel=1e-3)
+    assert [h["train_loss"] for h in resumed.history] == pytest.approx(
+        [h["train_loss"] for h in eager.history], rel=1e-3)
 
 
 def test_cuda_graphs_need_compile():
     with pytest.raises(ValueError, match="cuda_graphs needs compile"):
         TrainConfig(cuda_graphs=True).validate()
+
+
+def test_sgd_is_torchs_sgd_without_the_compiler_stack():
+    """finetail.training.optim.SGD updates and saves exactly as torch.optim.SGD, and a few
+    steps (with zero_grad, state_dict, load_state_dict) do not import torch._dynamo."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, torch
+from finetail.training.optim import SGD, sgd
+
+def run(make):
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
+    opt = make([{"params": list(m.parameters())[:-1], "weight_decay": 2e-4}, {"params": [m[2].bias], "weight_decay": 0.0}])
+    for i in range(4):
+        for g in opt.param_groups:
+            g["lr"] = 0.1 * (i + 1)
+        opt.zero_grad(set_to_none=True)
+        m(torch.randn(8, 5)).pow(2).mean().backward()
+        opt.step()
+    opt.load_state_dict(opt.state_dict())
+    return m.state_dict(), opt.state_dict()
+
+ours, ours_opt = run(lambda g: sgd(g, lr=0.1, momentum=0.9, nesterov=True))
+assert "torch._dynamo" not in sys.modules
+theirs, theirs_opt = run(lambda g: torch.optim.SGD(g, lr=0.1, momentum=0.9, nesterov=True))
+assert type(sgd([{"params": [torch.zeros(1, requires_grad=True)]}], 0.1, 0.9, False)) is SGD
+assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+assert ours_opt["param_groups"] == theirs_opt["param_groups"]
+assert all(torch.equal(ours_opt["state"][k]["momentum_buffer"], theirs_opt["state"][k]["momentum_buffer"]) for k in ours_opt["state"])
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr

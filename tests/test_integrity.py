@@ -22,7 +22,8 @@ import torch
 from PIL import Image
 
 from finetail.provenance import audit, audit_exit_code, format_audit
-from finetail.manifest import file_sha256, write_array_dataset
+from finetail.fileio import file_sha256
+from finetail.manifest import write_array_dataset
 
 from conftest import ROOT, assert_same_weights, toy_images, write_toy_manifest
 
@@ -173,7 +174,8 @@ def test_diverged_training_fails_and_writes_no_result(tmp_path):
 
 
 def test_nan_is_caught_before_a_checkpoint_in_the_engine(tmp_path):
-    from finetail.engine import TrainConfig, train
+    from finetail.training.loop import train
+    from finetail.training.recipe import TrainConfig
     from finetail.errors import NonFiniteError
 
     x, y = toy_images(20)

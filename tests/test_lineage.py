@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from finetail.provenance import audit, audit_exit_code, format_audit, format_lineage, lineage
-from finetail.manifest import file_sha256
+from finetail.fileio import file_sha256
 
 from test_workflow import TINY, snakemake
 

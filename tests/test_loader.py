@@ -14,7 +14,9 @@ import torch
 from PIL import Image
 
 import finetail.loader as loader
-from finetail.engine import Preempted, TrainConfig, load_checkpoint, train
+from finetail.training.checkpoint import load_checkpoint
+from finetail.training.loop import Preempted, train
+from finetail.training.recipe import TrainConfig
 from finetail.loader import (TrainBatches, load_file_split, resized_crop_box, eval_batches,
                              eval_transform, train_transform)
 from finetail.manifest import write_manifest
@@ -95,7 +97,7 @@ def test_sigterm_mid_epoch_resumes_the_file_path_exactly(file_manifest, tmp_path
     data = (tr.images, tr.labels, te.images, te.labels)
     cfg = TrainConfig(**FAST, epochs=3)  # 3 steps an epoch
     full = train(cfg, *data, 3, tmp_path / "a.pt", device="cpu", log=lambda m: None)
-    assert all(0.0 <= h["data_wait_frac"] <= 1.0 for h in full["history"])
+    assert all(0.0 <= h["data_wait_frac"] <= 1.0 for h in full.history)
 
     calls = {"n": 0}
     real_finish = loader._finish
@@ -115,9 +117,9 @@ def test_sigterm_mid_epoch_resumes_the_file_path_exactly(file_manifest, tmp_path
     logs = []
     resumed = train(cfg, *data, 3, tmp_path / "b.pt", device="cpu", log=logs.append)
     assert any("at epoch 1, iteration 2" in m for m in logs)
-    assert_same_weights(full["model"], resumed["model"])
-    assert [h["train_loss"] for h in resumed["history"]] == pytest.approx([h["train_loss"] for h in full["history"]])
-    assert resumed["metrics"] == full["metrics"]
+    assert_same_weights(full.model, resumed.model)
+    assert [h["train_loss"] for h in resumed.history] == pytest.approx([h["train_loss"] for h in full.history])
+    assert resumed.metrics == full.metrics
 
 
 def test_cli_trains_a_file_manifest(file_manifest, tmp_path):

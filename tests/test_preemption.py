@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from finetail.engine import load_checkpoint
+from finetail.training.checkpoint import load_checkpoint
 
 from conftest import assert_same_weights, write_toy_manifest
 

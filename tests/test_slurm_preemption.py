@@ -45,7 +45,8 @@ DATA = f"{RESULTS}/longtail/gen10_if10/manifest.parquet"
 
 def seconds_per_epoch() -> float:
     """One epoch of the job's recipe on 240 images of its size, one thread, on this machine now."""
-    from finetail.engine import TrainConfig, train
+    from finetail.training.loop import train
+    from finetail.training.recipe import TrainConfig
 
     x, y = toy_images(24, num_classes=10, size=16)
     cfg = TrainConfig.from_dict({**RECIPE, "epochs": 5, "milestones": [4], "lr_factors": [0.1], "eval_every": 5})

@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from finetail.engine import TrainConfig, train
+from finetail.training.loop import train
+from finetail.training.recipe import TrainConfig
 from finetail.features import FeatureModel, class_mean_features, state_digest
 from finetail.manifest import load_array_split, write_array_dataset
 
@@ -110,7 +111,7 @@ def test_linear_probe_keeps_the_backbone(tmp_path):
     cfg = TrainConfig(**{**RECIPE, "linear_probe": True})
     res = train(cfg, tr.images, tr.labels, te.images, te.labels, 3, tmp_path / "ck.pt", init_backbone=backbone,
                 device="cpu", log=lambda m: None)
-    assert_same_weights(res["model"].backbone, backbone)
+    assert_same_weights(res.model.backbone, backbone)
 
 
 def test_default_dag_holds_every_source_target_finetune(tmp_path):

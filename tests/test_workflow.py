@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from finetail.longtail import class_counts
-from finetail.manifest import file_sha256
+from finetail.fileio import file_sha256
 
 from conftest import ROOT
 

@@ -10,37 +10,34 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
+from .fileio import log
+
 __all__ = ["main"]
-
-
-def _log(msg: str) -> None:
-    print(f"[finetail {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- generate
 def cmd_generate(a: argparse.Namespace) -> None:
     from .world import write_world_dataset
 
-    _log(write_world_dataset(a.dataset, json.loads(a.spec), Path(a.out_dir)))
+    log(write_world_dataset(a.dataset, json.loads(a.spec), Path(a.out_dir)))
 
 
 # --------------------------------------------------------------------------- prepare
 def cmd_prepare(a: argparse.Namespace) -> None:
     from .datasets.pipeline import prepare_from_spec
 
-    path = prepare_from_spec(a.dataset, json.loads(a.spec), a.resources, Path(a.out_dir), log=_log,
+    path = prepare_from_spec(a.dataset, json.loads(a.spec), a.resources, Path(a.out_dir), log=log,
                              progress=sys.stderr.isatty())
-    _log(f"prepared {a.dataset} -> {path}")
+    log(f"prepared {a.dataset} -> {path}")
 
 
 # --------------------------------------------------------------------------- longtail
 def cmd_longtail(a: argparse.Namespace) -> None:
     from .longtail import write_longtail
 
-    _log(write_longtail(a.input, a.imbalance, a.profile, a.seed, a.n_max, Path(a.out_dir)))
+    log(write_longtail(a.input, a.imbalance, a.profile, a.seed, a.n_max, Path(a.out_dir)))
 
 
 # --------------------------------------------------------------------------- train
@@ -54,25 +51,25 @@ def cmd_train(a: argparse.Namespace) -> None:
 def cmd_pool(a: argparse.Namespace) -> None:
     from .transfer import pool_sources
 
-    _log(pool_sources(a.inputs, a.classes, Path(a.out_dir)))
+    log(pool_sources(a.inputs, a.classes, Path(a.out_dir)))
 
 
 def cmd_features(a: argparse.Namespace) -> None:
     from .features import write_class_features
 
-    _log(write_class_features(a.model, a.weights, a.model_name, a.manifest, a.split, a.out, a.threads, a.device))
+    log(write_class_features(a.model, a.weights, a.model_name, a.manifest, a.split, a.out, a.threads, a.device))
 
 
 def cmd_similarity(a: argparse.Namespace) -> None:
     from .similarity import write_similarity
 
-    _log(write_similarity(Path(a.features_dir), json.loads(a.spec), Path(a.out_dir)))
+    log(write_similarity(Path(a.features_dir), json.loads(a.spec), Path(a.out_dir)))
 
 
 def cmd_select(a: argparse.Namespace) -> None:
     from .selection import write_selection
 
-    _log(write_selection(Path(a.features_dir), json.loads(a.spec), Path(a.out)))
+    log(write_selection(Path(a.features_dir), json.loads(a.spec), Path(a.out)))
 
 
 # --------------------------------------------------------------------------- report
@@ -81,7 +78,7 @@ def cmd_report(a: argparse.Namespace) -> None:
 
     written = build_report(Path(a.results), json.loads(a.spec), Path(a.out_dir))
     for p in written:
-        _log(f"wrote {p}")
+        log(f"wrote {p}")
 
 
 def cmd_lineage(a: argparse.Namespace) -> None:
@@ -215,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     except (UserError, ValueError, FileNotFoundError, TrackingUnavailable) as e:
         if os.environ.get("FINETAIL_DEBUG"):
             raise
-        _log(f"error: {e}")
+        log(f"error: {e}")
         raise SystemExit(2) from None
 
 

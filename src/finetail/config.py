@@ -12,6 +12,8 @@ from pathlib import Path
 
 import yaml
 
+from .training.recipe import FEW_SHOT, MANY_SHOT
+
 __all__ = ["ConfigError", "MODEL_PATTERN", "NAME_PATTERN", "SCHEMA", "WEIGHTS_PATTERN", "check_config", "load_config"]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -142,7 +144,7 @@ def check_config(config: dict) -> None:
     if tr:
         _check_transfer(tr, datasets)
     shots = config.get("shots", {})
-    if shots and shots.get("few", 20) > shots.get("many", 100):
+    if shots and shots.get("few", FEW_SHOT) > shots.get("many", MANY_SHOT):
         raise ConfigError("shots.few must not exceed shots.many")
     for name, spec in datasets.items():
         kind = spec.get("kind")
@@ -164,7 +166,7 @@ def check_config(config: dict) -> None:
 
 
 def _check_transfer(tr: dict, datasets: dict) -> None:
-    from .engine import TrainConfig
+    from .training.recipe import TrainConfig
 
     for name, parts in tr["sources"].items():
         for d in parts:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .models import Classifier, build_model
+from .models import IMAGENET_MEAN, IMAGENET_STD, Classifier, build_model
 
 __all__ = ["FeatureModel", "class_mean_features", "load_feature_model", "state_digest", "write_class_features"]
 
@@ -43,8 +43,8 @@ def load_feature_model(spec: str, weights: str | None = None, num_classes: int =
     """``spec`` is a path to a pipeline ``model.pt`` or ``tv:<name>`` (then ``weights`` names its enum)."""
     if spec.startswith("tv:"):
         model = build_model(spec, num_classes, weights=weights)
-        mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
-        std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
+        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
         ident = {"kind": "torchvision", "name": spec, "weights": weights or "", "sha256": state_digest(model.backbone.state_dict())}
         return FeatureModel(model.backbone, mean, std, ident, resize=224)
     path = Path(spec)
@@ -103,7 +103,8 @@ def write_class_features(model: str, weights: str | None, model_name: str, manif
     """``finetail features``: the per-class mean penultimate features of one split of a
     manifest under a feature model (a pipeline ``model.pt`` or ``tv:<name>``), saved with the
     model's identity and the manifest's sha256. Returns a log line."""
-    from .manifest import file_sha256, load_array_split
+    from .fileio import file_sha256
+    from .manifest import load_array_split
     from .similarity import ClassStats, save_class_stats
 
     torch.set_num_threads(threads)

@@ -4,6 +4,8 @@
   write. Every finished file finetail writes goes through it.
 - :func:`file_digest` (and :func:`file_sha256`, its sha256 shorthand): the hex digest of a
   file's bytes, streamed in 1 MiB blocks.
+- :func:`write_json`: JSON through :func:`atomic_write`.
+- :func:`log`: the one timestamped stderr line every command reports with.
 
 Example
 -------
@@ -22,7 +24,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write", "file_digest", "file_sha256"]
+__all__ = ["atomic_write", "file_digest", "file_sha256", "log", "write_json"]
 
 _CHUNK = 1 << 20
 ALGORITHMS = ("sha256", "md5")
@@ -93,3 +95,18 @@ def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
 def file_sha256(path: str | Path) -> str:
     """Hex sha256 of a file's bytes: ``file_digest(path, "sha256")``."""
     return file_digest(path, "sha256")
+
+
+def write_json(obj: object, path: str | Path) -> None:
+    """``obj`` as indented JSON (a trailing newline), written atomically (:func:`atomic_write`)."""
+    import json
+
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def log(msg: str) -> None:
+    """One timestamped line on stderr, flushed: how every ``finetail`` command reports."""
+    import sys
+    import time
+
+    print(f"[finetail {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)

@@ -35,6 +35,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from . import distributed
 from .manifest import read_manifest, split_rows
+from .models import IMAGENET_NORMALISATION  # the file path's default normalisation
 
 __all__ = [
     "IMAGENET_NORMALISATION",
@@ -49,9 +50,6 @@ __all__ = [
     "train_transform",
 ]
 
-# torchvision's ImageNet statistics in pixel units: the file path's default normalisation
-# (what torchvision's pretrained weights expect).
-IMAGENET_NORMALISATION = {"mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375]}
 PREFETCH_FACTOR = 4  # batches each worker keeps ready
 TEST_CROP_FRACTION = 0.875  # test images: short side size / 0.875, then the centre size x size
 

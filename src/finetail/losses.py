@@ -17,7 +17,8 @@ Reductions follow the reference implementation:
   and stable for ``gamma < 1``), reduced like sigmoid.
 
 Sigmoid and focal heads start with the bias ``-log(C - 1)`` (prior ``pi = 1/C``), and that
-bias takes no weight decay: see :func:`init_head_bias` and :func:`no_decay_param_names`.
+bias takes no weight decay: see :func:`head_bias_prior`, :func:`finetail.models.init_head_bias`
+and :func:`finetail.models.param_groups`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .training.recipe import LOSS_TYPES
+
 __all__ = [
     "LOSS_TYPES",
     "ClassBalancedLoss",
@@ -36,9 +39,6 @@ __all__ = [
     "effective_number",
     "head_bias_prior",
 ]
-
-LOSS_TYPES = ("softmax", "sigmoid", "focal")
-
 
 def _as_counts(counts: Sequence[int] | torch.Tensor) -> torch.Tensor:
     c = torch.as_tensor(counts, dtype=torch.float64).flatten()

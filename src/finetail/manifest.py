@@ -27,17 +27,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-# Re-exported: cli.py, engine.py, training/job.py and tests import them from here.
 from .fileio import atomic_write, file_sha256
 
 __all__ = [
     "ArraySplit",
-    "atomic_write",
     "STORE_SHA256",
     "FILE_SHA256",
     "class_table",
     "data_files",
-    "file_sha256",
     "verify_array_stores",
     "load_array_split",
     "read_manifest",

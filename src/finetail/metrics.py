@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["classification_metrics", "shot_groups"]
+from .training.recipe import FEW_SHOT, MANY_SHOT
+
+__all__ = ["FEW_SHOT", "MANY_SHOT", "classification_metrics", "shot_groups"]
 
 
-def shot_groups(train_counts: np.ndarray, many: int = 100, few: int = 20) -> np.ndarray:
+def shot_groups(train_counts: np.ndarray, many: int = MANY_SHOT, few: int = FEW_SHOT) -> np.ndarray:
     """Label each class "many" (> many images), "few" (< few) or "medium" (the rest).
 
     Examples
@@ -22,7 +24,7 @@ def shot_groups(train_counts: np.ndarray, many: int = 100, few: int = 20) -> np.
 
 
 def classification_metrics(
-    pred: np.ndarray, labels: np.ndarray, train_counts: np.ndarray, many: int = 100, few: int = 20
+    pred: np.ndarray, labels: np.ndarray, train_counts: np.ndarray, many: int = MANY_SHOT, few: int = FEW_SHOT
 ) -> dict:
     """Top-1 error, balanced accuracy, per-class and many/medium/few-shot accuracy.
 

@@ -18,17 +18,25 @@ Names:
 from __future__ import annotations
 
 import difflib
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
+from .losses import head_bias_prior
 
-__all__ = ["CIFAR_RESNETS", "Classifier", "build_model", "init_head_bias", "param_groups"]
+__all__ = ["CIFAR_RESNETS", "IMAGENET_MEAN", "IMAGENET_NORMALISATION", "IMAGENET_STD", "Classifier", "build_model", "init_head_bias", "param_groups"]
 
 CIFAR_RESNETS = {f"resnet{6 * n + 2}": n for n in (1, 2, 3, 5, 7, 9, 18)}
+
+# torchvision's ImageNet statistics, of the 0..1 range: what its pretrained weights expect.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# The same in pixel units (123.675, ...; rounded, so 0.224 * 255 is 57.12, not 57.120000000000005):
+# the file path's default normalisation, as a job records it.
+IMAGENET_NORMALISATION = {"mean": [round(255 * m, 3) for m in IMAGENET_MEAN],
+                          "std": [round(255 * s, 3) for s in IMAGENET_STD]}
 
 
 class Classifier(nn.Module):
@@ -42,9 +50,6 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
-
-    def reset_head(self, num_classes: int) -> None:
-        self.head = nn.Linear(self.feature_dim, num_classes)
 
 
 class _BasicBlock(nn.Module):
@@ -157,11 +162,12 @@ def build_model(name: str, num_classes: int, width: int = 16, weights: str | Non
 
 
 def init_head_bias(model: Classifier, loss_type: str) -> None:
-    """Sigmoid and focal heads start at bias ``-log(C - 1)`` (prior 1/C); softmax at 0."""
+    """Sigmoid and focal heads start at :func:`finetail.losses.head_bias_prior` (``-log(C - 1)``,
+    prior 1/C); softmax heads (and single-class heads) at 0."""
     c = model.head.out_features
     with torch.no_grad():
         if loss_type in ("sigmoid", "focal") and c > 1:
-            model.head.bias.fill_(-math.log(c - 1))
+            model.head.bias.fill_(head_bias_prior(c))
         else:
             model.head.bias.zero_()
 

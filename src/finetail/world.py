@@ -984,10 +984,10 @@ def write_world_dataset(name: str, spec: dict, out: Path) -> str:
     """``finetail generate``: render dataset ``name`` of the world ``spec["world"]`` at the
     sizes ``spec["dataset"]`` and write ``images.npy``, ``manifest.parquet``, ``classes.csv``
     and ``source.json`` (the generator's settings, for lineage) to ``out``. Returns a log line."""
-    import json
     import time
 
-    from .manifest import atomic_write, class_table, write_array_dataset
+    from .fileio import write_json
+    from .manifest import class_table, write_array_dataset
 
     world = WorldConfig(**spec.get("world", {}))
     ds = {k: v for k, v in spec.get("dataset", {}).items() if k != "kind"}
@@ -998,5 +998,5 @@ def write_world_dataset(name: str, spec: dict, out: Path) -> str:
     info.to_csv(out / "classes.csv", index=False)
     source = {"dataset": name, "source": "finetail.world", "world": spec.get("world", {}), "sizes": ds,
               "images": int(len(df)), "classes": len(g.class_names), "shape": list(g.images.shape[1:])}
-    atomic_write(out / "source.json", lambda tmp: tmp.write_text(json.dumps(source, indent=2) + "\n"))
+    write_json(source, out / "source.json")
     return f"generated {name}: {len(df)} images, {len(g.class_names)} classes in {time.perf_counter() - t0:.1f}s"

@@ -1,7 +1,11 @@
 """The training job: what ``finetail train`` does once its arguments are parsed.
 
-Spec -> recipe -> engine -> run record -> model file. Rank 0 tracks the job in MLflow and
-writes every result; other ranks (under torchrun) train alongside it.
+Spec -> recipe -> engine -> run record -> model file, in three steps: :func:`_load` (the
+recipe, both splits, the initial weights, the resume key), :func:`_open_run` (the one MLflow
+run of this job: continued or started, recorded in ``run.json`` before training) and
+:func:`_write_results` (``per_class.csv``, ``history.csv``, ``model.pt``, then ``metrics.json``
+last, with every file's sha256 in the run). Rank 0 tracks the job and writes every result;
+other ranks (under torchrun) train alongside it.
 """
 
 from __future__ import annotations
@@ -11,19 +15,13 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from ..fileio import file_sha256, log, write_json
 
 __all__ = ["add_train_args", "launch", "run_job", "train_argv"]
-
-
-def _log(msg: str) -> None:
-    print(f"[finetail {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _write_json(obj: dict, path: Path) -> None:
-    from ..manifest import atomic_write
-
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -75,7 +73,7 @@ def launch(a: argparse.Namespace) -> None:
         # reach its agent, which forwards SIGTERM to every rank) and exit with its status.
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(a.nproc),
                "-m", "finetail.cli", *train_argv(a)]
-        _log(f"relaunching under torchrun with {a.nproc} processes")
+        log(f"relaunching under torchrun with {a.nproc} processes")
         sys.stderr.flush()
         os.execv(sys.executable, cmd)
     dev = distributed.init(a.device)
@@ -85,188 +83,236 @@ def launch(a: argparse.Namespace) -> None:
         distributed.teardown()
 
 
-def _per_class_table(res: dict, class_names: list[str], test_labels, shots: dict):
+@dataclass
+class _Job:
+    """What one training job trains on and is keyed by (the same on every rank)."""
+
+    spec: dict  # {"recipe", "loss", "shots"} as the rule passed it
+    cfg: Any  # recipe.TrainConfig
+    inputs: dict[str, str]  # flat: name -> path, name_sha256 -> digest (manifest, store.N, init_model)
+    train: Any  # the training split (array split or loader.ImageFiles split)
+    test: Any
+    num_classes: int
+    init_backbone: dict | None  # fine-tuning: the pretrained backbone's state_dict
+    normalisation: dict | None  # fine-tuning: the pretrained model's
+    parent_run: str | None  # the run that wrote the init model
+    data: str  # digest of both splits' bytes (manifest + verified stores)
+    job_key: str  # the resume key's digest
+
+    @property
+    def init_digest(self) -> str | None:
+        return self.inputs.get("init_model_sha256")
+
+
+def _load(a: argparse.Namespace) -> _Job:
+    """Recipe, splits, initial weights and resume key of the job ``a`` describes. Array stores
+    are checked against the digests their manifest recorded before anything is trained."""
+    import torch
+
+    from ..manifest import load_array_split, read_manifest, verify_array_stores
+    from ..tracking import config_digest
+    from .checkpoint import job_key_digest
+    from .recipe import FEW_SHOT, MANY_SHOT, TrainConfig
+
+    spec = json.loads(a.spec)
+    shots, loss = spec.get("shots", {}), spec.get("loss", {"type": "softmax"})
+    cfg = TrainConfig.from_dict(
+        {**spec.get("recipe", {}), "loss": loss["type"], "beta": loss.get("beta", 0.0), "gamma": loss.get("gamma", 0.0),
+         "many_shot": shots.get("many", MANY_SHOT), "few_shot": shots.get("few", FEW_SHOT)}
+    )
+    manifest = Path(a.manifest)
+    inputs = {"manifest": str(manifest), "manifest_sha256": file_sha256(manifest)}
+    mdf = read_manifest(manifest)
+    if "store" in mdf.columns:  # array stores (small images) live on the device
+        load = load_array_split
+        # The stores' bytes, checked against the digests the manifest recorded when the
+        # dataset was written: a changed pixel stops the job here, and audit re-checks them.
+        for i, (store, sha) in enumerate(verify_array_stores(manifest, mdf).items()):
+            inputs.update({f"store.{i}": store, f"store.{i}_sha256": sha})
+    else:  # file manifests go through the loader
+        from ..loader import load_file_split as load
+    tr, te = load(manifest, "train"), load(manifest, "test")
+    init_backbone = normalisation = parent_run = None
+    if a.init_model:
+        init = torch.load(a.init_model, map_location="cpu", weights_only=True)
+        init_backbone, normalisation = init["backbone"], json.loads(init["normalisation"])
+        parent_run = init.get("run_id") or None
+        inputs.update(init_model=str(a.init_model), init_model_sha256=file_sha256(a.init_model))
+    # The resume key: recipe, both splits' bytes, initial weights, training code. The
+    # manifest's sha256 covers every row (store index or file path, label, split) and the
+    # per-file digests of a file manifest; the store digests, just verified, cover the pixels
+    # of an array manifest. Together they name the bytes both splits are loaded from, so the
+    # loaded arrays need no second hash.
+    data = config_digest({k: v for k, v in inputs.items()
+                          if k == "manifest_sha256" or (k.startswith("store.") and k.endswith("_sha256"))})
+    num_classes = len(tr.class_names)
+    key = job_key_digest(cfg, tr.labels, num_classes, inputs.get("init_model_sha256"), data)
+    return _Job(spec, cfg, inputs, tr, te, num_classes, init_backbone, normalisation, parent_run, data, key)
+
+
+def _train(a: argparse.Namespace, job: _Job, dev, say, on_epoch=None, extra_state=None):
+    from .loop import train
+
+    return train(
+        job.cfg, job.train.images, job.train.labels, job.test.images, job.test.labels, job.num_classes, a.checkpoint,
+        init_backbone=job.init_backbone, init_digest=job.init_digest, data_digest=job.data,
+        normalisation=job.normalisation, device=str(dev), on_epoch=on_epoch, log=say, progress=a.progress,
+        extra_state=extra_state or {},
+    )
+
+
+@dataclass
+class _Run:
+    """The job's MLflow run, open."""
+
+    tracker: Any  # tracking.Tracker
+    run_id: str
+    uri: str
+    git_commit: str
+    wildcards: dict
+
+
+def _open_run(a: argparse.Namespace, job: _Job, say) -> _Run:
+    """The one MLflow run of this job: the checkpoint's run, else the run this job (same key)
+    recorded in ``run.json`` before it was killed, else the store's run with this job's key
+    and output folder, else a new one; recorded in ``run.json`` before training."""
+    from .. import distributed
+    from ..layout import Layout
+    from ..record import RUN_JSON, RunFile, job_tags
+    from ..tracking import Tracker, choose_tracking_uri, config_digest, git_commit
+    from .checkpoint import resume_extra
+
+    study = Layout.at(a.study_dir)
+    uri = choose_tracking_uri(a.tracking_uri, a.config_tracking_uri, study.mlflow_db())
+    tracker = Tracker(uri, a.experiment, artifact_root=study.artifacts())  # fails fast if down
+    prev = resume_extra(a.checkpoint, job.cfg, job.train.labels, job.num_classes, job.init_digest, job.data)
+    commit, dirty = git_commit(Path(__file__).parent)
+    wildcards = json.loads(a.wildcards)
+    out_dir = str(Path(a.out_dir).resolve())
+    tags = job_tags(a.rule, wildcards, git_commit=commit, git_dirty=dirty, config_digest=config_digest(job.spec),
+                    job_key=job.job_key, output_dir=out_dir, world_size=distributed.world_size(),
+                    inputs=job.inputs, parent_run=job.parent_run)
+    run_file = Path(a.checkpoint).with_name(RUN_JSON)
+    resume_id, why = (prev or {}).get("run_id"), "checkpoint"
+    if resume_id is None:
+        resume_id, why = _recorded_run(run_file, job.job_key), "run record"
+    if resume_id is None:
+        resume_id, why = tracker.find_run(job.job_key, out_dir), "tracking store"
+    run_name = a.rule + ":" + "/".join(str(v) for v in wildcards.values())
+    run_id = tracker.start(run_name, job.spec, tags, resume_run_id=resume_id)
+    write_json(RunFile(run_id, job.job_key, uri).to_json(), run_file)
+    if resume_id == run_id:
+        where = f" at epoch {prev['epoch'] + 1}" if prev else " (no checkpoint yet: training from the start)"
+        say(f"{why} found{where}: continuing MLflow run {run_id}")
+    say(f"MLflow run {run_id} at {uri}; {len(job.train.labels)} train / {len(job.test.labels)} test images, "
+        f"{job.num_classes} classes")
+    return _Run(tracker, run_id, uri, commit, wildcards)
+
+
+def _per_class_table(res, class_names: list[str], test_labels, shots: dict):
     import numpy as np
     import pandas as pd
 
     from ..metrics import shot_groups
+    from .recipe import FEW_SHOT, MANY_SHOT
 
-    counts = res["train_counts"]
+    counts = res.train_counts
     return pd.DataFrame(
         {
             "label": np.arange(len(counts)),
             "class_name": class_names,
             "train_count": counts,
             "test_count": np.bincount(test_labels, minlength=len(counts))[: len(counts)],
-            "accuracy": res["metrics"]["per_class_acc"],
-            "shot": shot_groups(counts, shots.get("many", 100), shots.get("few", 20)),
+            "accuracy": res.metrics["per_class_acc"],
+            "shot": shot_groups(counts, shots.get("many", MANY_SHOT), shots.get("few", FEW_SHOT)),
         }
     )
 
 
-def run_job(a: argparse.Namespace, dev) -> None:
-    """The body of ``finetail train``: spec -> recipe -> engine -> record -> model file."""
+def _write_results(a: argparse.Namespace, job: _Job, run: _Run, res, wall: float) -> dict:
+    """per_class.csv, history.csv (and model.pt), then metrics.json, renamed into place last,
+    after the run holds every file's sha256 and the final metrics. Returns the final metrics."""
     import numpy as np
+    import pandas as pd
     import torch
 
-    from .. import distributed
-    from ..engine import Preempted, TrainConfig, job_key_digest, resume_extra, train
-    from ..layout import Layout
-    from ..manifest import file_sha256, load_array_split, read_manifest, verify_array_stores
-    from ..record import RUN_JSON, FileRef, MetricsRecord, RunFile, job_tags, output_tags
-    from ..tracking import Tracker, choose_tracking_uri, config_digest, git_commit
-
-    world, rank = distributed.world_size(), distributed.rank()
-    log = _log if world == 1 else (lambda msg: _log(f"rank {rank}/{world}: {msg}"))
-    torch.set_num_threads(a.threads)
-    spec = json.loads(a.spec)
-    shots = spec.get("shots", {})
-    loss = spec.get("loss", {"type": "softmax"})
-    cfg = TrainConfig.from_dict(
-        {**spec.get("recipe", {}), "loss": loss["type"], "beta": loss.get("beta", 0.0),
-         "gamma": loss.get("gamma", 0.0), "many_shot": shots.get("many", 100), "few_shot": shots.get("few", 20)}
-    )
-    manifest = Path(a.manifest)
-    inputs = {"manifest": str(manifest), "manifest_sha256": file_sha256(manifest)}
-    # Array stores (small images) live on the device; file manifests go through the loader.
-    mdf = read_manifest(manifest)
-    if "store" in mdf.columns:
-        load = load_array_split
-        # The stores' bytes, checked against the digests the manifest recorded when the
-        # dataset was written: a changed pixel stops the job here, and audit re-checks them.
-        for i, (store, sha) in enumerate(verify_array_stores(manifest, mdf).items()):
-            inputs.update({f"store.{i}": store, f"store.{i}_sha256": sha})
-    else:
-        from ..loader import load_file_split as load
-    tr = load(manifest, "train")
-    te = load(manifest, "test")
-    num_classes = len(tr.class_names)
-    digest = config_digest(spec)
-    init_backbone = normalisation = parent_run = None
-    if a.init_model:
-        init = torch.load(a.init_model, map_location="cpu", weights_only=True)
-        init_backbone = init["backbone"]
-        normalisation = json.loads(init["normalisation"])
-        parent_run = init.get("run_id") or None
-        inputs.update(init_model=str(a.init_model), init_model_sha256=file_sha256(a.init_model))
-
-    # The resume key: recipe, both splits' bytes, initial weights, training code.
-    # The manifest's sha256 covers every row (store index or file path, label, split) and the
-    # per-file digests of a file manifest; the store digests, just verified, cover the pixels
-    # of an array manifest. Together they name the bytes both splits are loaded from, so the
-    # loaded arrays need no second hash.
-    data = config_digest({k: v for k, v in inputs.items()
-                          if k == "manifest_sha256" or (k.startswith("store.") and k.endswith("_sha256"))})
-    job_key = job_key_digest(cfg, tr.labels, num_classes, inputs.get("init_model_sha256"), data)
-
-    def run_train(on_epoch, extra_state):
-        return train(
-            cfg, tr.images, tr.labels, te.images, te.labels, num_classes, a.checkpoint,
-            init_backbone=init_backbone, init_digest=inputs.get("init_model_sha256"), data_digest=data,
-            normalisation=normalisation,
-            device=str(dev), on_epoch=on_epoch, log=log, progress=a.progress, extra_state=extra_state,
-        )
-
-    if world > 1:
-        log(f"training on {dev} with {world} processes, global batch {cfg.batch_size}")
-    if not distributed.is_main():  # train alongside rank 0, which tracks and writes every result
-        try:
-            run_train(None, {})
-        except Preempted:
-            raise SystemExit(143) from None
-        return
+    from ..record import METRICS_JSON, FileRef, MetricsRecord, final_metrics, output_tags
+    from ..tracking import config_digest
+    from .checkpoint import save_state
 
     out = Path(a.out_dir)
-    # A result of an earlier attempt must not outlive a failed one: the job writes it anew.
-    (out / "metrics.json").unlink(missing_ok=True)
-    study = Layout.at(a.study_dir)
-    uri = choose_tracking_uri(a.tracking_uri, a.config_tracking_uri, study.mlflow_db())
-    tracker = Tracker(uri, a.experiment, artifact_root=study.artifacts())  # fails fast if down
-    prev = resume_extra(a.checkpoint, cfg, tr.labels, num_classes, inputs.get("init_model_sha256"), data)
-    commit, dirty = git_commit(Path(__file__).parent)
-    wildcards = json.loads(a.wildcards)
-    out_dir = str(Path(a.out_dir).resolve())
-    tags = job_tags(a.rule, wildcards, git_commit=commit, git_dirty=dirty, config_digest=digest, job_key=job_key,
-                    output_dir=out_dir, world_size=world, inputs=inputs, parent_run=parent_run)
-    run_name = a.rule + ":" + "/".join(str(v) for v in wildcards.values())
-    # One MLflow run per job, always: continue the checkpoint's run, else the run this job
-    # (same key) created before it was killed, else start one and record it before training.
-    run_file = Path(a.checkpoint).with_name(RUN_JSON)
-    resume_id, why = (prev or {}).get("run_id"), "checkpoint"
-    if resume_id is None:
-        resume_id, why = _recorded_run(run_file, job_key), "run record"
-    if resume_id is None:
-        resume_id, why = tracker.find_run(job_key, out_dir), "tracking store"
-    run_id = tracker.start(run_name, spec, tags, resume_run_id=resume_id)
-    _write_json(RunFile(run_id, job_key, uri).to_json(), run_file)
-    if resume_id == run_id:
-        where = f" at epoch {prev['epoch'] + 1}" if prev else " (no checkpoint yet: training from the start)"
-        log(f"{why} found{where}: continuing MLflow run {run_id}")
-    log(f"MLflow run {run_id} at {uri}; {len(tr.labels)} train / {len(te.labels)} test images, {num_classes} classes")
-
-    t0 = time.perf_counter()
-    try:
-        res = run_train(lambda e, m: tracker.log_metrics(m, step=e), {"run_id": run_id})
-    except Preempted:
-        tracker.end("KILLED")
-        raise SystemExit(143) from None
-    except BaseException:
-        tracker.end("FAILED")
-        raise
-    wall = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
-    per_class = _per_class_table(res, tr.class_names, te.labels, shots)
-    per_class.to_csv(out / "per_class.csv", index=False)
-    hist = [{k: v for k, v in row.items() if k != "eval"} for row in res["history"]]
-    import pandas as pd
-
+    _per_class_table(res, job.train.class_names, job.test.labels, job.spec.get("shots", {})).to_csv(
+        out / "per_class.csv", index=False)
+    hist = [{k: v for k, v in row.items() if k != "eval"} for row in res.history]
     pd.DataFrame(hist).to_csv(out / "history.csv", index=False)
-    final = {k: v for k, v in res["metrics"].items() if k != "per_class_acc"}
-    record = MetricsRecord(**{
-        "rule": a.rule,
-        "wildcards": wildcards,
-        "run_id": run_id,
-        "tracking_uri": uri,
-        "config": spec,
-        "config_digest": digest,
-        "inputs": inputs,
-        "parent_run_id": parent_run,
-        "start_backbone_sha256": res["start_backbone_sha256"],
-        "git_commit": commit,
-        "num_classes": num_classes,
-        "num_train": int(len(tr.labels)),
-        "final": final,
-        "epochs": res["epochs"],
-        "device": res["device"],
-        "world_size": res["world_size"],
-        "torch": torch.__version__,
-        "wall_s": round(wall, 2),
-        "mean_images_per_s": float(np.mean([h["images_per_s"] for h in hist])) if hist else None,
-    })
+    final = {k: v for k, v in res.metrics.items() if k != "per_class_acc"}
+    record = MetricsRecord(
+        rule=a.rule, wildcards=run.wildcards, run_id=run.run_id, tracking_uri=run.uri, config=job.spec,
+        config_digest=config_digest(job.spec), inputs=job.inputs, parent_run_id=job.parent_run,
+        start_backbone_sha256=res.start_backbone_sha256, git_commit=run.git_commit, num_classes=job.num_classes,
+        num_train=int(len(job.train.labels)), final=final, epochs=res.epochs, device=res.device,
+        world_size=res.world_size, torch=torch.__version__, wall_s=round(wall, 2),
+        mean_images_per_s=float(np.mean([h["images_per_s"] for h in hist])) if hist else None,
+    )
+    partial = out / (METRICS_JSON + ".partial")
+    written = {METRICS_JSON: partial, "per_class.csv": out / "per_class.csv", "history.csv": out / "history.csv"}
     if a.save_model:
-        from ..engine import save_state
-
         save_state(
-            {"model": res["model"].state_dict(), "backbone": res["model"].backbone.state_dict(),
-             "cfg": json.dumps(spec), "class_names": json.dumps(tr.class_names), "run_id": run_id,
-             "normalisation": json.dumps(res["normalisation"])},
+            {"model": res.model.state_dict(), "backbone": res.model.backbone.state_dict(),
+             "cfg": json.dumps(job.spec), "class_names": json.dumps(job.train.class_names), "run_id": run.run_id,
+             "normalisation": json.dumps(res.normalisation)},
             Path(a.save_model),
         )
         record.model_sha256 = file_sha256(a.save_model)
-    _write_json(record.to_json(), out / "metrics.json.partial")
-    tracker.log_metrics({f"final_{k}": v for k, v in final.items() if isinstance(v, float)}, step=res["epochs"])
+        written["model.pt"] = Path(a.save_model)
+    write_json(record.to_json(), partial)
+    run.tracker.log_metrics(final_metrics(final), step=res.epochs)
     # The bytes of every result file, so audit catches an edited number (metrics.json is
     # renamed into place below, unchanged).
-    written = {"metrics.json": out / "metrics.json.partial", "per_class.csv": out / "per_class.csv",
-               "history.csv": out / "history.csv"}
-    if a.save_model:
-        written["model.pt"] = Path(a.save_model)
-    tracker.log_tags(output_tags(FileRef(name, str(out / name if name != "model.pt" else path), file_sha256(path))
-                                 for name, path in written.items()))
-    tracker.log_artifacts([out / "metrics.json.partial", out / "per_class.csv", out / "history.csv"])
-    tracker.end("FINISHED")
-    os.replace(out / "metrics.json.partial", out / "metrics.json")
-    log(f"done: top-1 error {100 * final['top1_error']:.2f}% in {wall:.1f}s -> {out / 'metrics.json'}")
+    run.tracker.log_tags(output_tags(FileRef(name, str(out / name if name != "model.pt" else path), file_sha256(path))
+                                     for name, path in written.items()))
+    run.tracker.log_artifacts([partial, out / "per_class.csv", out / "history.csv"])
+    run.tracker.end("FINISHED")
+    os.replace(partial, out / METRICS_JSON)
+    return final
+
+
+def run_job(a: argparse.Namespace, dev) -> None:
+    """The body of ``finetail train``: spec -> recipe -> engine -> record -> model file."""
+    import torch
+
+    from .. import distributed
+    from ..record import METRICS_JSON
+    from .loop import Preempted
+
+    world, rank = distributed.world_size(), distributed.rank()
+    say = log if world == 1 else (lambda msg: log(f"rank {rank}/{world}: {msg}"))
+    torch.set_num_threads(a.threads)
+    job = _load(a)
+    if world > 1:
+        say(f"training on {dev} with {world} processes, global batch {job.cfg.batch_size}")
+    if not distributed.is_main():  # train alongside rank 0, which tracks and writes every result
+        try:
+            _train(a, job, dev, say)
+        except Preempted:
+            raise SystemExit(143) from None
+        return
+    # A result of an earlier attempt must not outlive a failed one: the job writes it anew.
+    (Path(a.out_dir) / METRICS_JSON).unlink(missing_ok=True)
+    run = _open_run(a, job, say)
+    t0 = time.perf_counter()
+    try:
+        res = _train(a, job, dev, say, lambda e, m: run.tracker.log_metrics(m, step=e), {"run_id": run.run_id})
+    except Preempted:
+        run.tracker.end("KILLED")
+        raise SystemExit(143) from None
+    except BaseException:
+        run.tracker.end("FAILED")
+        raise
+    wall = time.perf_counter() - t0
+    final = _write_results(a, job, run, res, wall)
+    say(f"done: top-1 error {100 * final['top1_error']:.2f}% in {wall:.1f}s -> {Path(a.out_dir) / METRICS_JSON}")
 
 
 def _recorded_run(run_file: Path, job_key: str) -> str | None:

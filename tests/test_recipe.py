@@ -1,0 +1,41 @@
+"""The training recipe: the schema's defaults are the dataclass's, and it imports cheaply."""
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from finetail.config import SCHEMA
+from finetail.training.recipe import FEW_SHOT, LOSS_TYPES, MANY_SHOT, TrainConfig
+
+DEFS = yaml.safe_load(SCHEMA.read_text())
+
+
+def test_every_schema_recipe_key_is_a_train_config_field_with_the_same_default():
+    recipe = DEFS["$defs"]["recipe"]["properties"]
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(recipe) <= fields, f"schema recipe keys TrainConfig lacks: {sorted(set(recipe) - fields)}"
+    cfg = TrainConfig()
+    for key, prop in recipe.items():
+        assert "default" in prop, f"recipe.{key} has no default in the schema"
+        assert prop["default"] == getattr(cfg, key), f"recipe.{key}: schema {prop['default']!r}, TrainConfig {getattr(cfg, key)!r}"
+    # The fields the schema keeps elsewhere: the loss (per cell) and the shot thresholds (per study).
+    assert fields - set(recipe) == {"loss", "beta", "gamma", "many_shot", "few_shot"}
+
+
+def test_loss_and_shot_defaults_agree():
+    loss = DEFS["$defs"]["loss"]["properties"]
+    assert (loss["beta"]["default"], loss["gamma"]["default"]) == (TrainConfig.beta, TrainConfig.gamma)
+    assert loss["type"]["enum"] == list(LOSS_TYPES)
+    shots = DEFS["properties"]["shots"]["properties"]
+    assert (shots["many"]["default"], shots["few"]["default"]) == (MANY_SHOT, FEW_SHOT)
+    assert (TrainConfig.many_shot, TrainConfig.few_shot) == (MANY_SHOT, FEW_SHOT)
+
+
+@pytest.mark.parametrize("module", ["finetail.config", "finetail.training.recipe", "finetail.training"])
+def test_recipe_and_config_import_neither_torch_nor_numpy(module):
+    code = f"import sys, {module}; print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "[]"
