@@ -110,7 +110,9 @@ def code_digest(command: str, pkg: str | Path = PKG) -> str:
     16
     """
     pkg = Path(pkg).resolve()
-    h = hashlib.sha256(ast.get_source_segment((pkg / "cli.py").read_text(), _command_node(pkg, command)).encode())
+    node = _command_node(pkg, command)
+    lines = (pkg / "cli.py").read_text().splitlines()[node.lineno - 1 : node.end_lineno]  # whole lines
+    h = hashlib.sha256("\n".join(lines).encode())
     for name, _ in _files(pkg, command):
         h.update(name.encode() + (pkg / name).read_bytes())
     return h.hexdigest()[:16]
