@@ -7,6 +7,8 @@ import sys
 import pytest
 import yaml
 
+from conftest import ROOT
+
 from finetail.config import SCHEMA
 from finetail.training.recipe import FEW_SHOT, LOSS_TYPES, MANY_SHOT, TrainConfig
 
@@ -38,4 +40,23 @@ def test_loss_and_shot_defaults_agree():
 def test_recipe_and_config_import_neither_torch_nor_numpy(module):
     code = f"import sys, {module}; print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "[]"
+
+
+def test_validating_the_study_files_and_planning_imports_no_torch():
+    """What the Snakefile runs while it parses the DAG (config checks of both study files,
+    the layout, the code digests of every command) imports neither torch nor mlflow."""
+    code = (
+        "import sys\n"
+        "from finetail.config import load_config\n"
+        "from finetail.code import code_digest\n"
+        "from finetail.layout import Layout\n"
+        "for f in ('workflow/studies/paper.yaml', 'config.yaml'):\n"
+        "    load_config(f)\n"
+        "for c in ('generate', 'prepare', 'longtail', 'train', 'pool', 'features', 'similarity', 'select', 'report'):\n"
+        "    code_digest(c)\n"
+        "print(sorted(m for m in ('torch', 'mlflow', 'torchvision') if m in sys.modules))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
