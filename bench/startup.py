@@ -7,7 +7,8 @@ Measured as subprocesses (a fresh interpreter each, as Snakemake starts them):
   images, 200 training images, one epoch, one thread) from ``Popen`` to the moment its log
   line ``training from epoch ...`` arrives on stderr, and the CPU time (user + system, all
   threads) the process had used by then, read from ``/proc`` (less sensitive than wall time
-  to other processes on the machine). The engine writes that line right before
+  to other processes on the machine; the job's own process only: the MLflow start-up of its
+  tracker, a child process since issue 11 part 9, is not in it). The engine writes that line right before
   its first step, after the data, the model, the optimizer, MLflow's run and the checkpoint
   check are set up, so the figure is everything a job pays before it trains. The whole run's
   wall time is recorded too. All runs share one study folder, hence one MLflow store (as the

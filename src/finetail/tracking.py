@@ -1,6 +1,8 @@
 """MLflow tracking: the only module that imports mlflow.
 
-One run per training job (:class:`Tracker`). Params are the job's config subtree (flattened),
+One run per training job (:class:`Tracker`; a training job drives it through
+:class:`TrackerProcess`, which builds it in a child process while the job imports torch).
+Params are the job's config subtree (flattened),
 metrics are logged per epoch with ``step=epoch``, tags carry the lineage (rule, wildcards,
 git commit, config digest, input and output digests, parent run ids; their names are
 :mod:`finetail.record`'s), artifacts are the job's result files. Lineage and audit read the
@@ -23,12 +25,17 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import multiprocessing
 import os
+import pickle
+import signal
 import subprocess
 import time
+import traceback
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 from urllib.parse import unquote, urlparse
 
 from .record import RESUMED, flatten, job_params
@@ -36,6 +43,7 @@ from .record import RESUMED, flatten, job_params
 __all__ = [
     "StoredRun",
     "Tracker",
+    "TrackerProcess",
     "TrackingStore",
     "TrackingUnavailable",
     "choose_tracking_uri",
@@ -311,6 +319,162 @@ class Tracker:
     def end(self, status: str = "FINISHED") -> None:
         if self.run_id is not None:
             self._call(self.client.set_terminated, self.run_id, status=status)
+
+
+class TrackerProcess:
+    """A :class:`Tracker` in a child process of its own: the same methods, called in the parent.
+
+    The child is forked at once and builds the Tracker (mlflow's import, the server's health
+    check, the experiment) while the parent goes on importing torch and loading the data, on
+    another core: a job's start-up no longer waits for MLflow's. Calls then go one at a time
+    through a pipe, and the parent waits for each reply, so a run's writes happen in the order
+    and with the errors of a :class:`Tracker`: what a call raises in the child is raised here
+    again, with its type and message (the child's traceback as a note).
+
+    Fork it before torch is imported (the parent has no threads then). The child ignores
+    SIGTERM and SIGINT, which Slurm and Snakemake send to the whole process group: the parent
+    handles them and marks the run KILLED or FAILED through the child. The child ends when the
+    pipe closes: :meth:`close`, or the parent's exit or death (SIGKILL included).
+
+    Parameters
+    ----------
+    uri, experiment, artifact_root : as :class:`Tracker`'s.
+    """
+
+    def __init__(self, uri: str, experiment: str, artifact_root: str | Path | None = None) -> None:
+        ctx = multiprocessing.get_context("fork")
+        self._conn, child_end = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve_tracker, args=(child_end, self._conn, uri, experiment, artifact_root),
+                                 name="finetail-tracker")
+        self._proc.start()
+        child_end.close()
+        self.uri = uri  # the child's Tracker.uri once ready()
+        self.run_id: str | None = None
+        self._state = "starting"  # then "ready", or the construction's exception
+        self._unread = False  # a reply not read (the parent was interrupted while waiting)
+
+    @property
+    def pid(self) -> int | None:
+        """The child's pid."""
+        return self._proc.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        """The child's exit status once it has ended (0 after :meth:`close`), else None."""
+        return self._proc.exitcode
+
+    def ready(self) -> None:
+        """Wait until the child's Tracker exists; raise what building it raised
+        (:class:`TrackingUnavailable` for a server that does not answer) here and at every call."""
+        if self._state == "starting":
+            try:
+                self.uri = self._reply()
+                self._state = "ready"
+            except BaseException as e:
+                self._state = e
+                raise
+        if isinstance(self._state, BaseException):
+            raise self._state
+
+    def _reply(self):
+        try:
+            ok, value = self._conn.recv()  # a KeyboardInterrupt here leaves the reply unread
+        except (EOFError, OSError):
+            self._unread = False
+            self._proc.join(1.0)
+            raise TrackingUnavailable(f"the tracking process (pid {self._proc.pid}) ended unexpectedly "
+                                      f"(exit code {self._proc.exitcode})") from None
+        self._unread = False
+        if not ok:
+            raise value
+        return value
+
+    def _call(self, method: str, *args, **kwargs):
+        self.ready()
+        if self._unread:  # the reply to a call the parent stopped waiting for (a signal's exception)
+            with contextlib.suppress(Exception):
+                self._reply()
+        self._conn.send((method, args, kwargs))
+        self._unread = True
+        return self._reply()
+
+    def start(self, run_name: str, params: Mapping, tags: Mapping[str, str], resume_run_id: str | None = None) -> str:
+        """:meth:`Tracker.start`, in the child."""
+        self.run_id = self._call("start", run_name, params, tags, resume_run_id=resume_run_id)
+        return self.run_id
+
+    def find_run(self, job_key: str, output_dir: str) -> str | None:
+        """:meth:`Tracker.find_run`, in the child."""
+        return self._call("find_run", job_key, output_dir)
+
+    def log_metrics(self, metrics: Mapping[str, float | None], step: int | None = None) -> None:
+        self._call("log_metrics", dict(metrics), step=step)
+
+    def log_tags(self, tags: Mapping[str, str]) -> None:
+        self._call("log_tags", dict(tags))
+
+    def log_artifacts(self, paths: list[str | Path]) -> None:
+        self._call("log_artifacts", [str(p) for p in paths])
+
+    def end(self, status: str = "FINISHED") -> None:
+        self._call("end", status)
+
+    def close(self, timeout: float = 120.0) -> None:
+        """Close the pipe and wait for the child to finish the call in hand (if any) and exit;
+        killed after ``timeout`` seconds."""
+        if self._conn.closed:
+            return
+        self._conn.close()
+        self._proc.join(timeout)
+        if self._proc.exitcode is None:
+            self._proc.kill()
+            self._proc.join()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _serve_tracker(conn, parent_end, uri: str, experiment: str, artifact_root) -> None:
+    """The child of :class:`TrackerProcess`: build the Tracker, then serve calls until the pipe closes."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the parent ends the run, then the pipe
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent_end.close()  # else the pipe would never close while this process lives
+    try:
+        tracker = Tracker(uri, experiment, artifact_root=artifact_root)
+    except Exception as e:  # noqa: BLE001 - raised again in the parent
+        _send(conn, False, e)
+        return
+    if not _send(conn, True, tracker.uri):
+        return
+    while True:
+        try:
+            method, args, kwargs = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            reply = (True, getattr(tracker, method)(*args, **kwargs))
+        except Exception as e:  # noqa: BLE001 - raised again in the parent
+            reply = (False, e)
+        if not _send(conn, *reply):
+            return
+
+
+def _send(conn, ok: bool, value) -> bool:
+    """Send a reply (an exception as one the parent can unpickle); False when the parent is gone."""
+    if not ok:
+        value.add_note("traceback in the tracking process:\n" + "".join(traceback.format_exception(value)).rstrip())
+        try:
+            pickle.loads(pickle.dumps(value))
+        except Exception:  # noqa: BLE001 - a type that does not pickle: its name and message
+            value = RuntimeError(f"{type(value).__module__}.{type(value).__qualname__}: {value}")
+    try:
+        conn.send((ok, value))
+    except (BrokenPipeError, ConnectionResetError, EOFError):
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------- reading

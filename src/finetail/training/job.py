@@ -5,7 +5,9 @@ recipe, both splits, the initial weights, the resume key), :func:`_open_run` (th
 run of this job: continued or started, recorded in ``run.json`` before training) and
 :func:`_write_results` (``per_class.csv``, ``history.csv``, ``model.pt``, then ``metrics.json``
 last, with every file's sha256 in the run). Rank 0 tracks the job and writes every result;
-other ranks (under torchrun) train alongside it.
+other ranks (under torchrun) train alongside it. Rank 0's tracker lives in a child process
+forked before torch is imported (:class:`~finetail.tracking.TrackerProcess`), so MLflow's
+start-up overlaps torch's instead of following it.
 """
 
 from __future__ import annotations
@@ -66,9 +68,7 @@ def train_argv(a: argparse.Namespace) -> list[str]:
 def launch(a: argparse.Namespace) -> None:
     """``finetail train``: run the job here, or (``--nproc`` N > 1) become ``torchrun`` with N
     processes that each run it."""
-    from .. import distributed
-
-    if a.nproc > 1 and not distributed.launched():
+    if a.nproc > 1 and not _under_torchrun():
         # One job, N processes: become torchrun (same pid, so Slurm's and Snakemake's signals
         # reach its agent, which forwards SIGTERM to every rank) and exit with its status.
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(a.nproc),
@@ -76,11 +76,47 @@ def launch(a: argparse.Namespace) -> None:
         log(f"relaunching under torchrun with {a.nproc} processes")
         sys.stderr.flush()
         os.execv(sys.executable, cmd)
-    dev = distributed.init(a.device)
+    # Rank 0 tracks the job. Its tracker is forked now, before anything imports torch: MLflow's
+    # import, the server check and the experiment happen in the child, on another core, while
+    # this process imports torch and loads the data (finetail.distributed imports torch).
+    tracker = _start_tracker(a) if _tracks() else None
     try:
-        run_job(a, dev)
+        from .. import distributed
+
+        dev = distributed.init(a.device)
+        try:
+            run_job(a, dev, tracker)
+        finally:
+            distributed.teardown()
     finally:
-        distributed.teardown()
+        if tracker is not None:
+            tracker.close()
+
+
+def _under_torchrun() -> bool:
+    """As ``distributed.launched()``, from the environment alone (that module imports torch)."""
+    return "LOCAL_RANK" in os.environ or "WORLD_SIZE" in os.environ
+
+
+def _tracks() -> bool:
+    """Whether this process tracks the job: rank 0 of ``torchrun`` (``RANK``), or a process on its own."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _tracking_uri(a: argparse.Namespace) -> str:
+    """The job's tracking store: the flag, ``MLFLOW_TRACKING_URI``, the config's, else the study's SQLite file."""
+    from ..layout import Layout
+    from ..tracking import choose_tracking_uri
+
+    return choose_tracking_uri(a.tracking_uri, a.config_tracking_uri, Layout.at(a.study_dir).mlflow_db())
+
+
+def _start_tracker(a: argparse.Namespace):
+    """The job's :class:`~finetail.tracking.TrackerProcess`, building its Tracker from now on."""
+    from ..layout import Layout
+    from ..tracking import TrackerProcess
+
+    return TrackerProcess(_tracking_uri(a), a.experiment, artifact_root=Layout.at(a.study_dir).artifacts())
 
 
 @dataclass
@@ -165,26 +201,25 @@ def _train(a: argparse.Namespace, job: _Job, dev, say, on_epoch=None, extra_stat
 class _Run:
     """The job's MLflow run, open."""
 
-    tracker: Any  # tracking.Tracker
+    tracker: Any  # tracking.TrackerProcess
     run_id: str
     uri: str
     git_commit: str
     wildcards: dict
 
 
-def _open_run(a: argparse.Namespace, job: _Job, say) -> _Run:
-    """The one MLflow run of this job: the checkpoint's run, else the run this job (same key)
-    recorded in ``run.json`` before it was killed, else the store's run with this job's key
-    and output folder, else a new one; recorded in ``run.json`` before training."""
+def _open_run(a: argparse.Namespace, job: _Job, say, tracker) -> _Run:
+    """The one MLflow run of this job, through ``tracker`` (the job's TrackerProcess): the
+    checkpoint's run, else the run this job (same key) recorded in ``run.json`` before it was
+    killed, else the store's run with this job's key and output folder, else a new one;
+    recorded in ``run.json`` before training."""
     from .. import distributed
-    from ..layout import Layout
     from ..record import RUN_JSON, RunFile, job_tags
-    from ..tracking import Tracker, choose_tracking_uri, config_digest, git_commit
+    from ..tracking import config_digest, git_commit
     from .checkpoint import resume_extra
 
-    study = Layout.at(a.study_dir)
-    uri = choose_tracking_uri(a.tracking_uri, a.config_tracking_uri, study.mlflow_db())
-    tracker = Tracker(uri, a.experiment, artifact_root=study.artifacts())  # fails fast if down
+    uri = _tracking_uri(a)
+    tracker.ready()  # fails fast, before training, if the server is down
     prev = resume_extra(a.checkpoint, job.cfg, job.train.labels, job.num_classes, job.init_digest, job.data)
     commit, dirty = git_commit(Path(__file__).parent)
     wildcards = json.loads(a.wildcards)
@@ -278,8 +313,9 @@ def _write_results(a: argparse.Namespace, job: _Job, run: _Run, res, wall: float
     return final
 
 
-def run_job(a: argparse.Namespace, dev) -> None:
-    """The body of ``finetail train``: spec -> recipe -> engine -> record -> model file."""
+def run_job(a: argparse.Namespace, dev, tracker) -> None:
+    """The body of ``finetail train``: spec -> recipe -> engine -> record -> model file.
+    ``tracker``: rank 0's :class:`~finetail.tracking.TrackerProcess` (None on other ranks)."""
     import torch
 
     from .. import distributed
@@ -300,7 +336,7 @@ def run_job(a: argparse.Namespace, dev) -> None:
         return
     # A result of an earlier attempt must not outlive a failed one: the job writes it anew.
     (Path(a.out_dir) / METRICS_JSON).unlink(missing_ok=True)
-    run = _open_run(a, job, say)
+    run = _open_run(a, job, say, tracker)
     t0 = time.perf_counter()
     try:
         res = _train(a, job, dev, say, lambda e, m: run.tracker.log_metrics(m, step=e), {"run_id": run.run_id})
