@@ -4,7 +4,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from finetail.code import code_digest
+from finetail.code import PKG as INSTALLED_PKG, code_digest
 from finetail.config import check_config
 from finetail.layout import Layout, imbalance_tag
 
@@ -40,7 +40,10 @@ TRACKING_ARGS = cli_option("--config-tracking-uri", config["tracking"]["uri"])
 # imports; the training job puts the same digest in its resume key), as a digest in the
 # params of the rules that call it: editing that code changes the params, so Snakemake plans
 # those jobs again (rerun trigger "params").
+# The checkout's library, or (a workflow copied without src/) the installed one.
 PKG = Path(workflow.basedir) / "src" / "finetail"
+if not (PKG / "cli.py").is_file():
+    PKG = INSTALLED_PKG
 
 
 def code(command):
