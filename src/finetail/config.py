@@ -217,8 +217,3 @@ def load_config(path: str | Path, schema: str | Path = SCHEMA) -> dict:
     _validate_with_defaults(config, yaml.safe_load(Path(schema).read_text()))
     check_config(config)
     return config
-
-
-def imbalance_tag(imbalance: float) -> str:
-    """Imbalance factor as used in paths: 100 -> "100", 12.5 -> "12.5"."""
-    return f"{imbalance:g}"

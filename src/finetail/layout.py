@@ -60,6 +60,11 @@ def imbalance_tag(imbalance: float | str) -> str:
     return imbalance if isinstance(imbalance, str) else f"{imbalance:g}"
 
 
+def _folder(rule: str, wildcards: dict) -> str:
+    """A training rule's folder pattern filled in (an imbalance factor as its path tag)."""
+    return TRAINING[rule].format(**{k: imbalance_tag(v) if k == "imbalance" else v for k, v in wildcards.items()})
+
+
 def _pattern_regex(pattern: str) -> re.Pattern:
     """A TRAINING pattern as a regex over a path's last parts, one named group per wildcard."""
     out = ""
@@ -107,8 +112,7 @@ class Layout:
     # -- training jobs
     def train_dir(self, rule: str, **wildcards: str) -> str:
         """A training job's result folder: ``train_dir("finetune", source="natural", target="cub200")``."""
-        wc = {k: imbalance_tag(v) if k == "imbalance" else v for k, v in wildcards.items()}
-        return self._p(TRAINING[rule].format(**wc))
+        return self._p(_folder(rule, wildcards))
 
     def train(self, rule: str, file: str = "metrics.json", **wildcards: str) -> str:
         return f"{self.train_dir(rule, **wildcards)}/{file}"
@@ -123,13 +127,11 @@ class Layout:
 
     def checkpoint(self, rule: str, file: str = "last.pt", **wildcards: str) -> str:
         """Where a training job keeps its resume point (``last.pt``) and run record (``run.json``)."""
-        wc = {k: imbalance_tag(v) if k == "imbalance" else v for k, v in wildcards.items()}
-        return self._p(_CHECKPOINTS, TRAINING[rule].format(**wc), file)
+        return self._p(_CHECKPOINTS, _folder(rule, wildcards), file)
 
     def train_log(self, rule: str, **wildcards: str) -> str:
         """A training job's log: ``logs/<study>/<its result folder's pattern>.log``."""
-        wc = {k: imbalance_tag(v) if k == "imbalance" else v for k, v in wildcards.items()}
-        return f"{self.logs}/{TRAINING[rule].format(**wc)}.log"
+        return f"{self.logs}/{_folder(rule, wildcards)}.log"
 
     def cell(self, cell: str) -> str:
         """A report cell ``"<rule>:<wildcard>:..."`` (wildcards in the rule's folder order) as its
