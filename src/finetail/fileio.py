@@ -4,7 +4,7 @@
   write. Every finished file finetail writes goes through it.
 - :func:`file_digest` (and :func:`file_sha256`, its sha256 shorthand): the hex digest of a
   file's bytes, streamed in 1 MiB blocks.
-- :func:`write_json`: JSON through :func:`atomic_write`.
+- :func:`write_json`: JSON through :func:`atomic_write`; :func:`read_json`, its reader.
 - :func:`log`: the one timestamped stderr line every command reports with.
 
 Example
@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write", "file_digest", "file_sha256", "log", "write_json"]
+__all__ = ["atomic_write", "file_digest", "file_sha256", "log", "read_json", "write_json"]
 
 _CHUNK = 1 << 20
 ALGORITHMS = ("sha256", "md5")
@@ -102,6 +102,20 @@ def write_json(obj: object, path: str | Path) -> None:
     import json
 
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def read_json(path: str | Path) -> dict:
+    """A JSON object from ``path``; ``ValueError`` naming the file when it is not valid JSON
+    or not an object."""
+    import json
+
+    try:
+        obj = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a JSON {type(obj).__name__}, not an object")
+    return obj
 
 
 def log(msg: str) -> None:

@@ -39,8 +39,9 @@ import json
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, NamedTuple
+
+from .fileio import read_json
 
 __all__ = [
     "CONFIG_DIGEST",
@@ -259,16 +260,6 @@ def parent_runs(tags: Mapping[str, str]) -> list[str]:
 
 
 # --------------------------------------------------------------------------- files
-def _read_json(path: str | os.PathLike) -> dict:
-    try:
-        obj = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path} holds a JSON {type(obj).__name__}, not an object")
-    return obj
-
-
 def _known(cls, data: Mapping[str, Any]) -> tuple[dict, dict]:
     names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
     return {k: v for k, v in data.items() if k in names}, {k: v for k, v in data.items() if k not in names}
@@ -326,7 +317,7 @@ class MetricsRecord:
     def read(cls, path: str | os.PathLike) -> MetricsRecord:
         """Read a ``metrics.json``. Raises FileNotFoundError, or ValueError when it is not a
         JSON object."""
-        return cls.from_json(_read_json(path))
+        return cls.from_json(read_json(path))
 
 
 @dataclass
@@ -351,4 +342,4 @@ class RunFile:
     @classmethod
     def read(cls, path: str | os.PathLike) -> RunFile:
         """Read a ``run.json``. Raises FileNotFoundError, or ValueError when it is not valid."""
-        return cls.from_json(_read_json(path))
+        return cls.from_json(read_json(path))

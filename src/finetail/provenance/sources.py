@@ -5,25 +5,18 @@ checksum)."""
 from __future__ import annotations
 
 import glob
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..fileio import read_json
 from ..layout import Layout
 
 __all__ = ["SOURCE_JSON", "dataset_node", "manifest_sources"]
 
 SOURCE_JSON = "source.json"
 _MANIFEST = "manifest.parquet"
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
 
 
 def _registry_files(sj: Mapping, folder: Path) -> list[dict]:
@@ -41,7 +34,7 @@ def dataset_node(folder: Path) -> dict:
     """A dataset folder and what its ``source.json`` says about its origin: ``origin``
     "finetail.world" (``seed``, ``world``, ``sizes``), "registry" (``files``: filename,
     sha256, url), "imagefolder" or "unknown"."""
-    sj = _read_json(folder / SOURCE_JSON)
+    sj = read_json(folder / SOURCE_JSON)
     node: dict[str, Any] = {"type": "dataset", "name": folder.name, "folder": str(folder)}
     if sj.get("source") == "finetail.world":
         world = sj.get("world", {})
