@@ -27,6 +27,7 @@ wildcard_constraints:
     source=alternation(ALL_SOURCES + ["scratch"]) if TR else "^$",
     target=alternation(TARGETS) if TR else "^$",
     fdataset=alternation(ALL_SOURCES + TARGETS) if TR else "^$",
+    seed=r"\d+",
 
 
 include: "workflow/rules/datasets.smk"

@@ -177,7 +177,7 @@ EOF
         --configfile "$STUDY_FILE" --cores "$CORES" --printshellcmds
     B_S=$(since "$T")
     echo "(b) wall: $B_S s"
-    for f in "$WORK"/logs/"$STUDY"/cbloss/cifar10/if100/*.log; do
+    for f in "$WORK"/logs/"$STUDY"/cbloss/cifar10/if100/*/seed*.log; do
         echo "-- tail of $f"
         tail -n 4 "$f"
     done

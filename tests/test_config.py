@@ -102,7 +102,7 @@ def test_paper_study_plans_the_whole_dag_without_data(tmp_path):
     assert counts["cbloss_natural"] == "12"  # iNat/ImageNet x ResNet-50/101/152 x softmax/CB focal
     assert counts["pretrain"] == "4" and counts["finetune"] == "28"  # 4 sources x 7 targets
     for target in ("cub200", "stanford_dogs", "flowers102", "stanford_cars", "fgvc_aircraft", "food101", "nabirds"):
-        assert f"results/paper/finetune/selected/{target}/metrics.json" in r.stdout
+        assert f"results/paper/finetune/selected/{target}/seed0/metrics.json" in r.stdout
 
 
 def test_registry_and_imagefolder_kinds_are_checked(tmp_path):

@@ -380,15 +380,15 @@ def test_every_rule_quotes_every_value(tmp_path):
                for c in trains)
     finetunes = [c for c in trains if arg(c, "--rule") == "finetune"]
     assert {arg(c, "--init-model") for c in finetunes if "--init-model" in c} == {
-        f"results/{study}/pretrain/{s}/model.pt" for s in ("generic", EVIL["source"], EVIL["selected"])}
+        f"results/{study}/pretrain/{s}/seed0/model.pt" for s in ("generic", EVIL["source"], EVIL["selected"])}
     pools = {arg(c, "--out-dir"): c for c in calls if c[0] == "pool"}
     selected = pools[f"results/{study}/sources/{EVIL['selected']}"]
     assert arg(selected, "--classes") == f"results/{study}/selection/{EVIL['selected']}/classes.csv"
     inputs = selected[selected.index("--inputs") + 1 : selected.index("--classes")]
     assert inputs == [f"results/{study}/sources/{s}/manifest.parquet" for s in ("generic", EVIL["source"])]
     cell = next(c for c in trains if arg(c, "--rule") == "cbloss")
-    assert arg(cell, "--out-dir") == f"results/{study}/cbloss/{ds}/if2/{EVIL['loss']}"
-    assert json.loads(arg(cell, "--wildcards")) == {"dataset": ds, "imbalance": "2", "loss": EVIL["loss"]}
+    assert arg(cell, "--out-dir") == f"results/{study}/cbloss/{ds}/if2/{EVIL['loss']}/seed0"
+    assert json.loads(arg(cell, "--wildcards")) == {"dataset": ds, "imbalance": "2", "loss": EVIL["loss"], "seed": "0"}
 
 
 @pytest.mark.slow

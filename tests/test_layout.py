@@ -22,7 +22,7 @@ PKG = ROOT / "src" / "finetail"
 @pytest.mark.parametrize("rule", sorted(TRAINING))
 def test_a_training_folder_reads_back_as_its_rule_and_wildcards(rule):
     names = re.findall(r"\{(\w+)\}", TRAINING[rule])
-    wildcards = {n: f"v{i}" if n != "imbalance" else "12.5" for i, n in enumerate(names)}
+    wildcards = {n: {"imbalance": "12.5", "seed": "3"}.get(n, f"v{i}") for i, n in enumerate(names)}
     layout = Layout.of_study("s", base="/tmp/x")
     metrics = layout.train(rule, **wildcards)
     assert metrics.startswith("/tmp/x/results/s/") and metrics.endswith("/metrics.json")
@@ -36,11 +36,12 @@ def test_a_training_folder_reads_back_as_its_rule_and_wildcards(rule):
 
 def test_a_malformed_cell_names_what_it_expects():
     layout = Layout.of_study("s")
-    with pytest.raises(ValueError, match="takes 3 part"):
-        layout.cell("cbloss:gen10:if10")
+    with pytest.raises(ValueError, match=r"takes 4 part\(s\) \(dataset, imbalance, loss, seed\), not 3"):
+        layout.cell("cbloss:gen10:if10:cb")
     with pytest.raises(ValueError, match="not a training rule"):
         layout.cell("nosuch:a")
-    assert layout.cell("cbloss:gen10:if10:cb") == layout.cell("cbloss:gen10:10:cb")
+    assert layout.cell("cbloss:gen10:if10:cb:seed2") == layout.cell("cbloss:gen10:10:cb:2")
+    assert layout.cell("cbloss:gen10:10:cb:2").endswith("/cbloss/gen10/if10/cb/seed2")
 
 
 def _string_constants(tree: ast.AST):
@@ -59,7 +60,7 @@ def test_no_module_but_layout_spells_a_results_folder():
     layout = Layout.of_study("s")
     folders = {p.split("/")[2] for p in (layout.dataset("d"), layout.longtail("d", 1), layout.source("s"),
                                          layout.features("m", "d"), layout.similarity("m"), layout.selection("x"),
-                                         layout.report(), layout.artifacts(), layout.checkpoint("pretrain", source="s"))}
+                                         layout.report(), layout.artifacts(), layout.checkpoint("pretrain", source="s", seed=0))}
     folders |= {p.split("/")[0] for p in TRAINING.values()}
     path_like = re.compile(rf"(^|/)({'|'.join(map(re.escape, sorted(folders)))})/")
     found = []
@@ -103,7 +104,8 @@ def test_a_folder_renamed_in_the_layout_alone_keeps_study_report_lineage_and_aud
     shutil.copy(ROOT / "config.yaml", code / "config.yaml")
     layout_py = code / "src" / "finetail" / "layout.py"
     text = layout_py.read_text()
-    renamed = text.replace('"cbloss": "cbloss/{dataset}/if{imbalance}/{loss}"', '"cbloss": "grid/{dataset}/if{imbalance}/{loss}"')
+    renamed = text.replace('"cbloss": "cbloss/{dataset}/if{imbalance}/{loss}/seed{seed}"',
+                           '"cbloss": "grid/{dataset}/if{imbalance}/{loss}/run{seed}"')
     renamed = renamed.replace('_LONGTAIL = "longtail"', '_LONGTAIL = "long_tailed"')
     assert renamed.count("grid/") == 1 and "long_tailed" in renamed
     layout_py.write_text(renamed)
@@ -118,10 +120,10 @@ def test_a_folder_renamed_in_the_layout_alone_keeps_study_report_lineage_and_aud
                        capture_output=True, text=True, timeout=900, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     res = work / "results" / "renamed"
-    assert (res / "grid" / "gen10" / "if5" / "softmax" / "metrics.json").is_file()
+    assert (res / "grid" / "gen10" / "if5" / "softmax" / "run0" / "metrics.json").is_file()
     assert (res / "long_tailed" / "gen10_if5" / "manifest.parquet").is_file()
     assert not (res / "cbloss").exists() and not (res / "longtail").exists()
-    assert (res / "checkpoints" / "grid" / "gen10" / "if5" / "softmax" / "run.json").is_file()
+    assert (res / "checkpoints" / "grid" / "gen10" / "if5" / "softmax" / "run0" / "run.json").is_file()
     cells = (res / "report" / "cbloss_cells.csv").read_text()
     assert "gen10" in cells and "softmax" in cells
 
@@ -129,8 +131,8 @@ def test_a_folder_renamed_in_the_layout_alone_keeps_study_report_lineage_and_aud
         return subprocess.run([sys.executable, "-m", "finetail.cli", *args], capture_output=True, text=True,
                               cwd=work, env=env, timeout=300)
 
-    run_id = json.loads((res / "grid" / "gen10" / "if5" / "softmax" / "metrics.json").read_text())["run_id"]
-    for target in ("cbloss:gen10:if5:softmax", str(res / "grid" / "gen10" / "if5" / "softmax" / "metrics.json")):
+    run_id = json.loads((res / "grid" / "gen10" / "if5" / "softmax" / "run0" / "metrics.json").read_text())["run_id"]
+    for target in ("cbloss:gen10:if5:softmax:0", str(res / "grid" / "gen10" / "if5" / "softmax" / "run0" / "metrics.json")):
         r = finetail("lineage", target, "--results", str(res), "--json")
         assert r.returncode == 0, r.stderr
         chain = json.loads(r.stdout)

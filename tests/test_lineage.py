@@ -103,10 +103,10 @@ def test_lineage_by_run_id_folder_and_cell_equal_lineage_by_path(study):
     row = int(np.flatnonzero(cells["run_id"] == by_path["run_id"])[0])
     assert lineage(f"report/transfer_cells.csv:{row}", results_dir=res) == by_path
 
-    cb = lineage("cbloss:gen10:if10:cb_focal", results_dir=res)
+    cb = lineage("cbloss:gen10:if10:cb_focal:seed0", results_dir=res)
     assert cb["wildcards"] == {"dataset": "gen10", "imbalance": "10", "loss": "cb_focal"}
     assert cb["inputs"][0]["kind"] == "longtail" and set(_datasets(cb)) == {"gen10"}
-    assert lineage("cbloss:gen10:10:cb_focal", results_dir=res) == cb
+    assert lineage("cbloss:gen10:10:cb_focal:0", results_dir=res) == cb
 
     with pytest.raises(ValueError, match="unknown run id"):
         lineage("0" * 32, results_dir=res)

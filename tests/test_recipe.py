@@ -23,8 +23,9 @@ def test_every_schema_recipe_key_is_a_train_config_field_with_the_same_default()
     for key, prop in recipe.items():
         assert "default" in prop, f"recipe.{key} has no default in the schema"
         assert prop["default"] == getattr(cfg, key), f"recipe.{key}: schema {prop['default']!r}, TrainConfig {getattr(cfg, key)!r}"
-    # The fields the schema keeps elsewhere: the loss (per cell) and the shot thresholds (per study).
-    assert fields - set(recipe) == {"loss", "beta", "gamma", "many_shot", "few_shot"}
+    # The fields the schema keeps elsewhere: the loss (per cell), the shot thresholds (per study)
+    # and the seed (the seeds lists: one job per seed).
+    assert fields - set(recipe) == {"loss", "beta", "gamma", "many_shot", "few_shot", "seed"}
 
 
 def test_loss_and_shot_defaults_agree():

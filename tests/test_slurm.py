@@ -106,8 +106,8 @@ def test_every_job_went_through_slurm(slurm_study):
     assert all(f["JobState"] == "COMPLETED" for f in jobs.values()), {c: f["JobState"] for c, f in jobs.items()}
     assert log.count("has been submitted with SLURM jobid") == len(jobs) == 13
     res = work / "results" / "slurm"
-    for path in ("cbloss/gen10/if10/softmax/metrics.json", "cbloss/gen10/if10/cb_focal/metrics.json",
-                 "pretrain/generic/model.pt", "finetune/generic/cub200/metrics.json", "report/summary.md"):
+    for path in ("cbloss/gen10/if10/softmax/seed0/metrics.json", "cbloss/gen10/if10/cb_focal/seed0/metrics.json",
+                 "pretrain/generic/seed0/model.pt", "finetune/generic/cub200/seed0/metrics.json", "report/summary.md"):
         assert (res / path).exists(), path
 
 

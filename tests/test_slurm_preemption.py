@@ -37,9 +37,9 @@ SIGNAL = "--signal=TERM@30"
 FIRST_LIMIT_MIN, RETRY_LIMIT_MIN = 2, 30
 SLURMD_LOG = Path("/var/log/slurm-finetail/slurmd.log")  # where .ci/slurm-local has slurmd log
 RECIPE = {"model": "resnet8", "width": 8, "batch_size": 16, "lr": 0.05, "warmup_epochs": 1, "crop_pad": 2}
-JOB_LOG = "logs/preempt/cbloss/gen10/if10/softmax.log"
+JOB_LOG = "logs/preempt/cbloss/gen10/if10/softmax/seed0.log"
 RESULTS = "results/preempt"
-TARGET = f"{RESULTS}/cbloss/gen10/if10/softmax/metrics.json"  # the training job (no report)
+TARGET = f"{RESULTS}/cbloss/gen10/if10/softmax/seed0/metrics.json"  # the training job (no report)
 DATA = f"{RESULTS}/longtail/gen10_if10/manifest.parquet"
 
 
@@ -164,7 +164,7 @@ def test_the_signal_checkpointed_the_first_attempt_and_the_retry_resumed(preempt
     # epoch N interrupted at iteration K resumes "at epoch N-1, iteration K"; the end of epoch N, "at epoch N"
     where = f"epoch {int(m[1]) - 1}, iteration {m[2]}" if m[1] else f"epoch {m[3]}"
     final = (preempted["work"] / JOB_LOG).read_text()
-    assert f"resuming from checkpoint {RESULTS}/checkpoints/cbloss/gen10/if10/softmax/last.pt at {where} of " \
+    assert f"resuming from checkpoint {RESULTS}/checkpoints/cbloss/gen10/if10/softmax/seed0/last.pt at {where} of " \
            f"{preempted['epochs']} epochs" in final, final[:3000]
     assert "done:" in final
 
@@ -195,7 +195,7 @@ def test_one_finished_mlflow_run_marked_resumed(preempted):
     assert [(r.data.tags["finetail.rule"], r.info.status) for r in runs] == [("cbloss", "FINISHED")]
     run = runs[0]
     assert run.data.tags["finetail.resumed"] == "true"
-    record = json.loads((work / RESULTS / "cbloss/gen10/if10/softmax/metrics.json").read_text())
+    record = json.loads((work / RESULTS / "cbloss/gen10/if10/softmax/seed0/metrics.json").read_text())
     assert record["run_id"] == run.info.run_id
     steps = {m.step for m in client.get_metric_history(run.info.run_id, "train_loss")}
     assert steps == set(range(epochs))
@@ -203,11 +203,11 @@ def test_one_finished_mlflow_run_marked_resumed(preempted):
 
 def test_final_weights_equal_an_uninterrupted_run(preempted):
     work, ref = preempted["work"], preempted["ref"]
-    ck = "checkpoints/cbloss/gen10/if10/softmax/last.pt"
+    ck = "checkpoints/cbloss/gen10/if10/softmax/seed0/last.pt"
     a = torch.load(ref / RESULTS / ck, map_location="cpu", weights_only=False)
     b = torch.load(work / RESULTS / ck, map_location="cpu", weights_only=False)
     assert int(a["epoch"]) == int(b["epoch"]) == preempted["epochs"] - 1
     assert_same_weights(a["model"], b["model"])
-    ma = json.loads((ref / RESULTS / "cbloss/gen10/if10/softmax/metrics.json").read_text())
-    mb = json.loads((work / RESULTS / "cbloss/gen10/if10/softmax/metrics.json").read_text())
+    ma = json.loads((ref / RESULTS / "cbloss/gen10/if10/softmax/seed0/metrics.json").read_text())
+    mb = json.loads((work / RESULTS / "cbloss/gen10/if10/softmax/seed0/metrics.json").read_text())
     assert ma["final"] == mb["final"]

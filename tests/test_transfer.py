@@ -119,7 +119,7 @@ def test_default_dag_holds_every_source_target_finetune(tmp_path):
                         "--configfile", str(ROOT / "config.yaml"), "-n", "--cores", "1"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    planned = set(re.findall(r"results/default/finetune/([^/\s]+)/([^/\s]+)/metrics\.json", r.stdout))
+    planned = set(re.findall(r"results/default/finetune/([^/\s]+)/([^/\s]+)/seed\d+/metrics\.json", r.stdout))
     sources = ["generic", "natural", "generic+natural", "selected", "scratch"]
     targets = ["cub200", "stanford_dogs", "flowers102", "stanford_cars", "fgvc_aircraft", "food101", "nabirds"]
     assert planned == {(s, t) for s in sources for t in targets}

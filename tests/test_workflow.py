@@ -28,6 +28,7 @@ TINY = {
         "losses": {"softmax": {"type": "softmax"}, "cb_focal": {"type": "focal", "beta": 0.99, "gamma": 0.5}},
         "recipe": {"model": "resnet8", "width": 4, "epochs": 3, "batch_size": 32, "lr": 0.05, "warmup_epochs": 1,
                    "milestones": [2], "lr_factors": [0.1], "eval_every": 1, "crop_pad": 2},
+        "seeds": [0, 1],
     },
     "shots": {"many": 30, "few": 10},
 }
@@ -82,21 +83,31 @@ def test_outputs_of_every_stage(study):
     for imb in (4, 10):
         counts = pd.read_csv(res / "longtail" / f"gen10_if{imb}" / "counts.csv")
         assert counts["train_count"].tolist() == class_counts(40, 10, imb)
-        for loss in ("softmax", "cb_focal"):
-            m = json.loads((res / "cbloss" / "gen10" / f"if{imb}" / loss / "metrics.json").read_text())
-            assert 0.0 <= m["final"]["top1_error"] <= 1.0
+        for loss, seed in [(loss, seed) for loss in ("softmax", "cb_focal") for seed in (0, 1)]:
+            m = json.loads((res / "cbloss" / "gen10" / f"if{imb}" / loss / f"seed{seed}" / "metrics.json").read_text())
+            assert 0.0 <= m["final"]["top1_error"] <= 1.0 and 0.0 <= m["final"]["ece"] <= 1.0
+            assert m["config"]["recipe"]["seed"] == seed and m["wildcards"]["seed"] == str(seed)
             want, got = TINY["cbloss"]["losses"][loss], m["config"]["loss"]
             assert (got["type"], got["beta"]) == (want["type"], want.get("beta", 0.0))
             assert m["inputs"]["manifest_sha256"] == file_sha256(res / "longtail" / f"gen10_if{imb}" / "manifest.parquet")
-            per_class = pd.read_csv(res / "cbloss" / "gen10" / f"if{imb}" / loss / "per_class.csv")
+            per_class = pd.read_csv(res / "cbloss" / "gen10" / f"if{imb}" / loss / f"seed{seed}" / "per_class.csv")
             assert per_class["train_count"].tolist() == class_counts(40, 10, imb)
-    table = pd.read_csv(res / "report" / "cbloss_table.csv")
-    assert sorted(table["loss"]) == ["cb_focal", "softmax"]
-    assert {"if4", "if10"} <= set(table.columns)
+    table = pd.read_csv(res / "report" / "cbloss_table.csv").set_index("loss")
+    assert sorted(table.index) == ["best_cb", "cb_focal", "softmax"]
+    assert {"if4_mean", "if4_std", "if4_n", "if10_mean"} <= set(table.columns)
+    assert not [c for c in table.columns if c.startswith("paper")]  # a reduced recipe on generated data
     cells = pd.read_csv(res / "report" / "cbloss_cells.csv")
+    assert len(cells) == 2 * 2 * 2 and sorted(set(cells["seed"])) == [0, 1]  # one row per run
     for _, row in cells.iterrows():
-        m = json.loads((res / "cbloss" / "gen10" / f"if{row['imbalance']:g}" / row["loss"] / "metrics.json").read_text())
-        assert row["top1_error"] == pytest.approx(100 * m["final"]["top1_error"])
+        folder = res / "cbloss" / "gen10" / f"if{row['imbalance']:g}" / row["loss"] / f"seed{row['seed']}"
+        m = json.loads((folder / "metrics.json").read_text())
+        assert row["top1_error"] == pytest.approx(100 * m["final"]["top1_error"]) and row["run_id"] == m["run_id"]
+    for (imb, loss), g in cells.groupby(["imbalance", "loss"]):
+        assert table.loc[loss, f"if{imb:g}_mean"] == pytest.approx(g["top1_error"].mean())
+        assert table.loc[loss, f"if{imb:g}_std"] == pytest.approx(g["top1_error"].std(ddof=1))
+        assert table.loc[loss, f"if{imb:g}_n"] == 2
+    paired = pd.read_csv(res / "report" / "cbloss_paired.csv")
+    assert set(paired["loss"]) == {"cb_focal"} and set(paired["n"]) == {2}
     for png in ("cbloss_error_vs_if.png", "cbloss_per_class.png"):
         assert (res / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "top-1 error" in (res / "report" / "summary.md").read_text()
@@ -112,7 +123,7 @@ def test_one_mlflow_run_per_training_job(study):
     by_rule = {}
     for run in runs:
         by_rule.setdefault(run.data.tags["finetail.rule"], []).append(run)
-    assert {k: len(v) for k, v in by_rule.items()} == {"cbloss": 4, "pretrain": 4, "finetune": 10, "cbloss_natural": 2}
+    assert {k: len(v) for k, v in by_rule.items()} == {"cbloss": 8, "pretrain": 4, "finetune": 10, "cbloss_natural": 2}
     pretrain_ids = {r.data.tags["finetail.wildcard.source"]: r.info.run_id for r in by_rule["pretrain"]}
     for run in by_rule["finetune"]:
         src = run.data.tags["finetail.wildcard.source"]
@@ -121,7 +132,7 @@ def test_one_mlflow_run_per_training_job(study):
         tags, params = run.data.tags, run.data.params
         assert run.info.status == "FINISHED"
         assert tags["finetail.rule"] == "cbloss"
-        ds, imb, loss = (tags[f"finetail.wildcard.{k}"] for k in ("dataset", "imbalance", "loss"))
+        ds, imb, loss, seed = (tags[f"finetail.wildcard.{k}"] for k in ("dataset", "imbalance", "loss", "seed"))
         assert re.fullmatch(r"[0-9a-f]{40}|unknown", tags["mlflow.source.git.commit"])
         assert len(tags["finetail.config_digest"]) == 64
         manifest = res / "longtail" / f"{ds}_if{imb}" / "manifest.parquet"
@@ -130,7 +141,7 @@ def test_one_mlflow_run_per_training_job(study):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
         assert sorted(steps) == [0, 1, 2]
         assert "final_top1_error" in run.data.metrics
-        record = json.loads((res / "cbloss" / ds / f"if{imb}" / loss / "metrics.json").read_text())
+        record = json.loads((res / "cbloss" / ds / f"if{imb}" / loss / f"seed{seed}" / "metrics.json").read_text())
         assert record["run_id"] == run.info.run_id
         names = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"per_class.csv", "history.csv"} <= names and any(n.startswith("metrics.json") for n in names)
@@ -151,18 +162,20 @@ def test_transfer_outputs(study):
     corr = json.loads((res / "report" / "transfer_correlation.json").read_text())
     assert corr["vs_gain"]["n"] == 8
     feats = np.load(res / "features" / "generic+natural" / "cub200.npz")
-    assert str(feats["model_run_id"]) == json.loads((res / "pretrain" / "generic+natural" / "metrics.json").read_text())["run_id"]
+    pretrain = res / "pretrain" / "generic+natural" / "seed0" / "metrics.json"
+    assert str(feats["model_run_id"]) == json.loads(pretrain.read_text())["run_id"]
 
 
 def test_cbloss_on_naturally_long_tailed_data(study):
     res = study / "results" / "tiny"
     table = pd.read_csv(res / "report" / "cbloss_natural_table.csv").set_index("loss")
     assert sorted(table.index) == ["cb_focal", "softmax"]
-    m = json.loads((res / "cbloss_natural" / "natural" / "resnet8" / "cb_focal" / "metrics.json").read_text())
+    m = json.loads((res / "cbloss_natural" / "natural" / "resnet8" / "cb_focal" / "seed0" / "metrics.json").read_text())
     natural = pd.read_parquet(res / "datasets" / "natural" / "manifest.parquet")
     assert m["num_train"] == int((natural["split"] == "train").sum())  # the whole split, as it is
-    assert table.loc["cb_focal", "natural_top1"] == pytest.approx(100 * m["final"]["top1_error"])
-    assert table.loc["cb_focal", "natural_top5"] == pytest.approx(100 * m["final"]["top5_error"])
+    assert table.loc["cb_focal", "natural_top1_mean"] == pytest.approx(100 * m["final"]["top1_error"])
+    assert table.loc["cb_focal", "natural_top5_mean"] == pytest.approx(100 * m["final"]["top5_error"])
+    assert table.loc["cb_focal", "natural_top1_n"] == 1
 
 
 def test_nothing_to_do_after_a_full_run(study):
@@ -176,7 +189,7 @@ def test_changing_one_beta_reruns_only_its_cells_and_the_report(study):
     cfg["cbloss"]["losses"]["cb_focal"]["beta"] = 0.9
     r = snakemake(study, cfg, "-n")
     assert r.returncode == 0, r.stderr
-    assert planned(r) == {"cbloss": 2, "report": 1, "all": 1}
+    assert planned(r) == {"cbloss": 4, "report": 1, "all": 1}  # 2 imbalance factors x 2 seeds
 
 
 def test_changing_one_targets_finetune_setting_reruns_only_its_finetunes(study):
@@ -185,7 +198,23 @@ def test_changing_one_targets_finetune_setting_reruns_only_its_finetunes(study):
     r = snakemake(study, cfg, "-n")
     assert r.returncode == 0, r.stderr
     assert planned(r) == {"finetune": 5, "report": 1, "all": 1}  # 4 sources + scratch, for cub200 only
-    assert set(re.findall(r"output: \S*finetune/[^/\s]+/([^/\s]+)/metrics\.json", r.stdout)) == {"cub200"}
+    assert set(re.findall(r"output: \S*finetune/[^/\s]+/([^/\s]+)/seed\d+/metrics\.json", r.stdout)) == {"cub200"}
+
+
+def test_seeds_expand_every_training_stage_and_pair_finetunes_with_their_pretrain(study):
+    cfg = json.loads(json.dumps(TINY))
+    cfg["cbloss"]["seeds"] = [0, 1, 2]
+    cfg["transfer"]["seeds"] = [0, 1, 2]
+    r = snakemake(study, cfg, "-n", "-p")
+    assert r.returncode == 0, r.stderr
+    jobs = planned(r)
+    # cbloss: 2 imbalance factors x 2 losses x the new seed 2; pretrain: the 4 sources x seeds
+    # 1 and 2 (seed 0 exists); finetune: (4 sources + scratch) x 2 targets x seeds 1, 2.
+    assert (jobs["cbloss"], jobs["pretrain"], jobs["finetune"]) == (4, 8, 20)
+    assert len(set(re.findall(r"cbloss/gen10/if\d+/\w+/seed2/metrics\.json", r.stdout))) == 4
+    # fine-tune seed S starts from pretrain seed S
+    inits = re.findall(r"--init-model '?\S*pretrain/([^/\s]+)/seed(\d)/model\.pt'?.*?--out-dir '?\S*finetune/([^/\s]+)/[^/\s]+/seed(\d)", r.stdout)
+    assert len(inits) == 16 and all(a == c and b == d for a, b, c, d in inits)
 
 
 def test_editing_code_plans_the_jobs_that_run_it(study, tmp_path):

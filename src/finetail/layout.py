@@ -10,10 +10,10 @@ unchanged); Python callers wrap them in :class:`pathlib.Path`.
     results/<study>/
       datasets/<name>/          manifest.parquet, images.npy, classes.csv, source.json
       longtail/<dataset>_if<IF>/ manifest.parquet, counts.csv
-      cbloss/<dataset>/if<IF>/<loss>/             one training job's results:
-      cbloss_natural/<dataset>/<model>/<loss>/    metrics.json, per_class.csv,
-      pretrain/<source>/                          history.csv (pretrain: model.pt)
-      finetune/<source>/<target>/
+      cbloss/<dataset>/if<IF>/<loss>/seed<S>/           one training job's results:
+      cbloss_natural/<dataset>/<model>/<loss>/seed<S>/  metrics.json, per_class.csv,
+      pretrain/<source>/seed<S>/                        history.csv (pretrain: model.pt)
+      finetune/<source>/<target>/seed<S>/
       checkpoints/<training folder>/  last.pt, run.json
       sources/<source>/         manifest.parquet, classes.csv (pooled datasets)
       features/<model>/<dataset>.npz
@@ -36,11 +36,12 @@ from pathlib import Path
 __all__ = ["TRAINING", "Layout", "imbalance_tag", "parse_train_dir"]
 
 # One training job's result folder, per training rule, as a pattern over the rule's wildcards.
+# Every training job runs once per training seed (the study's ``seeds`` lists), the last part.
 TRAINING: dict[str, str] = {
-    "cbloss": "cbloss/{dataset}/if{imbalance}/{loss}",
-    "cbloss_natural": "cbloss_natural/{dataset}/{model}/{loss}",
-    "pretrain": "pretrain/{source}",
-    "finetune": "finetune/{source}/{target}",
+    "cbloss": "cbloss/{dataset}/if{imbalance}/{loss}/seed{seed}",
+    "cbloss_natural": "cbloss_natural/{dataset}/{model}/{loss}/seed{seed}",
+    "pretrain": "pretrain/{source}/seed{seed}",
+    "finetune": "finetune/{source}/{target}/seed{seed}",
 }
 
 _DATASETS = "datasets"
@@ -111,7 +112,7 @@ class Layout:
 
     # -- training jobs
     def train_dir(self, rule: str, **wildcards: str) -> str:
-        """A training job's result folder: ``train_dir("finetune", source="natural", target="cub200")``."""
+        """A training job's result folder: ``train_dir("finetune", source="natural", target="cub200", seed=0)``."""
         return self._p(_folder(rule, wildcards))
 
     def train(self, rule: str, file: str = "metrics.json", **wildcards: str) -> str:
@@ -134,8 +135,9 @@ class Layout:
         return f"{self.logs}/{_folder(rule, wildcards)}.log"
 
     def cell(self, cell: str) -> str:
-        """A report cell ``"<rule>:<wildcard>:..."`` (wildcards in the rule's folder order) as its
-        result folder: ``"cbloss:gen10:10:cb_focal"`` (or ``if10``) -> ``.../cbloss/gen10/if10/cb_focal``."""
+        """A report cell ``"<rule>:<wildcard>:..."`` (wildcards in the rule's folder order, the seed
+        last) as its result folder: ``"cbloss:gen10:10:cb_focal:0"`` (or ``if10``, ``seed0``) ->
+        ``.../cbloss/gen10/if10/cb_focal/seed0``."""
         rule, *parts = cell.split(":")
         if rule not in TRAINING:
             raise ValueError(f"{cell!r}: {rule!r} is not a training rule; expected one of {sorted(TRAINING)}")
@@ -143,8 +145,9 @@ class Layout:
         if len(parts) != len(names):
             raise ValueError(f"{cell!r}: rule {rule} takes {len(names)} part(s) ({', '.join(names)}), not {len(parts)}")
         wc = dict(zip(names, parts, strict=True))
-        if "imbalance" in wc and wc["imbalance"].startswith("if"):
-            wc["imbalance"] = wc["imbalance"][2:]
+        for name, prefix in (("imbalance", "if"), ("seed", "seed")):
+            if name in wc and wc[name].startswith(prefix):
+                wc[name] = wc[name][len(prefix):]
         return self.train_dir(rule, **wc)
 
     # -- transfer half
@@ -198,8 +201,8 @@ def parse_train_dir(path: str | os.PathLike) -> tuple[Path, str, dict[str, str]]
     """``(results root, rule, wildcards)`` of a training job's result folder (or a file in
     it), read against :data:`TRAINING`; None when ``path`` is not shaped like one.
 
-    >>> parse_train_dir("results/default/finetune/natural/cub200/metrics.json")[1:]
-    ('finetune', {'source': 'natural', 'target': 'cub200'})
+    >>> parse_train_dir("results/default/finetune/natural/cub200/seed1/metrics.json")[1:]
+    ('finetune', {'source': 'natural', 'target': 'cub200', 'seed': '1'})
     """
     p = Path(path)
     if p.suffix:

@@ -17,8 +17,10 @@ import pandas as pd
 from .fileio import atomic_write
 from .layout import Layout
 from .record import MetricsRecord
+from .stats import format_mean_std, paired_difference, summarize
+from .training.recipe import recipe_differences
 
-__all__ = ["build_report", "cbloss_frame", "paper_table", "to_markdown"]
+__all__ = ["build_report", "cbloss_frame", "cbloss_table", "paired_table", "paper_table", "to_markdown", "transfer_frame"]
 
 PAPER_CIFAR = {"cifar10", "cifar100"}
 
@@ -52,59 +54,208 @@ def _loss_label(spec: dict) -> str:
     return s if not beta else f"CB {s} β={beta:g}"
 
 
-def _paper_row(spec: dict) -> str:
+def _paper_row(spec: dict) -> str | None:
+    """The row of the paper's Table 2 that an unweighted loss is (CB rows: see _paper_best)."""
     if spec.get("beta", 0.0):
-        return "class_balanced_best"
+        return None
     if spec["type"] == "focal":
         return f"focal_g{spec.get('gamma', 0.0):.1f}"
     return spec["type"]
 
 
+def _same_setting(spec: dict, best: pd.Series) -> bool:
+    """Whether a CB loss is the (loss, β, γ) behind the paper's best number of one column."""
+    gamma = 0.0 if pd.isna(best["gamma"]) else float(best["gamma"])
+    beta = 0.0 if pd.isna(best["beta"]) else float(best["beta"])
+    return (spec["type"] == best["loss"] and np.isclose(spec.get("beta", 0.0), beta)
+            and np.isclose(spec.get("gamma", 0.0), gamma))
+
+
+BEST_CB = "best_cb"
+BEST_CB_LABEL = "best CB (per column, chosen on the test set)"
+SHOT_METRICS = ("top1_error", "balanced_acc", "many_acc", "medium_acc", "few_acc", "ece")
+
+
 def cbloss_frame(results: Path, cb: dict) -> pd.DataFrame:
-    """One row per CB-loss cell: settings and final metrics (percentages)."""
+    """One row per CB-loss run (cell x seed): settings and final metrics (percentages)."""
     rows = []
+    layout = Layout.at(results)
     for ds in cb["datasets"]:
         for imb in cb["imbalance"]:
             for name, spec in cb["losses"].items():
-                path = Path(Layout.at(results).train("cbloss", dataset=ds, imbalance=imb, loss=name))
-                if not path.exists():
-                    raise FileNotFoundError(f"{path} is missing: run the cbloss job for this cell first")
-                m = MetricsRecord.read(path)
-                f = m.final
-                pct = lambda v: None if v is None else 100.0 * v  # noqa: E731
-                rows.append(
-                    {
-                        "dataset": ds, "imbalance": float(imb), "loss": name, "setting": _loss_label(spec),
-                        "type": spec["type"], "beta": spec.get("beta", 0.0), "gamma": spec.get("gamma", 0.0),
-                        "top1_error": pct(f["top1_error"]), "balanced_acc": pct(f["balanced_acc"]),
-                        "many_acc": pct(f["many_acc"]), "medium_acc": pct(f["medium_acc"]),
-                        "few_acc": pct(f["few_acc"]), "run_id": m.run_id, "wall_s": m.wall_s,
-                    }
-                )
+                for seed in cb.get("seeds", [0]):
+                    path = Path(layout.train("cbloss", dataset=ds, imbalance=imb, loss=name, seed=seed))
+                    if not path.exists():
+                        raise FileNotFoundError(f"{path} is missing: run the cbloss job for this cell and seed first")
+                    m = MetricsRecord.read(path)
+                    f = m.final or {}
+                    rows.append(
+                        {
+                            "dataset": ds, "imbalance": float(imb), "loss": name, "setting": _loss_label(spec),
+                            "type": spec["type"], "beta": spec.get("beta", 0.0), "gamma": spec.get("gamma", 0.0),
+                            "seed": int(seed), **{k: _pct(f.get(k)) for k in SHOT_METRICS},
+                            "run_id": m.run_id, "git_commit": m.git_commit, "wall_s": m.wall_s,
+                        }
+                    )
     return pd.DataFrame(rows)
 
 
-def _error_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Paper's Table 2 shape: rows = loss settings, columns = imbalance factors, top-1 error (%)."""
-    wide = df.pivot_table(index=["dataset", "loss", "setting"], columns="imbalance", values="top1_error", sort=False)
-    wide.columns = [f"if{c:g}" for c in wide.columns]
-    return wide.reset_index()
+def _pct(v) -> float:
+    return np.nan if v is None else 100.0 * float(v)
 
 
-def _with_paper(table: pd.DataFrame, df: pd.DataFrame) -> pd.DataFrame:
-    paper = paper_table("cbloss_cifar_table2")
-    specs = df.drop_duplicates("loss").set_index("loss")
-    out = table.copy()
-    for col in [c for c in table.columns if c.startswith("if")]:
-        vals = []
-        for _, r in table.iterrows():
-            hit = pd.DataFrame()
-            if r["dataset"] in PAPER_CIFAR and col in paper.columns:
-                key = _paper_row(specs.loc[r["loss"]].to_dict())
-                hit = paper[(paper["dataset"] == r["dataset"]) & (paper["loss"] == key)]
-            vals.append(float(hit[col].iloc[0]) if len(hit) else np.nan)
-        out[f"paper_{col}"] = vals
+def _cell_stats(df: pd.DataFrame, keys: list[str], metric: str) -> pd.DataFrame:
+    """mean, std, n of ``metric`` over the seeds of each ``keys`` cell (a NaN run raises)."""
+    rows = []
+    for key, g in df.groupby(keys, sort=False):
+        vals = g[metric].dropna()
+        s = summarize(vals.tolist()) if len(vals) else None
+        rows.append({**dict(zip(keys, key, strict=True)), "mean": s.mean if s else np.nan,
+                     "std": s.std if s else np.nan, "n": s.n if s else 0})
+    return pd.DataFrame(rows)
+
+
+def _best_cb(df: pd.DataFrame, cb: dict) -> pd.DataFrame:
+    """The paper's way: per (dataset, imbalance), the class-balanced loss with the lowest mean
+    top-1 error over the grid's β and loss settings, chosen on the test set. Its runs, with
+    ``loss = best_cb`` and ``choice`` naming the loss chosen."""
+    cbs = [n for n, spec in cb["losses"].items() if spec.get("beta", 0.0)]
+    out = []
+    for _, g in df[df["loss"].isin(cbs)].groupby(["dataset", "imbalance"], sort=False):
+        means = g.groupby("loss", sort=False)["top1_error"].mean()
+        pick = g[g["loss"] == means.idxmin()].copy()
+        pick["choice"] = pick["loss"]
+        pick["loss"], pick["setting"] = BEST_CB, BEST_CB_LABEL
+        out.append(pick)
+    return pd.concat(out, ignore_index=True) if out else df.iloc[0:0].assign(choice=[])
+
+
+def cbloss_table(df: pd.DataFrame, cb: dict, paper_ok: dict[str, bool]) -> pd.DataFrame:
+    """Table 2 shape: rows = (dataset, loss), columns per imbalance factor: mean, std, n of the
+    top-1 error (%) over seeds; ``choice`` columns name the loss behind the best-CB row; the
+    ``paper`` columns only where ``paper_ok[dataset]`` (our recipe is the paper's)."""
+    best = _best_cb(df, cb)
+    rows = pd.concat([df.assign(choice=None), best], ignore_index=True)
+    stats = _cell_stats(rows, ["dataset", "loss", "setting", "imbalance"], "top1_error")
+    choice = rows.drop_duplicates(["dataset", "loss", "imbalance"]).set_index(["dataset", "loss", "imbalance"])["choice"]
+    paper, best_settings = paper_table("cbloss_cifar_table2"), paper_table("cbloss_cifar_best_settings")
+    specs = {**cb["losses"]}
+    out = []
+    for (ds, loss, setting), g in stats.groupby(["dataset", "loss", "setting"], sort=False):
+        row = {"dataset": ds, "loss": loss, "setting": setting}
+        for _, r in g.iterrows():
+            col = f"if{r['imbalance']:g}"
+            row.update({f"{col}_mean": r["mean"], f"{col}_std": r["std"], f"{col}_n": int(r["n"])})
+            if loss == BEST_CB:
+                row[f"{col}_choice"] = choice.get((ds, loss, r["imbalance"]))
+            if paper_ok.get(ds) and col in paper.columns:
+                row[f"paper_{col}"] = _paper_value(paper, best_settings, ds, loss, specs.get(loss), col)
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def _paper_value(paper: pd.DataFrame, best: pd.DataFrame, ds: str, loss: str, spec: dict | None, col: str) -> float:
+    """The paper's number for our row, only where the row is the paper's setting: an
+    unweighted loss its own row; the best-CB row, and the CB loss with exactly the (loss, β, γ)
+    of the paper's best in that column, the paper's class-balanced best; NaN otherwise."""
+    if loss == BEST_CB:
+        key = "class_balanced_best"
+    elif spec is None:
+        return np.nan
+    elif spec.get("beta", 0.0):
+        hit = best[(best["dataset"] == ds) & (best["imbalance"] == float(col[2:]))]
+        if not len(hit) or not _same_setting(spec, hit.iloc[0]):
+            return np.nan
+        key = "class_balanced_best"
+    else:
+        key = _paper_row(spec)
+    hit = paper[(paper["dataset"] == ds) & (paper["loss"] == key)]
+    return float(hit[col].iloc[0]) if len(hit) and col in hit.columns else np.nan
+
+
+def cbloss_table_markdown(table: pd.DataFrame) -> str:
+    """``mean ± std`` per imbalance factor, ``n`` in the cell when it is not the same everywhere."""
+    cols = sorted({c.rsplit("_", 1)[0] for c in table.columns if c.startswith("if") and c.endswith("_mean")},
+                  key=lambda c: float(c[2:]))
+    ns = {int(v) for c in cols for v in table[f"{c}_n"].dropna()}
+    md = pd.DataFrame({"dataset": table["dataset"], "setting": table["setting"]})
+    for c in cols:
+        cells = [format_mean_std(m, s) + ("" if len(ns) == 1 else f" (n={int(n)})")
+                 for m, s, n in zip(table[f"{c}_mean"], table[f"{c}_std"], table[f"{c}_n"], strict=True)]
+        if f"{c}_choice" in table.columns:
+            cells = [v + (f" [{ch}]" if isinstance(ch, str) else "") for v, ch in zip(cells, table[f"{c}_choice"], strict=True)]
+        md[f"IF {c[2:]}"] = cells
+    for c in cols:
+        if f"paper_{c}" in table.columns:
+            md[f"paper IF {c[2:]}"] = table[f"paper_{c}"]
+    return to_markdown(md)
+
+
+def shots_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Per (dataset, imbalance, setting): mean, std, n of top-1 error, balanced, many-, medium-,
+    few-shot accuracy and ECE (%)."""
+    keys = ["dataset", "imbalance", "loss", "setting"]
+    out = None
+    for metric in SHOT_METRICS:
+        st = _cell_stats(df, keys, metric).rename(columns={"mean": f"{metric}_mean", "std": f"{metric}_std", "n": f"{metric}_n"})
+        out = st if out is None else out.merge(st, on=keys)
     return out
+
+
+def _shots_markdown(shots: pd.DataFrame) -> str:
+    md = shots[["dataset", "imbalance", "setting"]].copy()
+    md["n"] = shots["top1_error_n"]
+    for metric in SHOT_METRICS:
+        if shots[f"{metric}_n"].sum():
+            md[metric] = [format_mean_std(m, s) for m, s in zip(shots[f"{metric}_mean"], shots[f"{metric}_std"], strict=True)]
+    return to_markdown(md)
+
+
+PAIRED_METRICS = {"top1_error": True, "few_acc": False, "balanced_acc": False}  # metric -> lower is better
+
+
+def baseline_loss(cb: dict) -> str | None:
+    """The baseline of the paired comparisons: the first unweighted softmax loss of the grid."""
+    return next((n for n, s in cb["losses"].items() if s["type"] == "softmax" and not s.get("beta", 0.0)), None)
+
+
+def paired_table(df: pd.DataFrame, baseline: str) -> pd.DataFrame:
+    """Every loss against ``baseline`` in each (dataset, imbalance) cell, paired over seeds:
+    mean difference (points), its 95% CI and the verdict (better/worse only when the CI
+    excludes 0)."""
+    rows = []
+    for (ds, imb), g in df.groupby(["dataset", "imbalance"], sort=False):
+        base = g[g["loss"] == baseline].set_index("seed")
+        for loss, h in g[g["loss"] != baseline].groupby("loss", sort=False):
+            h = h.set_index("seed")
+            seeds = sorted(set(h.index) & set(base.index))
+            for metric, lower in PAIRED_METRICS.items():
+                a, b = h.loc[seeds, metric], base.loc[seeds, metric]
+                if a.isna().any() or b.isna().any():
+                    continue
+                d = paired_difference(a.tolist(), b.tolist())
+                rows.append({"dataset": ds, "imbalance": imb, "loss": loss, "setting": h["setting"].iloc[0],
+                             "baseline": baseline, "metric": metric, "difference": d.mean, "ci_low": d.low,
+                             "ci_high": d.high, "n": d.n, "verdict": d.verdict(lower_is_better=lower)})
+    return pd.DataFrame(rows)
+
+
+def _cb_claim(paired: pd.DataFrame, cb: dict) -> list[str]:
+    """The CB paper's qualitative claim, checked: class-balanced weighting raises few-shot
+    accuracy at the highest imbalance factor, beyond seed noise."""
+    if paired.empty:
+        return ["- Class-balanced weighting vs softmax: no paired comparison (no unweighted softmax baseline).\n"]
+    cbs = {n for n, s in cb["losses"].items() if s.get("beta", 0.0)}
+    lines = []
+    for ds, g in paired[(paired["metric"] == "few_acc") & paired["loss"].isin(cbs)].groupby("dataset", sort=False):
+        top = g[g["imbalance"] == g["imbalance"].max()]
+        better = top[top["verdict"] == "better"]
+        detail = "; ".join(f"{r.setting}: {r.difference:+.1f} [{r.ci_low:+.1f}, {r.ci_high:+.1f}]" for r in top.itertuples())
+        holds = "holds" if len(better) else "does NOT hold beyond seed noise"
+        lines.append(f"- **{ds}, imbalance {top['imbalance'].iloc[0]:g}: CB weighting helps the few-shot classes — "
+                     f"{holds}** ({len(better)} of {len(top)} CB losses better than softmax with a 95% CI above 0; "
+                     f"few-shot accuracy difference, points: {detail}).\n")
+    return lines
 
 
 def _plot_error_vs_if(df: pd.DataFrame, path: Path) -> None:
@@ -118,19 +269,28 @@ def _plot_error_vs_if(df: pd.DataFrame, path: Path) -> None:
     for ax, ds in zip(axes[0], sets, strict=True):
         part = df[df["dataset"] == ds]
         for (loss, setting), g in part.groupby(["loss", "setting"], sort=False):
-            g = g.sort_values("imbalance")
-            ax.plot(g["imbalance"], g["top1_error"], marker="o", label=setting)
+            st = g.groupby("imbalance")["top1_error"].agg(["mean", "std"]).sort_index()
+            ax.errorbar(st.index, st["mean"], yerr=st["std"].fillna(0), marker="o", capsize=3, label=setting)
         ax.set_xscale("log")
         ax.set_xticks(sorted(part["imbalance"].unique()))
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.set_xlabel("imbalance factor")
-        ax.set_ylabel("top-1 error (%)")
+        ax.set_ylabel("top-1 error (%), mean ± std over seeds")
         ax.set_title(ds)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _per_class_mean(results: Path, ds: str, imb: float, loss: str, seeds: list[int]) -> pd.DataFrame:
+    """Per-class accuracy averaged over seeds (class order and counts are the subset's: same for every seed)."""
+    layout = Layout.at(results)
+    frames = [pd.read_csv(layout.train("cbloss", "per_class.csv", dataset=ds, imbalance=imb, loss=loss, seed=s)) for s in seeds]
+    out = frames[0].copy()
+    out["accuracy"] = np.mean([f["accuracy"].to_numpy() for f in frames], axis=0)
+    return out
 
 
 def _plot_per_class(results: Path, df: pd.DataFrame, path: Path) -> None:
@@ -144,14 +304,13 @@ def _plot_per_class(results: Path, df: pd.DataFrame, path: Path) -> None:
     for ax, ds in zip(axes[0], sets, strict=True):
         part = df[df["dataset"] == ds]
         imb = part["imbalance"].max()
-        for _, r in part[part["imbalance"] == imb].iterrows():
-            pc = pd.read_csv(Layout.at(results).train("cbloss", "per_class.csv", dataset=ds, imbalance=imb, loss=r["loss"]))
-            pc = pc.sort_values("train_count")
+        for (loss, setting), g in part[part["imbalance"] == imb].groupby(["loss", "setting"], sort=False):
+            pc = _per_class_mean(results, ds, imb, loss, sorted(g["seed"])).sort_values("train_count")
             if len(pc) <= 20:
-                ax.plot(pc["train_count"], 100 * pc["accuracy"], marker=".", ls="-", alpha=0.8, label=r["setting"])
+                ax.plot(pc["train_count"], 100 * pc["accuracy"], marker=".", ls="-", alpha=0.8, label=setting)
                 continue
             # Many classes: each class a faint dot, and the mean over log-spaced count bins.
-            line = ax.plot([], [], marker="o", ls="-", label=r["setting"] + " (bin mean)")[0]
+            line = ax.plot([], [], marker="o", ls="-", label=setting + " (bin mean)")[0]
             ax.scatter(pc["train_count"], 100 * pc["accuracy"], s=6, alpha=0.25, color=line.get_color())
             edges = np.unique(np.geomspace(pc["train_count"].min(), pc["train_count"].max() + 1, 8).astype(int))
             bins = pd.cut(pc["train_count"], edges, include_lowest=True, right=False)
@@ -159,7 +318,7 @@ def _plot_per_class(results: Path, df: pd.DataFrame, path: Path) -> None:
             line.set_data(means["n"], 100 * means["acc"])
         ax.set_xscale("log")
         ax.set_xlabel("training images of the class")
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylabel("test accuracy (%), mean over seeds")
         ax.set_title(f"{ds}, imbalance {imb:g}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -169,25 +328,34 @@ def _plot_per_class(results: Path, df: pd.DataFrame, path: Path) -> None:
 
 
 def _natural_section(results: Path, nat: dict, out: Path) -> tuple[list[str], list[Path]]:
-    """Paper's Table 3 shape: rows = model x loss, columns = dataset top-1 / top-5 error (%)."""
-    rows = []
+    """Paper's Table 3 shape: rows = model x loss, columns = dataset top-1 / top-5 error (%),
+    mean ± std over seeds (the paper's numbers at 224 px beside them)."""
+    rows, layout = [], Layout.at(results)
     for model in nat["models"]:
         tag = model.replace(":", "_")
         for name, spec in nat["losses"].items():
             row = {"model": model, "loss": name, "setting": _loss_label(spec)}
             for ds in nat["datasets"]:
-                path = Path(Layout.at(results).train("cbloss_natural", dataset=ds, model=tag, loss=name))
-                if not path.exists():
-                    raise FileNotFoundError(f"{path} is missing: run that cbloss_natural job first")
-                f = MetricsRecord.read(path).final
-                row[f"{ds}_top1"] = 100.0 * f["top1_error"]
-                row[f"{ds}_top5"] = None if f.get("top5_error") is None else 100.0 * f["top5_error"]
+                vals: dict[str, list[float]] = {"top1": [], "top5": []}
+                for seed in nat.get("seeds", [0]):
+                    path = Path(layout.train("cbloss_natural", dataset=ds, model=tag, loss=name, seed=seed))
+                    if not path.exists():
+                        raise FileNotFoundError(f"{path} is missing: run that cbloss_natural job first")
+                    f = MetricsRecord.read(path).final or {}
+                    vals["top1"].append(_pct(f.get("top1_error")))
+                    if f.get("top5_error") is not None:
+                        vals["top5"].append(_pct(f["top5_error"]))
+                for k, v in vals.items():
+                    st = summarize(v)
+                    row.update({f"{ds}_{k}_mean": st.mean, f"{ds}_{k}_std": st.std, f"{ds}_{k}_n": st.n})
             rows.append(row)
     table = pd.DataFrame(rows)
     paper = paper_table("cbloss_large_table3")
+    md = table[["model", "setting"]].copy()
     for ds in nat["datasets"]:
         for k in ("top1", "top5"):
             col = f"{ds}_{k}"
+            md[col] = [format_mean_std(m, s) for m, s in zip(table[f"{col}_mean"], table[f"{col}_std"], strict=True)]
             if col not in paper.columns:
                 continue
             vals = []
@@ -196,10 +364,11 @@ def _natural_section(results: Path, nat: dict, out: Path) -> tuple[list[str], li
                 hit = paper[(paper["model"] == r["model"].removeprefix("tv:")) & (paper["loss"] == key) & (paper["input"] == 224)]
                 vals.append(float(hit[col].iloc[0]) if len(hit) else np.nan)
             table[f"paper_{col}"] = vals
+            md[f"paper {col}"] = vals
     table.to_csv(out / "cbloss_natural_table.csv", index=False)
-    md = to_markdown(table)
     lines = ["\n## Class-balanced loss on naturally long-tailed data: top-1 / top-5 error (%)\n",
-             "Rows: model x loss (Cui et al. 2019, Table 3 shape; `paper_*` at 224 px).\n", md]
+             "Rows: model x loss (Cui et al. 2019, Table 3 shape); mean ± std over seeds "
+             f"{nat.get('seeds', [0])}; `paper` columns: the paper's numbers at 224 px.\n", to_markdown(md)]
     return lines, [out / "cbloss_natural_table.csv"]
 
 
@@ -207,18 +376,46 @@ def _natural_section(results: Path, nat: dict, out: Path) -> tuple[list[str], li
 PAPER_SOURCE = {"generic": "imagenet", "natural": "inat2017", "generic+natural": "imagenet+inat2017"}
 
 
-def transfer_frame(results: Path, sources: list[str], targets: list[str]) -> pd.DataFrame:
-    """One row per fine-tune: source, target, top-1 accuracy (%), run ids."""
-    rows = []
+def transfer_frame(results: Path, sources: list[str], targets: list[str], seeds: list[int]) -> pd.DataFrame:
+    """One row per fine-tune run: source, target, seed, top-1 accuracy (%), ECE, run ids."""
+    rows, layout = [], Layout.at(results)
     for s in sources:
         for t in targets:
-            path = Path(Layout.at(results).train("finetune", source=s, target=t))
-            if not path.exists():
-                raise FileNotFoundError(f"{path} is missing: run the finetune job for {s} -> {t} first")
-            m = MetricsRecord.read(path)
-            rows.append({"source": s, "target": t, "top1_acc": 100.0 * m.final["top1_acc"],
-                         "run_id": m.run_id, "parent_run_id": m.parent_run_id})
-    return pd.DataFrame(rows)
+            for seed in seeds:
+                path = Path(layout.train("finetune", source=s, target=t, seed=seed))
+                if not path.exists():
+                    raise FileNotFoundError(f"{path} is missing: run the finetune job for {s} -> {t}, seed {seed} first")
+                m = MetricsRecord.read(path)
+                f = m.final or {}
+                rows.append({"source": s, "target": t, "seed": int(seed), "top1_acc": _pct(f.get("top1_acc")),
+                             "ece": _pct(f.get("ece")), "run_id": m.run_id, "parent_run_id": m.parent_run_id,
+                             "git_commit": m.git_commit})
+    df = pd.DataFrame(rows)
+    summarize(df["top1_acc"].tolist())  # a NaN accuracy fails here, before any table is written
+    return df
+
+
+def transfer_table(df: pd.DataFrame, rows: list[str], targets: list[str]) -> pd.DataFrame:
+    """Rows = sources, per target: mean, std, n of the top-1 accuracy (%) over seeds; ``mean``:
+    the mean over targets of the seed means."""
+    st = _cell_stats(df, ["source", "target"], "top1_acc").set_index(["source", "target"])
+    out = []
+    for s in rows:
+        row = {"source": s}
+        for t in targets:
+            r = st.loc[(s, t)]
+            row.update({f"{t}_mean": r["mean"], f"{t}_std": r["std"], f"{t}_n": int(r["n"])})
+        row["mean"] = float(np.mean([row[f"{t}_mean"] for t in targets]))
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def _transfer_markdown(table: pd.DataFrame, targets: list[str]) -> str:
+    md = pd.DataFrame({"source": table["source"]})
+    for t in targets:
+        md[t] = [format_mean_std(m, s, 1) for m, s in zip(table[f"{t}_mean"], table[f"{t}_std"], strict=True)]
+    md["mean"] = table["mean"]
+    return to_markdown(md, "{:.1f}")
 
 
 def correlations(x: np.ndarray, y: np.ndarray) -> dict:
@@ -231,6 +428,66 @@ def correlations(x: np.ndarray, y: np.ndarray) -> dict:
             "kendall": float(tau.statistic), "kendall_p": float(tau.pvalue)}
 
 
+def within_target_kendall(pairs: pd.DataFrame, value: str) -> float | None:
+    """Mean over targets of Kendall's τ between similarity and ``value`` across sources."""
+    taus = [correlations(g["similarity"].to_numpy(), g[value].to_numpy())["kendall"]
+            for _, g in pairs.groupby("target") if len(g) > 2]
+    return float(np.nanmean(taus)) if taus and not np.all(np.isnan(taus)) else None
+
+
+def similarity_pairs(df: pd.DataFrame, sim: pd.DataFrame) -> pd.DataFrame:
+    """Per (source, target) with a similarity: mean and std of the accuracy over seeds, the
+    gain over the target's mean across sources and over scratch."""
+    acc = df.groupby(["source", "target"], sort=False)["top1_acc"].agg(["mean", "std", "count"]).reset_index()
+    acc = acc.rename(columns={"mean": "top1_acc_mean", "std": "top1_acc_std", "count": "n"})
+    pairs = acc[acc["source"].isin(sim.index)].copy()
+    pairs["similarity"] = [float(sim.loc[s, t]) for s, t in zip(pairs["source"], pairs["target"], strict=True)]
+    pairs["gain"] = pairs["top1_acc_mean"] - pairs.groupby("target")["top1_acc_mean"].transform("mean")
+    scratch = acc[acc["source"] == "scratch"].set_index("target")["top1_acc_mean"]
+    if len(scratch):
+        pairs["gain_over_scratch"] = pairs["top1_acc_mean"] - pairs["target"].map(scratch)
+    return pairs
+
+
+def similarity_correlation(df: pd.DataFrame, sim: pd.DataFrame, pairs: pd.DataFrame) -> dict:
+    """Similarity against accuracy: pooled (vs gain and raw), the mean within-target Kendall τ
+    on the seed-mean accuracy (the headline), and the same τ per seed (its spread)."""
+    per_seed = {}
+    for seed, g in df[df["source"].isin(sim.index)].groupby("seed"):
+        g = g.assign(similarity=[float(sim.loc[s, t]) for s, t in zip(g["source"], g["target"], strict=True)])
+        per_seed[int(seed)] = within_target_kendall(g, "top1_acc")
+    vals = [v for v in per_seed.values() if v is not None]
+    spread = summarize(vals) if vals else None
+    best = pairs.loc[pairs.groupby("target")["top1_acc_mean"].idxmax()].set_index("target")["source"]
+    closest = pairs.loc[pairs.groupby("target")["similarity"].idxmax()].set_index("target")["source"]
+    return {
+        "vs_gain": correlations(pairs["similarity"].to_numpy(), pairs["gain"].to_numpy()),
+        "vs_accuracy": correlations(pairs["similarity"].to_numpy(), pairs["top1_acc_mean"].to_numpy()),
+        "mean_within_target_kendall": within_target_kendall(pairs, "top1_acc_mean"),
+        "within_target_kendall_per_seed": per_seed,
+        "within_target_kendall_seed_mean": spread.mean if spread else None,
+        "within_target_kendall_seed_std": spread.std if spread else None,
+        "most_similar_is_best": {t: bool(closest[t] == best[t]) for t in best.index},
+    }
+
+
+SIMILARITY_THRESHOLD = 0.4  # mean within-target τ at which the summary says similarity predicts the best source
+
+
+def _similarity_claim(corr: dict) -> str:
+    tau, per_seed = corr["mean_within_target_kendall"], corr["within_target_kendall_per_seed"]
+    hits = corr["most_similar_is_best"]
+    if tau is None:
+        return "- Similarity vs fine-tune accuracy: too few sources per target to rank.\n"
+    holds = tau >= SIMILARITY_THRESHOLD and all(v is not None and v > 0 for v in per_seed.values())
+    verdict = "holds" if holds else "does NOT hold clearly"
+    seeds = ", ".join(f"seed {k}: {v:.2f}" for k, v in per_seed.items() if v is not None)
+    return (f"- **Domain similarity predicts which source transfers best — {verdict}**: mean within-target "
+            f"Kendall τ of similarity vs mean accuracy over seeds = {tau:.2f} (threshold {SIMILARITY_THRESHOLD}; "
+            f"per seed: {seeds}); the most similar source is the best one on {sum(hits.values())} of "
+            f"{len(hits)} targets.\n")
+
+
 def _plot_similarity_vs_accuracy(pairs: pd.DataFrame, corr: dict, path: Path) -> None:
     import matplotlib
 
@@ -239,14 +496,16 @@ def _plot_similarity_vs_accuracy(pairs: pd.DataFrame, corr: dict, path: Path) ->
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     markers = dict(zip(sorted(pairs["source"].unique()), "osD^vP*X", strict=False))
+    targets = sorted(pairs["target"].unique())
     for t, g in pairs.groupby("target"):
         for _, r in g.iterrows():
-            ax.scatter(r["similarity"], r["gain"], marker=markers[r["source"]], color=f"C{sorted(pairs['target'].unique()).index(t)}",
-                       s=40, label=t if r["source"] == g["source"].iloc[0] else None)
+            ax.errorbar(r["similarity"], r["gain"], yerr=0 if pd.isna(r["top1_acc_std"]) else r["top1_acc_std"],
+                        marker=markers[r["source"]], color=f"C{targets.index(t)}", ms=6, capsize=2,
+                        label=t if r["source"] == g["source"].iloc[0] else None)
     for s, m in markers.items():
         ax.scatter([], [], marker=m, color="grey", label=s)
     ax.set_xlabel("domain similarity exp(-γ EMD)")
-    ax.set_ylabel("fine-tune accuracy minus target mean (points)")
+    ax.set_ylabel("accuracy minus target mean (points; bar: std over seeds)")
     ax.set_title(f"Spearman ρ={corr['spearman']:.2f}, Kendall τ={corr['kendall']:.2f} (n={corr['n']})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
@@ -255,113 +514,188 @@ def _plot_similarity_vs_accuracy(pairs: pd.DataFrame, corr: dict, path: Path) ->
     plt.close(fig)
 
 
-def _transfer_section(results: Path, spec: dict, out: Path) -> tuple[list[str], list[Path]]:
+def _paper_transfer_lines(spec: dict) -> list[str]:
+    """The paper's transfer table, printed beside ours only when ours ran the paper's recipe on
+    the paper's data (Inception-v3 on the real targets); otherwise say why not."""
     tr = spec["transfer"]
-    targets = tr["targets"]
+    model = tr["finetune"]["recipe"].get("model", "")
+    real = all(spec.get("datasets", {}).get(t, {}).get("kind") not in (None, "world") for t in tr["targets"])
+    if model == "tv:inception_v3" and real:
+        return ["\nThe paper's table (Cui et al. 2018, Inception-v3 at 299 px; rows as named, selected = selected_585):\n",
+                to_markdown(paper_table("transfer_table"))]
+    why = "generated data" if not real else f"model {model}, not Inception-v3"
+    return [f"\nThe paper's transfer numbers are not printed beside these: reduced recipe on {why} — not comparable "
+            "(they are in `reference/transfer_table.csv`; in this world "
+            + ", ".join(f"{k} plays {v}" for k, v in PAPER_SOURCE.items()) + ").\n"]
+
+
+def _transfer_section(results: Path, spec: dict, out: Path) -> tuple[list[str], list[Path], list[str]]:
+    tr = spec["transfer"]
+    targets, seeds = tr["targets"], tr.get("seeds", [0])
     rows = list(spec["sources"]) + (["scratch"] if tr["finetune"].get("scratch", True) else [])
-    df = transfer_frame(results, rows, targets)
-    df.to_csv(out / "transfer_cells.csv", index=False)
-    table = df.pivot(index="source", columns="target", values="top1_acc").reindex(index=rows, columns=targets)
-    table["mean"] = table.mean(axis=1)
-    table = table.reset_index()
-    table.to_csv(out / "transfer_table.csv", index=False)
-    paper = paper_table("transfer_table")
-    sim = pd.read_csv(Layout.at(results).similarity(spec["feature_model"]), index_col=0)
     layout = Layout.at(results)
+    df = transfer_frame(results, rows, targets, seeds)
+    df.to_csv(out / "transfer_cells.csv", index=False)
+    table = transfer_table(df, rows, targets)
+    table.to_csv(out / "transfer_table.csv", index=False)
+    sim = pd.read_csv(layout.similarity(spec["feature_model"]), index_col=0)
     heatmap = os.path.relpath(layout.similarity(spec["feature_model"], "heatmap.png"), os.path.dirname(layout.report()))
-    paper_sim = paper_table("domain_similarity")
 
-    # Pairs (source, target) with a similarity and an accuracy. Accuracy differs by target far
-    # more than by source, so the scatter and the correlation use the accuracy minus the
-    # target's mean over sources ("gain"), as well as the raw accuracy.
-    pairs = df[df["source"].isin(sim.index)].copy()
-    pairs["similarity"] = [float(sim.loc[s, t]) for s, t in zip(pairs["source"], pairs["target"], strict=True)]
-    pairs["gain"] = pairs["top1_acc"] - pairs.groupby("target")["top1_acc"].transform("mean")
-    scratch = df[df["source"] == "scratch"].set_index("target")["top1_acc"]
-    if len(scratch):
-        pairs["gain_over_scratch"] = pairs["top1_acc"] - pairs["target"].map(scratch)
+    # Accuracy differs by target far more than by source, so the scatter and the pooled
+    # correlation use the accuracy minus the target's mean over sources ("gain").
+    pairs = similarity_pairs(df, sim)
     pairs.to_csv(out / "similarity_vs_accuracy.csv", index=False)
-    corr_gain = correlations(pairs["similarity"].to_numpy(), pairs["gain"].to_numpy())
-    corr_raw = correlations(pairs["similarity"].to_numpy(), pairs["top1_acc"].to_numpy())
-    per_target = [correlations(g["similarity"].to_numpy(), g["top1_acc"].to_numpy())["kendall"]
-                  for _, g in pairs.groupby("target") if len(g) > 2]
-    corr = {"vs_gain": corr_gain, "vs_accuracy": corr_raw,
-            "mean_within_target_kendall": float(np.nanmean(per_target)) if per_target else None}
+    corr = similarity_correlation(df, sim, pairs)
     (out / "transfer_correlation.json").write_text(json.dumps(corr, indent=2) + "\n")
-    _plot_similarity_vs_accuracy(pairs, corr_gain, out / "similarity_vs_accuracy.png")
+    _plot_similarity_vs_accuracy(pairs, corr["vs_gain"], out / "similarity_vs_accuracy.png")
 
-    best = table.set_index("source").drop(index="scratch", errors="ignore")[targets].idxmax()
+    means = table.set_index("source").drop(index="scratch", errors="ignore")[[f"{t}_mean" for t in targets]]
+    best = {t: means[f"{t}_mean"].idxmax() for t in targets}
+    g, r = corr["vs_gain"], corr["vs_accuracy"]
     lines = [
         "## Transfer: fine-tune top-1 accuracy (%)\n",
-        "Rows: pretraining source (`scratch` = random weights), columns: targets (Cui et al. 2018 table shape).\n",
-        to_markdown(table),
-        "\nBest source per target: " + ", ".join(f"{t}: **{s}**" for t, s in best.items()) + "\n",
-        "\nThe paper's table (Inception-v3, real data; our sources play: "
-        + ", ".join(f"{k} = {v}" for k, v in PAPER_SOURCE.items()) + ", selected = selected_585):\n",
-        to_markdown(paper),
-        f"\n## Domain similarity (feature model `{spec['feature_model']}`)\n",
+        f"Rows: pretraining source (`scratch` = random weights), columns: targets (Cui et al. 2018 table shape); "
+        f"mean ± std over seeds {seeds} (fine-tune seed S starts from pretrain seed S).\n",
+        _transfer_markdown(table, targets),
+        "\nBest source per target (seed mean): " + ", ".join(f"{t}: **{s}**" for t, s in best.items()) + "\n",
+        *_paper_transfer_lines(spec),
+        f"\n## Domain similarity ({feature_network_label(spec)})\n",
         to_markdown(sim.reset_index().rename(columns={"index": "source"}), "{:.3f}"),
-        "\nThe paper's (ResNet-101 features):\n",
-        to_markdown(paper_sim, "{:.3f}"),
+        "\nThe paper's (Cui et al. 2018: ResNet-101 trained on JFT; real data, not comparable with a generated world):\n",
+        to_markdown(paper_table("domain_similarity"), "{:.3f}"),
         f"\n![similarity]({heatmap})\n",
         "\n## Similarity vs fine-tune accuracy\n",
-        f"Over {corr_gain['n']} (source, target) pairs, similarity vs accuracy relative to the target's mean: "
-        f"Spearman ρ = {corr_gain['spearman']:.3f} (p = {corr_gain['spearman_p']:.3g}), "
-        f"Kendall τ = {corr_gain['kendall']:.3f} (p = {corr_gain['kendall_p']:.3g}). "
-        f"Raw accuracy: Spearman ρ = {corr_raw['spearman']:.3f}, Kendall τ = {corr_raw['kendall']:.3f}. "
-        + (f"Mean within-target Kendall τ: {corr['mean_within_target_kendall']:.3f}.\n"
-           if corr["mean_within_target_kendall"] is not None else "\n"),
+        _similarity_claim(corr),
+        f"\nPooled over {g['n']} (source, target) pairs, similarity vs seed-mean accuracy relative to the target's mean: "
+        f"Spearman ρ = {g['spearman']:.3f} (p = {g['spearman_p']:.3g}), Kendall τ = {g['kendall']:.3f} "
+        f"(p = {g['kendall_p']:.3g}). Raw accuracy: Spearman ρ = {r['spearman']:.3f}, Kendall τ = {r['kendall']:.3f}.\n",
         "\n![similarity vs accuracy](similarity_vs_accuracy.png)\n",
     ]
     sel = spec.get("selected")
     if sel:
-        chosen_csv = Layout.at(results).selection(sel)
+        chosen_csv = layout.selection(sel)
         chosen = pd.read_csv(chosen_csv)
         lines.append(f"\nSelected source `{sel}`: {len(chosen)} classes (greedy, union over targets); "
                      f"list with scores in `{Path(chosen_csv).relative_to(results)}`.\n")
     files = [out / n for n in ("transfer_cells.csv", "transfer_table.csv", "transfer_correlation.json",
                                "similarity_vs_accuracy.csv", "similarity_vs_accuracy.png")]
-    return lines, files
+    return lines, files, [_similarity_claim(corr)]
+
+
+def feature_network_label(spec: dict) -> str:
+    """Which network measured the similarity, and whether it has seen a ranked source."""
+    model = spec["transfer"]["features"]["model"]
+    if model in spec.get("sources", []):
+        return f"feature network pretrained here on `{model}`: one of the ranked sources"
+    return f"feature network `{model}`"
+
+
+def data_lines(spec: dict) -> list[str]:
+    """Where each dataset of the study came from."""
+    world = spec.get("world") or {}
+    lines = ["## Data\n"]
+    for name, d in (spec.get("datasets") or {}).items():
+        kind = d.get("kind")
+        if kind == "world":
+            where = f"generated world (`finetail.world`, world seed {world.get('seed', 0)}, {world.get('image_size', '?')} px)"
+        elif kind == "registry":
+            where = f"downloaded `{d.get('name', name)}` (finetail dataset registry), checksums verified"
+        else:
+            where = f"ImageFolder from `{d.get('source')}`"
+        about = f" — {d['about']}" if d.get("about") else ""
+        lines.append(f"- `{name}`: {where}{about}\n")
+    return lines
+
+
+def _cbloss_section(results: Path, spec: dict, out: Path, paper_ok: dict[str, bool]) -> tuple[list[str], list[Path], list[str]]:
+    cb = spec["cbloss"]
+    df = cbloss_frame(results, cb)
+    df.to_csv(out / "cbloss_cells.csv", index=False)
+    table = cbloss_table(df, cb, paper_ok)
+    table.to_csv(out / "cbloss_table.csv", index=False)
+    md = cbloss_table_markdown(table)
+    (out / "cbloss_table.md").write_text(md)
+    shots = shots_table(df)
+    shots.to_csv(out / "cbloss_shots.csv", index=False)
+    shots_md = _shots_markdown(shots)
+    (out / "cbloss_shots.md").write_text(shots_md)
+    base = baseline_loss(cb)
+    paired = paired_table(df, base) if base else pd.DataFrame()
+    paired.to_csv(out / "cbloss_paired.csv", index=False)
+    _plot_error_vs_if(df, out / "cbloss_error_vs_if.png")
+    _plot_per_class(results, df, out / "cbloss_per_class.png")
+    files = [out / n for n in ("cbloss_cells.csv", "cbloss_table.csv", "cbloss_table.md", "cbloss_shots.csv",
+                               "cbloss_shots.md", "cbloss_paired.csv", "cbloss_error_vs_if.png", "cbloss_per_class.png")]
+    claims = _cb_claim(paired, cb)
+    pm = paired.copy()
+    if len(pm):
+        pm["95% CI"] = [f"[{lo:+.2f}, {hi:+.2f}]" for lo, hi in zip(pm["ci_low"], pm["ci_high"], strict=True)]
+        pm = pm[["dataset", "imbalance", "setting", "metric", "difference", "95% CI", "n", "verdict"]]
+    lines = [
+        "## Class-balanced loss: top-1 error (%)\n",
+        f"Rows: loss settings; columns: imbalance factor (Cui et al. 2019, Table 2 shape); mean ± std over "
+        f"training seeds {cb.get('seeds', [0])} (the long-tailed subset itself is fixed by `longtail.seed`). "
+        f"`{BEST_CB_LABEL}`: per column the class-balanced setting with the lowest mean error, in [brackets] — "
+        "chosen on the test set, as the paper chose its best setting.\n",
+        _paper_note(paper_ok, spec),
+        md,
+        "\n## Many / medium / few-shot accuracy and calibration (%)\n",
+        "Mean ± std over seeds; `ece`: expected calibration error, 15 bins.\n",
+        shots_md,
+        f"\n## Paired over seeds: each loss minus `{base}`\n",
+        "Difference of the means in points, with its 95% confidence interval (Student's t over the paired "
+        "seeds); `better`/`worse` only when the interval excludes 0.\n",
+        to_markdown(pm) if len(pm) else "No baseline (an unweighted softmax loss) in the grid.\n",
+        "\n![error vs imbalance](cbloss_error_vs_if.png)\n\n![per-class accuracy](cbloss_per_class.png)\n",
+    ]
+    return lines, files, claims
+
+
+def _paper_note(paper_ok: dict[str, bool], spec: dict) -> str:
+    shown = [d for d, ok in paper_ok.items() if ok]
+    if shown:
+        return (f"`paper` columns ({', '.join(shown)}): Cui et al. 2019 Table 2, beside the rows whose setting is the "
+                "paper's (an unweighted loss; for CB, our best-CB row and the exact (loss, β, γ) behind the paper's best "
+                "in that column).\n")
+    why = paper_reasons(spec)
+    return f"Paper columns: {why}\n"
+
+
+def paper_reasons(spec: dict) -> str:
+    cb = spec["cbloss"]
+    if not PAPER_CIFAR & set(cb["datasets"]):
+        return "none — these are not the paper's datasets (CIFAR-10/100-LT), so its numbers are not comparable."
+    diffs = recipe_differences(cb["recipe"])
+    return "reduced recipe: not comparable (" + "; ".join(diffs) + ")."
+
+
+def paper_comparable(spec: dict) -> dict[str, bool]:
+    """Per cbloss dataset: whether the paper's Table 2 numbers may stand beside ours (a CIFAR
+    dataset, trained with the paper's recipe)."""
+    cb = spec.get("cbloss") or {}
+    same = not recipe_differences(cb.get("recipe", {}))
+    return {d: same and d in PAPER_CIFAR for d in cb.get("datasets", [])}
 
 
 def build_report(results: Path, spec: dict, out: Path) -> list[Path]:
     """Write the report files under ``out`` and return their paths (summary.md last)."""
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    sections = [f"# finetail report: study `{spec.get('study', results.name)}`\n"]
-    cb = spec.get("cbloss")
-    if cb:
-        df = cbloss_frame(results, cb)
-        df.to_csv(out / "cbloss_cells.csv", index=False)
-        table = _with_paper(_error_table(df), df)
-        table.to_csv(out / "cbloss_table.csv", index=False)
-        md = to_markdown(table.drop(columns=[c for c in table.columns if table[c].isna().all()]))
-        (out / "cbloss_table.md").write_text(md)
-        shots = df[["dataset", "imbalance", "setting", "top1_error", "balanced_acc", "many_acc", "medium_acc", "few_acc"]]
-        (out / "cbloss_shots.md").write_text(to_markdown(shots))
-        _plot_error_vs_if(df, out / "cbloss_error_vs_if.png")
-        _plot_per_class(results, df, out / "cbloss_per_class.png")
-        written += [out / n for n in ("cbloss_cells.csv", "cbloss_table.csv", "cbloss_table.md", "cbloss_shots.md",
-                                      "cbloss_error_vs_if.png", "cbloss_per_class.png")]
-        has_paper = bool(table.filter(like="paper_").notna().any().any())
-        sections += [
-            "## Class-balanced loss: top-1 error (%)\n",
-            "Rows: loss settings; columns: imbalance factor (Cui et al. 2019, Table 2 shape)."
-            + (" `paper_*`: the paper's numbers (CB rows: its best class-balanced setting)." if has_paper else
-               " The paper's numbers are printed for CIFAR datasets only; see `cbloss_table.csv`.") + "\n",
-            md,
-            "\n## Many / medium / few-shot accuracy (%)\n",
-            to_markdown(shots),
-            "\n![error vs imbalance](cbloss_error_vs_if.png)\n\n![per-class accuracy](cbloss_per_class.png)\n",
-        ]
+    body: list[str] = []
+    claims: list[str] = []
+    if spec.get("cbloss"):
+        lines, files, found = _cbloss_section(results, spec, out, paper_comparable(spec))
+        body, written, claims = body + lines, written + files, claims + found
     if spec.get("cbloss_natural"):
         lines, files = _natural_section(results, spec["cbloss_natural"], out)
-        sections += lines
-        written += files
+        body, written = body + lines, written + files
     if spec.get("transfer"):
-        lines, files = _transfer_section(results, spec, out)
-        sections += lines
-        written += files
+        lines, files, found = _transfer_section(results, spec, out)
+        body, written, claims = body + lines, written + files, claims + found
+    sections = [f"# finetail report: study `{spec.get('study', results.name)}`\n"]
+    if claims:
+        sections += ["## The papers' claims, checked (beyond seed noise)\n", *claims, ""]
+    sections += [*body, *data_lines(spec)]
     summary = out / "summary.md"
     atomic_write(summary, lambda tmp: tmp.write_text("\n".join(sections)))
     written.append(summary)

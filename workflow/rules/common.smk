@@ -74,10 +74,15 @@ def get_world_spec(wildcards):
     return as_json({"world": config["world"], "dataset": config["datasets"][wildcards.dataset]})
 
 
+def seeded(recipe, wildcards):
+    """A recipe with the job's training seed (the {seed} wildcard, from a seeds list)."""
+    return {**recipe, "seed": int(wildcards.seed)}
+
+
 def get_cbloss_spec(wildcards):
     return as_json(
         {
-            "recipe": CB["recipe"],
+            "recipe": seeded(CB["recipe"], wildcards),
             "loss": CB["losses"][wildcards.loss],
             "shots": config["shots"],
         }
@@ -90,7 +95,7 @@ NAT = config.get("cbloss_natural")
 def get_cbloss_natural_spec(wildcards):
     model = NAT_MODELS[wildcards.model]
     return as_json(
-        {"recipe": {**NAT["recipe"], "model": model}, "loss": NAT["losses"][wildcards.loss], "shots": config["shots"]}
+        {"recipe": seeded({**NAT["recipe"], "model": model}, wildcards), "loss": NAT["losses"][wildcards.loss], "shots": config["shots"]}
     )
 
 
@@ -102,10 +107,11 @@ def get_cbloss_natural_metrics():
     if not NAT:
         return []
     return expand(
-        L.train("cbloss_natural", dataset="{dataset}", model="{model}", loss="{loss}"),
+        L.train("cbloss_natural", dataset="{dataset}", model="{model}", loss="{loss}", seed="{seed}"),
         dataset=NAT["datasets"],
         model=list(NAT_MODELS),
         loss=list(NAT["losses"]),
+        seed=NAT["seeds"],
     )
 
 
@@ -117,10 +123,11 @@ def get_cbloss_metrics():
     if not CB:
         return []
     return expand(
-        L.train("cbloss", dataset="{dataset}", imbalance="{imbalance}", loss="{loss}"),
+        L.train("cbloss", dataset="{dataset}", imbalance="{imbalance}", loss="{loss}", seed="{seed}"),
         dataset=CB["datasets"],
         imbalance=[imbalance_tag(i) for i in CB["imbalance"]],
         loss=list(CB["losses"]),
+        seed=CB["seeds"],
     )
 
 
@@ -133,16 +140,17 @@ ALL_SOURCES = SOURCES + ([SELECTED] if SELECTED else [])
 TARGETS = list(TR["targets"]) if TR else []
 FMODEL = TR["features"]["model"] if TR else ""
 FMODEL_TAG = FMODEL.replace(":", "_")
+TR_SEEDS = TR["seeds"] if TR else []
 
 
 def get_pretrain_spec(wildcards):
     recipe = {**TR["pretrain"]["recipe"], **TR["pretrain"]["per_source"].get(wildcards.source, {})}
-    return as_json({"recipe": recipe, "loss": TR["pretrain"]["loss"], "shots": config["shots"]})
+    return as_json({"recipe": seeded(recipe, wildcards), "loss": TR["pretrain"]["loss"], "shots": config["shots"]})
 
 
 def get_finetune_spec(wildcards):
     recipe = {**TR["finetune"]["recipe"], **TR["finetune"]["per_target"].get(wildcards.target, {})}
-    return as_json({"recipe": recipe, "loss": {"type": "softmax"}, "shots": config["shots"]})
+    return as_json({"recipe": seeded(recipe, wildcards), "loss": {"type": "softmax"}, "shots": config["shots"]})
 
 
 def get_source_inputs(wildcards):
@@ -162,19 +170,29 @@ def get_features_manifest(wildcards):
 
 
 def get_feature_model(wildcards):
-    """The pipeline-pretrained feature model's weights, or nothing for a torchvision model."""
-    return [] if FMODEL.startswith("tv:") else [L.train("pretrain", "model.pt", source=FMODEL)]
+    """The pipeline-pretrained feature model's weights (its first training seed), or nothing
+    for a torchvision model."""
+    return [] if FMODEL.startswith("tv:") else [L.train("pretrain", "model.pt", source=FMODEL, seed=TR_SEEDS[0])]
 
 
 def get_finetune_init(wildcards):
-    return [] if wildcards.source == "scratch" else [L.train("pretrain", "model.pt", source=wildcards.source)]
+    """Fine-tune seed S starts from the source's pretrain seed S (scratch: random weights)."""
+    if wildcards.source == "scratch":
+        return []
+    return [L.train("pretrain", "model.pt", source=wildcards.source, seed=wildcards.seed)]
 
 
 def get_transfer_metrics():
     if not TR:
         return []
     rows = ALL_SOURCES + (["scratch"] if TR["finetune"]["scratch"] else [])
-    return expand(L.train("finetune", source="{source}", target="{target}"), source=rows, target=TARGETS)
+    return expand(
+        L.train("finetune", source="{source}", target="{target}", seed="{seed}"), source=rows, target=TARGETS, seed=TR_SEEDS
+    )
+
+
+def get_pretrain_metrics():
+    return expand(L.train("pretrain", source="{source}", seed="{seed}"), source=ALL_SOURCES, seed=TR_SEEDS)
 
 
 # ---------------------------------------------------------------- training jobs (training.smk)

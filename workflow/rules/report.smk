@@ -7,7 +7,7 @@ rule report:
         cbloss=get_cbloss_metrics(),
         cbloss_natural=get_cbloss_natural_metrics(),
         finetune=get_transfer_metrics(),
-        pretrain=[L.train("pretrain", source=s) for s in ALL_SOURCES],
+        pretrain=get_pretrain_metrics() if TR else [],
         similarity=[L.similarity(FMODEL_TAG)] if TR else [],
         selection=[L.selection(SELECTED)] if SELECTED else [],
     output:
@@ -23,6 +23,7 @@ rule report:
                 "sources": ALL_SOURCES,
                 "selected": SELECTED,
                 "datasets": config["datasets"],
+                "world": config.get("world"),
                 "study": STUDY,
             }
         ),

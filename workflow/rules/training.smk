@@ -10,13 +10,13 @@ rule cbloss:
     input:
         manifest=L.longtail("{dataset}", "{imbalance}"),
     output:
-        **training_outputs("cbloss", "dataset", "imbalance", "loss"),
+        **training_outputs("cbloss", "dataset", "imbalance", "loss", "seed"),
     params:
         **training_params("cbloss", get_cbloss_spec),
     conda:
         "../../envs/finetail.yaml"
     log:
-        training_log("cbloss", "dataset", "imbalance", "loss"),
+        training_log("cbloss", "dataset", "imbalance", "loss", "seed"),
     threads: 1
     resources:
         gpu=1,  # one GPU where there is one (Slurm: --gpus; locally: --resources gpu=N tokens)
@@ -33,11 +33,11 @@ use rule cbloss as cbloss_natural with:
     input:
         manifest=L.dataset("{dataset}"),
     output:
-        **training_outputs("cbloss_natural", "dataset", "model", "loss"),
+        **training_outputs("cbloss_natural", "dataset", "model", "loss", "seed"),
     params:
         **training_params("cbloss_natural", get_cbloss_natural_spec),
     log:
-        training_log("cbloss_natural", "dataset", "model", "loss"),
+        training_log("cbloss_natural", "dataset", "model", "loss", "seed"),
     resources:
         gpu=1,
         mem_mb=16000,
@@ -48,13 +48,13 @@ use rule cbloss as pretrain with:
     input:
         manifest=L.source("{source}"),
     output:
-        **training_outputs("pretrain", "source", model=True),
+        **training_outputs("pretrain", "source", "seed", model=True),
     params:
         **training_params(
             "pretrain", get_pretrain_spec, save_model=lambda wildcards, output: ["--save-model", output.model]
         ),
     log:
-        training_log("pretrain", "source"),
+        training_log("pretrain", "source", "seed"),
     resources:
         gpu=1,
         mem_mb=4000,
@@ -66,7 +66,7 @@ use rule cbloss as finetune with:
         manifest=L.dataset("{target}"),
         init=get_finetune_init,
     output:
-        **training_outputs("finetune", "source", "target"),
+        **training_outputs("finetune", "source", "target", "seed"),
     params:
         **training_params(
             "finetune",
@@ -74,4 +74,4 @@ use rule cbloss as finetune with:
             init=lambda wildcards, input: cli_option("--init-model", input.init[0] if input.init else None),
         ),
     log:
-        training_log("finetune", "source", "target"),
+        training_log("finetune", "source", "target", "seed"),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 
-__all__ = ["FEW_SHOT", "LOSS_TYPES", "MANY_SHOT", "SPEED_ONLY", "TrainConfig", "lr_at"]
+__all__ = ["CBLOSS_PAPER_RECIPE", "FEW_SHOT", "LOSS_TYPES", "MANY_SHOT", "SPEED_ONLY", "TrainConfig", "lr_at", "recipe_differences"]
 
 LOSS_TYPES = ("softmax", "sigmoid", "focal")
 
@@ -115,3 +115,25 @@ def lr_at(cfg: TrainConfig, epoch: int, it: int, iters_per_epoch: int) -> float:
         if epoch >= m:
             factor = f
     return cfg.lr * factor
+
+
+# The CB-loss paper's CIFAR recipe (Cui et al. 2019, section 5.2): ResNet-32, SGD momentum 0.9,
+# batch 128, 200 epochs, lr 0.1 with 5 warm-up epochs, x0.01 at 160 and x0.0001 at 180,
+# weight decay 2e-4, 4-pixel pad-crop and flips, fp32.
+CBLOSS_PAPER_RECIPE = {
+    "model": "resnet32", "width": 16, "epochs": 200, "batch_size": 128, "lr": 0.1, "momentum": 0.9,
+    "weight_decay": 2e-4, "warmup_epochs": 5, "milestones": [160, 180], "lr_factors": [0.01, 0.0001],
+    "crop_pad": 4, "flip": True, "amp": False, "budget_images": None, "linear_probe": False,
+}
+
+
+def recipe_differences(recipe: dict, paper: dict = CBLOSS_PAPER_RECIPE) -> list[str]:
+    """How a recipe differs from the paper's, as ``"epochs 15 ≠ 200"`` (empty: it is the paper's)."""
+    base = TrainConfig()
+    cfg = {**{f.name: getattr(base, f.name) for f in fields(TrainConfig)}, **recipe}
+    out = []
+    for key, want in paper.items():
+        have = cfg.get(key)
+        if have != want and not (isinstance(want, float) and isinstance(have, int | float) and abs(have - want) < 1e-12):
+            out.append(f"{key} {have} ≠ {want}")
+    return out

@@ -1,0 +1,92 @@
+"""The report's tables from hand-made cells: spread per cell, the best-CB row, pairing with the paper."""
+
+import math
+
+import pandas as pd
+import pytest
+
+from finetail.report import BEST_CB, cbloss_table, cbloss_table_markdown, paired_table, paper_comparable
+from finetail.training.recipe import CBLOSS_PAPER_RECIPE, recipe_differences
+
+LOSSES = {
+    "softmax": {"type": "softmax"},
+    "cb_focal_g1": {"type": "focal", "beta": 0.9999, "gamma": 1.0},  # the paper's best at CIFAR-10 IF 100
+    "cb_focal_g2": {"type": "focal", "beta": 0.9999, "gamma": 2.0},  # the paper's best at CIFAR-10 IF 50
+}
+
+
+def _cells(errors: dict[tuple[str, float], list[float]], dataset="cifar10") -> pd.DataFrame:
+    rows = []
+    for (loss, imb), vals in errors.items():
+        spec = LOSSES[loss]
+        for seed, v in enumerate(vals):
+            rows.append({"dataset": dataset, "imbalance": imb, "loss": loss, "setting": loss, "type": spec["type"],
+                         "beta": spec.get("beta", 0.0), "gamma": spec.get("gamma", 0.0), "seed": seed,
+                         "top1_error": v, "balanced_acc": 100 - v, "few_acc": 50.0 + seed})
+    return pd.DataFrame(rows)
+
+
+ERRORS = {
+    ("softmax", 100.0): [30.0, 31.0, 32.0],
+    ("cb_focal_g1", 100.0): [27.0, 28.0, 26.0],  # mean 27: the best CB at IF 100
+    ("cb_focal_g2", 100.0): [29.0, 29.0, 29.0],
+    ("softmax", 50.0): [25.0, 25.0, 25.0],
+    ("cb_focal_g1", 50.0): [24.0, 24.0, 24.0],
+    ("cb_focal_g2", 50.0): [22.0, 23.0, 24.0],  # mean 23: the best CB at IF 50
+}
+
+
+def test_each_cell_gives_mean_std_and_n():
+    t = cbloss_table(_cells(ERRORS), {"losses": LOSSES}, {"cifar10": False}).set_index("loss")
+    assert t.loc["softmax", "if100_mean"] == pytest.approx(31.0)
+    assert t.loc["softmax", "if100_std"] == pytest.approx(1.0)
+    assert t.loc["softmax", "if100_n"] == 3 and t.loc["cb_focal_g2", "if50_std"] == pytest.approx(1.0)
+    md = cbloss_table_markdown(t.reset_index())
+    assert "31.00 ± 1.00" in md
+
+
+def test_best_cb_row_is_chosen_per_column_on_the_test_set():
+    t = cbloss_table(_cells(ERRORS), {"losses": LOSSES}, {"cifar10": False}).set_index("loss")
+    assert t.loc[BEST_CB, "if100_choice"] == "cb_focal_g1" and t.loc[BEST_CB, "if100_mean"] == pytest.approx(27.0)
+    assert t.loc[BEST_CB, "if50_choice"] == "cb_focal_g2" and t.loc[BEST_CB, "if50_mean"] == pytest.approx(23.0)
+    assert "chosen on the test set" in t.loc[BEST_CB, "setting"]
+
+
+def test_a_reduced_recipe_gets_no_paper_column():
+    t = cbloss_table(_cells(ERRORS), {"losses": LOSSES}, {"cifar10": False})
+    assert not [c for c in t.columns if c.startswith("paper")]
+    spec = {"cbloss": {"datasets": ["cifar10"], "recipe": {**CBLOSS_PAPER_RECIPE, "epochs": 15}}}
+    assert paper_comparable(spec) == {"cifar10": False}
+    assert recipe_differences(spec["cbloss"]["recipe"]) == ["epochs 15 ≠ 200"]
+    # the paper's recipe on a dataset that is not the paper's: no column either
+    assert paper_comparable({"cbloss": {"datasets": ["gen10"], "recipe": dict(CBLOSS_PAPER_RECIPE)}}) == {"gen10": False}
+
+
+def test_the_papers_best_number_lands_only_on_its_own_setting():
+    spec = {"cbloss": {"datasets": ["cifar10"], "recipe": dict(CBLOSS_PAPER_RECIPE)}}
+    ok = paper_comparable(spec)
+    assert ok == {"cifar10": True}
+    t = cbloss_table(_cells(ERRORS), {"losses": LOSSES}, ok).set_index("loss")
+    # Table 2, CIFAR-10: softmax 29.64 (IF 100), 25.19 (IF 50); CB best 25.43 (IF 100: focal
+    # beta 0.9999 gamma 1.0), 20.73 (IF 50: focal beta 0.9999 gamma 2.0).
+    assert t.loc["softmax", "paper_if100"] == pytest.approx(29.64)
+    assert t.loc["softmax", "paper_if50"] == pytest.approx(25.19)
+    assert t.loc["cb_focal_g1", "paper_if100"] == pytest.approx(25.43)
+    assert math.isnan(t.loc["cb_focal_g1", "paper_if50"])
+    assert t.loc["cb_focal_g2", "paper_if50"] == pytest.approx(20.73)
+    assert math.isnan(t.loc["cb_focal_g2", "paper_if100"])
+    assert t.loc[BEST_CB, "paper_if100"] == pytest.approx(25.43) and t.loc[BEST_CB, "paper_if50"] == pytest.approx(20.73)
+
+
+def test_paired_comparison_with_its_interval_and_verdict():
+    p = paired_table(_cells(ERRORS), "softmax")
+    row = p[(p["loss"] == "cb_focal_g1") & (p["imbalance"] == 100.0) & (p["metric"] == "top1_error")].iloc[0]
+    # differences -3, -3, -6: mean -4, std sqrt(3); half width 4.3027 * 1.7321 / sqrt(3) = 4.3027
+    assert row["difference"] == pytest.approx(-4.0)
+    assert row["ci_low"] == pytest.approx(-8.3027, abs=1e-4) and row["ci_high"] == pytest.approx(0.3027, abs=1e-4)
+    assert row["verdict"] == "no clear difference" and row["n"] == 3
+    row = p[(p["loss"] == "cb_focal_g1") & (p["imbalance"] == 50.0) & (p["metric"] == "top1_error")].iloc[0]
+    # every seed 1 point lower: zero spread, the interval is the point -1, which excludes 0
+    assert row["difference"] == pytest.approx(-1.0) and row["verdict"] == "better"
+    few = p[(p["metric"] == "few_acc")]
+    assert set(few["difference"]) == {0.0}
