@@ -90,3 +90,17 @@ def test_paired_comparison_with_its_interval_and_verdict():
     assert row["difference"] == pytest.approx(-1.0) and row["verdict"] == "better"
     few = p[(p["metric"] == "few_acc")]
     assert set(few["difference"]) == {0.0}
+
+
+def test_the_report_says_where_each_dataset_came_from_and_why_no_paper_column():
+    from finetail.report import data_lines, paper_reasons
+
+    spec = {"world": {"seed": 3, "image_size": 16},
+            "datasets": {"gen10": {"kind": "world"},
+                         "cifar10": {"kind": "imagefolder", "source": "x.tar.gz", "about": "CIFAR-10 re-encoded as JPEG"}}}
+    text = "".join(data_lines(spec))
+    assert "`gen10`: generated world (`finetail.world`, world seed 3, 16 px)" in text
+    assert "`cifar10`: ImageFolder from `x.tar.gz` — CIFAR-10 re-encoded as JPEG" in text
+    why = paper_reasons({"cbloss": {"datasets": ["cifar10"], "recipe": {**CBLOSS_PAPER_RECIPE, "epochs": 15, "amp": True}}})
+    assert why.startswith("reduced recipe: not comparable") and "epochs 15 ≠ 200" in why and "amp True ≠ False" in why
+    assert "not the paper's datasets" in paper_reasons({"cbloss": {"datasets": ["gen10"], "recipe": {}}})
