@@ -214,3 +214,20 @@ def test_the_shortcut_is_part_of_the_backbone_that_fine_tuning_and_features_reus
     model.eval()
     with torch.no_grad():
         assert torch.equal(fm.backbone.eval()(x), model.backbone(x))
+
+
+def test_an_fp32_recipe_on_cuda_turns_tf32_convolutions_off():
+    from finetail.training.loop import _conv_precision
+
+    conv = torch.backends.cudnn.conv
+    before = conv.fp32_precision
+    try:
+        _conv_precision(TrainConfig(amp=False), "cuda")
+        assert conv.fp32_precision == "ieee"
+        _conv_precision(TrainConfig(amp=True), "cuda")
+        assert conv.fp32_precision == "tf32"  # PyTorch's default, under bf16 autocast
+        conv.fp32_precision = before
+        _conv_precision(TrainConfig(amp=False), "cpu")
+        assert conv.fp32_precision == before  # the CPU is left alone
+    finally:
+        conv.fp32_precision = before

@@ -293,6 +293,15 @@ def _epochs(r: _Run, start: Resumed, train_counts: np.ndarray, on_epoch, progres
     return metrics
 
 
+def _conv_precision(cfg: TrainConfig, device_type: str) -> None:
+    """On CUDA, an fp32 recipe (``amp`` off) computes its convolutions in IEEE fp32: PyTorch's
+    default lets cuDNN run fp32 convolutions in TF32 (10-bit mantissa) on Ampere and later
+    GPUs. With bf16 autocast, PyTorch's default (TF32) stays. Matrix products are IEEE fp32 by
+    PyTorch's default already. Nothing changes on the CPU."""
+    if device_type == "cuda":
+        torch.backends.cudnn.conv.fp32_precision = "ieee" if precision(cfg, device_type) == "fp32" else "tf32"
+
+
 def _model(cfg: TrainConfig, num_classes: int, init_backbone: dict | None, dev: torch.device) -> tuple[Classifier, str]:
     """The model on ``dev``, from ``init_backbone`` if given (new head), and its backbone's digest."""
     model: Classifier = build_model(cfg.model, num_classes, cfg.width, cfg.weights, cfg.shortcut, cfg.init)
@@ -372,6 +381,7 @@ def train(
         torch.backends.cudnn.benchmark = False
     elif dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    _conv_precision(cfg, dev.type)
     train_counts = np.bincount(train_labels, minlength=num_classes)[:num_classes]
     if data_digest is None:
         data_digest = digest_data(train_images, train_labels, test_images, test_labels)
