@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from finetail.report import BEST_CB, cbloss_table, cbloss_table_markdown, paired_table, paper_comparable
-from finetail.training.recipe import CBLOSS_PAPER_RECIPE, recipe_differences
+from finetail.training.recipe import CBLOSS_CIFAR_RECIPE, paper_recipe
 
 LOSSES = {
     "softmax": {"type": "softmax"},
@@ -55,15 +55,15 @@ def test_best_cb_row_is_chosen_per_column_on_the_test_set():
 def test_a_reduced_recipe_gets_no_paper_column():
     t = cbloss_table(_cells(ERRORS), {"losses": LOSSES}, {"cifar10": False})
     assert not [c for c in t.columns if c.startswith("paper")]
-    spec = {"cbloss": {"datasets": ["cifar10"], "recipe": {**CBLOSS_PAPER_RECIPE, "epochs": 15}}}
+    spec = {"cbloss": {"datasets": ["cifar10"], "recipe": {**CBLOSS_CIFAR_RECIPE, "epochs": 15}}}
     assert paper_comparable(spec) == {"cifar10": False}
-    assert recipe_differences(spec["cbloss"]["recipe"]) == ["epochs 15 ≠ 200"]
+    assert paper_recipe(spec["cbloss"]["recipe"]).differences == ["epochs 15 ≠ 200"]
     # the paper's recipe on a dataset that is not the paper's: no column either
-    assert paper_comparable({"cbloss": {"datasets": ["gen10"], "recipe": dict(CBLOSS_PAPER_RECIPE)}}) == {"gen10": False}
+    assert paper_comparable({"cbloss": {"datasets": ["gen10"], "recipe": dict(CBLOSS_CIFAR_RECIPE)}}) == {"gen10": False}
 
 
 def test_the_papers_best_number_lands_only_on_its_own_setting():
-    spec = {"cbloss": {"datasets": ["cifar10"], "recipe": dict(CBLOSS_PAPER_RECIPE)}}
+    spec = {"cbloss": {"datasets": ["cifar10"], "recipe": dict(CBLOSS_CIFAR_RECIPE)}}
     ok = paper_comparable(spec)
     assert ok == {"cifar10": True}
     t = cbloss_table(_cells(ERRORS), {"losses": LOSSES}, ok).set_index("loss")
@@ -101,6 +101,6 @@ def test_the_report_says_where_each_dataset_came_from_and_why_no_paper_column():
     text = "".join(data_lines(spec))
     assert "`gen10`: generated world (`finetail.world`, world seed 3, 16 px)" in text
     assert "`cifar10`: ImageFolder from `x.tar.gz` — CIFAR-10 re-encoded as JPEG" in text
-    why = paper_reasons({"cbloss": {"datasets": ["cifar10"], "recipe": {**CBLOSS_PAPER_RECIPE, "epochs": 15, "amp": True}}})
-    assert why.startswith("reduced recipe: not comparable") and "epochs 15 ≠ 200" in why and "amp True ≠ False" in why
+    why = paper_reasons({"cbloss": {"datasets": ["cifar10"], "recipe": {**CBLOSS_CIFAR_RECIPE, "epochs": 15, "amp": True}}})
+    assert why.startswith("reduced recipe: not comparable") and "epochs 15 ≠ 200" in why and "amp true ≠ false" in why
     assert "not the paper's datasets" in paper_reasons({"cbloss": {"datasets": ["gen10"], "recipe": {}}})

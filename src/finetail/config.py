@@ -196,15 +196,15 @@ def _check_transfer(tr: dict, datasets: dict) -> None:
         for name, over in tr[stage].get(key, {}).items():
             if name not in allowed:
                 raise ConfigError(f"transfer.{stage}.{key} names {name!r}; expected one of {allowed}")
-            if {"model", "width"} & set(over):
-                raise ConfigError(f"transfer.{stage}.{key}.{name}: model and width must stay shared")
+            if {"model", "width", "shortcut"} & set(over):
+                raise ConfigError(f"transfer.{stage}.{key}.{name}: model, width and shortcut must stay shared")
             try:
                 TrainConfig.from_dict({**tr[stage]["recipe"], **over})
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"transfer.{stage}.{key}.{name}: {e}") from None
     pre, fine = tr["pretrain"]["recipe"], tr["finetune"]["recipe"]
-    for key in ("model", "width"):
-        if pre.get(key) != fine.get(key):
+    for key in ("model", "width", "shortcut"):
+        if pre.get(key, getattr(TrainConfig, key)) != fine.get(key, getattr(TrainConfig, key)):
             raise ConfigError(f"transfer: finetune.recipe.{key} must equal pretrain.recipe.{key} (the backbone is reused)")
 
 

@@ -54,7 +54,9 @@ def load_feature_model(spec: str, weights: str | None = None, num_classes: int =
     cfg = json.loads(state["cfg"])["recipe"]
     norm = json.loads(state["normalisation"])
     num = state["model"]["head.weight"].shape[0]
-    model: Classifier = build_model(cfg.get("model", "resnet32"), num, cfg.get("width", 16))
+    # The shortcut changes the forward pass (init does not: the weights are loaded).
+    model: Classifier = build_model(cfg.get("model", "resnet32"), num, cfg.get("width", 16),
+                                    shortcut=cfg.get("shortcut", "subsample"))
     model.load_state_dict(state["model"])
     ident = {"kind": "pipeline", "name": str(path), "run_id": state.get("run_id", ""), "sha256": state_digest(state["backbone"])}
     return FeatureModel(

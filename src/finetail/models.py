@@ -9,7 +9,10 @@ Names:
 - ``resnet8``, ``resnet14``, ``resnet20``, ``resnet32``, ``resnet44``, ``resnet56``,
   ``resnet110``: He et al.'s CIFAR ResNets (v1 basic blocks, 3 stages of 16/32/64 filters
   times ``width/16``, parameter-free shortcuts), depth = 6n + 2. ``resnet32`` is the CB-loss
-  paper's network.
+  paper's network. Two choices follow the recipe (``TrainConfig.shortcut`` and ``init``):
+  the downsampling shortcut subsamples (ours, He et al.'s option A) or average-pools (the
+  CB-loss reference code) before zero-padding the new channels; weights start He-normal
+  (ours) or Glorot-uniform (the reference code's TensorFlow default).
 - ``tv:<name>``: any ``torchvision.models`` architecture (``tv:resnet50``,
   ``tv:inception_v3``...), optionally with its pretrained-weights enum (``weights:
   IMAGENET1K_V2``), which downloads from the hub on first use.
@@ -53,7 +56,7 @@ class Classifier(nn.Module):
 
 
 class _BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
+    def __init__(self, cin: int, cout: int, stride: int, shortcut: str = "subsample") -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
@@ -61,10 +64,15 @@ class _BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.stride = stride
         self.pad = cout - cin
+        self.avgpool = shortcut == "avgpool"
 
     def _shortcut(self, x: torch.Tensor) -> torch.Tensor:
-        # Option A of He et al.: subsample and zero-pad the channels, no parameters.
-        if self.stride != 1:
+        # Option A of He et al.: subsample (or average stride x stride windows, as the CB-loss
+        # reference code does; edge windows of odd sizes average their pixels inside, like
+        # TensorFlow's SAME pooling) and zero-pad the channels, no parameters.
+        if self.stride != 1 and self.avgpool:
+            x = F.avg_pool2d(x, self.stride, self.stride, ceil_mode=True)
+        elif self.stride != 1:
             x = x[:, :, :: self.stride, :: self.stride]
         if self.pad:
             x = F.pad(x, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
@@ -79,20 +87,27 @@ class _BasicBlock(nn.Module):
 class CifarResNetBackbone(nn.Module):
     """ResNet-(6n+2) for small images: conv3x3, 3 stages of n basic blocks, global average pool."""
 
-    def __init__(self, blocks_per_stage: int, width: int = 16) -> None:
+    def __init__(self, blocks_per_stage: int, width: int = 16, shortcut: str = "subsample",
+                 init: str = "kaiming") -> None:
         super().__init__()
+        if shortcut not in ("subsample", "avgpool"):
+            raise ValueError(f"shortcut must be 'subsample' or 'avgpool', got {shortcut!r}")
+        if init not in ("kaiming", "glorot"):
+            raise ValueError(f"init must be 'kaiming' or 'glorot', got {init!r}")
         widths = [width, 2 * width, 4 * width]
         self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
         layers: list[nn.Module] = []
         cin = width
         for stage, cout in enumerate(widths):
             for b in range(blocks_per_stage):
-                layers.append(_BasicBlock(cin, cout, 2 if (stage > 0 and b == 0) else 1))
+                layers.append(_BasicBlock(cin, cout, 2 if (stage > 0 and b == 0) else 1, shortcut))
                 cin = cout
         self.layers = nn.Sequential(*layers)
         self.out_dim = cin
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
+            if isinstance(m, nn.Conv2d) and init == "glorot":
+                nn.init.xavier_uniform_(m.weight)  # fans: in/out channels x kernel area, as TensorFlow's
+            elif isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,7 +153,8 @@ def _torchvision_backbone(name: str, weights: str | None) -> tuple[nn.Module, in
     return net, last[1].in_features
 
 
-def build_model(name: str, num_classes: int, width: int = 16, weights: str | None = None) -> Classifier:
+def build_model(name: str, num_classes: int, width: int = 16, weights: str | None = None,
+                shortcut: str = "subsample", init: str = "kaiming") -> Classifier:
     """Build a registered model.
 
     Parameters
@@ -147,14 +163,22 @@ def build_model(name: str, num_classes: int, width: int = 16, weights: str | Non
     num_classes : C, outputs of the head.
     width : first-stage filters of CIFAR ResNets (16 in the paper).
     weights : torchvision pretrained-weights enum member name, e.g. ``IMAGENET1K_V1``.
+    shortcut, init : CIFAR ResNets only: ``subsample``/``avgpool`` downsampling shortcut,
+        ``kaiming``/``glorot`` initialisation (``glorot`` also draws the head's kernel
+        Glorot-uniform); see :data:`finetail.training.recipe.SHORTCUTS` and ``INITS``.
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if name in CIFAR_RESNETS:
         if weights:
             raise ValueError(f"{name} has no pretrained weights; pretrain it in the pipeline")
-        bb = CifarResNetBackbone(CIFAR_RESNETS[name], width)
-        return Classifier(bb, bb.out_dim, num_classes)
+        bb = CifarResNetBackbone(CIFAR_RESNETS[name], width, shortcut, init)
+        model = Classifier(bb, bb.out_dim, num_classes)
+        if init == "glorot":
+            nn.init.xavier_uniform_(model.head.weight)
+        return model
+    if (shortcut, init) != ("subsample", "kaiming"):
+        raise ValueError(f"shortcut and init choose among CIFAR ResNets' variants; {name!r} has its own")
     if name.startswith("tv:"):
         bb, dim = _torchvision_backbone(name[3:], weights)
         return Classifier(bb, dim, num_classes)

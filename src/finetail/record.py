@@ -26,6 +26,7 @@ Tags, at a glance::
     finetail.config_json               the spec itself (first 5000 characters)
     finetail.git_dirty                 "true" / "false"
     finetail.world_size                processes that trained together
+    finetail.precision                 "bf16" (autocast on CUDA) or "fp32": what the job computes in
     finetail.parent_runs               comma-separated run ids (fine-tune -> pretrain)
     finetail.resumed                   "true" on a run that a rerun continued
     mlflow.parentRunId                 the first parent run
@@ -55,6 +56,7 @@ __all__ = [
     "OUTPUT",
     "OUTPUT_DIR",
     "PARENT_RUNS",
+    "PRECISION",
     "RESUMED",
     "RULE",
     "RUN_JSON",
@@ -87,6 +89,7 @@ CONFIG_DIGEST = "finetail.config_digest"
 CONFIG_JSON = "finetail.config_json"
 GIT_DIRTY = "finetail.git_dirty"
 WORLD_SIZE = "finetail.world_size"
+PRECISION = "finetail.precision"
 PARENT_RUNS = "finetail.parent_runs"
 RESUMED = "finetail.resumed"
 MLFLOW_PARENT = "mlflow.parentRunId"
@@ -149,7 +152,7 @@ def flat_inputs(files: Iterable[FileRef]) -> dict[str, str | None]:
 # --------------------------------------------------------------------------- writing tags and params
 def job_tags(rule: str, wildcards: Mapping[str, Any], *, git_commit: str, git_dirty: bool, config_digest: str,
              job_key: str, output_dir: str | os.PathLike, world_size: int, inputs: Mapping[str, str | None],
-             parent_run: str | None = None) -> dict[str, str]:
+             parent_run: str | None = None, precision: str | None = None) -> dict[str, str]:
     """The tags a training job starts its run with.
 
     Parameters
@@ -162,6 +165,7 @@ def job_tags(rule: str, wildcards: Mapping[str, Any], *, git_commit: str, git_di
     world_size : processes training together.
     inputs : flat inputs (see :func:`input_files`).
     parent_run : the run that made the init model, if any.
+    precision : ``"bf16"`` or ``"fp32"`` (:func:`finetail.training.recipe.precision`), if known.
     """
     tags = {
         RULE: rule,
@@ -176,6 +180,8 @@ def job_tags(rule: str, wildcards: Mapping[str, Any], *, git_commit: str, git_di
     for f in input_files(inputs):
         tags[file_tag(INPUT, f.name)] = f.path
         tags[sha_tag(INPUT, f.name)] = f.sha256
+    if precision:
+        tags[PRECISION] = precision
     if parent_run:
         tags[MLFLOW_PARENT] = parent_run
         tags[PARENT_RUNS] = parent_run
@@ -285,9 +291,10 @@ class MetricsRecord:
     git_commit: str | None = None
     num_classes: int | None = None
     num_train: int | None = None  # training images
-    final: dict[str, Any] | None = None  # final metrics: top1_error, balanced_acc, ...
+    final: dict[str, Any] | None = None  # final metrics: top1_error, balanced_acc, ece, ...
     epochs: int | None = None
     device: str | None = None
+    precision: str | None = None  # "bf16" (autocast on CUDA) or "fp32"
     world_size: int | None = None
     torch: str | None = None  # torch version
     wall_s: float | None = None  # seconds of training

@@ -18,7 +18,7 @@ from .fileio import atomic_write
 from .layout import Layout
 from .record import MetricsRecord
 from .stats import format_mean_std, paired_difference, summarize
-from .training.recipe import recipe_differences
+from .training.recipe import paper_recipe
 
 __all__ = ["build_report", "cbloss_frame", "cbloss_table", "paired_table", "paper_table", "to_markdown", "transfer_frame"]
 
@@ -665,15 +665,17 @@ def paper_reasons(spec: dict) -> str:
     cb = spec["cbloss"]
     if not PAPER_CIFAR & set(cb["datasets"]):
         return "none — these are not the paper's datasets (CIFAR-10/100-LT), so its numbers are not comparable."
-    diffs = recipe_differences(cb["recipe"])
-    return "reduced recipe: not comparable (" + "; ".join(diffs) + ")."
+    match = paper_recipe(cb["recipe"])
+    if match.is_paper:
+        return "the paper's recipe on CIFAR; see the columns."
+    return "reduced recipe: not comparable (" + match.reason() + ")."
 
 
 def paper_comparable(spec: dict) -> dict[str, bool]:
     """Per cbloss dataset: whether the paper's Table 2 numbers may stand beside ours (a CIFAR
     dataset, trained with the paper's recipe)."""
     cb = spec.get("cbloss") or {}
-    same = not recipe_differences(cb.get("recipe", {}))
+    same = paper_recipe(cb.get("recipe", {})).is_paper
     return {d: same and d in PAPER_CIFAR for d in cb.get("datasets", [])}
 
 

@@ -208,15 +208,16 @@ class _Run:
     wildcards: dict
 
 
-def _open_run(a: argparse.Namespace, job: _Job, say, tracker) -> _Run:
+def _open_run(a: argparse.Namespace, job: _Job, say, tracker, dev) -> _Run:
     """The one MLflow run of this job, through ``tracker`` (the job's TrackerProcess): the
     checkpoint's run, else the run this job (same key) recorded in ``run.json`` before it was
     killed, else the store's run with this job's key and output folder, else a new one;
-    recorded in ``run.json`` before training."""
+    recorded in ``run.json`` before training. ``dev``: the job's device (for the precision tag)."""
     from .. import distributed
     from ..record import RUN_JSON, RunFile, job_tags
     from ..tracking import config_digest, git_commit
     from .checkpoint import resume_extra
+    from .recipe import precision
 
     uri = _tracking_uri(a)
     tracker.ready()  # fails fast, before training, if the server is down
@@ -226,7 +227,7 @@ def _open_run(a: argparse.Namespace, job: _Job, say, tracker) -> _Run:
     out_dir = str(Path(a.out_dir).resolve())
     tags = job_tags(a.rule, wildcards, git_commit=commit, git_dirty=dirty, config_digest=config_digest(job.spec),
                     job_key=job.job_key, output_dir=out_dir, world_size=distributed.world_size(),
-                    inputs=job.inputs, parent_run=job.parent_run)
+                    inputs=job.inputs, parent_run=job.parent_run, precision=precision(job.cfg, dev.type))
     run_file = Path(a.checkpoint).with_name(RUN_JSON)
     resume_id, why = (prev or {}).get("run_id"), "checkpoint"
     if resume_id is None:
@@ -287,6 +288,7 @@ def _write_results(a: argparse.Namespace, job: _Job, run: _Run, res, wall: float
         config_digest=config_digest(job.spec), inputs=job.inputs, parent_run_id=job.parent_run,
         start_backbone_sha256=res.start_backbone_sha256, git_commit=run.git_commit, num_classes=job.num_classes,
         num_train=int(len(job.train.labels)), final=final, epochs=res.epochs, device=res.device,
+        precision=res.precision,
         world_size=res.world_size, torch=torch.__version__, wall_s=round(wall, 2),
         mean_images_per_s=float(np.mean([h["images_per_s"] for h in hist])) if hist else None,
     )
@@ -336,7 +338,7 @@ def run_job(a: argparse.Namespace, dev, tracker) -> None:
         return
     # A result of an earlier attempt must not outlive a failed one: the job writes it anew.
     (Path(a.out_dir) / METRICS_JSON).unlink(missing_ok=True)
-    run = _open_run(a, job, say, tracker)
+    run = _open_run(a, job, say, tracker, dev)
     t0 = time.perf_counter()
     try:
         res = _train(a, job, dev, say, lambda e, m: run.tracker.log_metrics(m, step=e), {"run_id": run.run_id})

@@ -39,12 +39,12 @@ from .. import distributed
 from ..errors import NonFiniteError
 from ..features import state_digest
 from ..losses import ClassBalancedLoss
-from ..metrics import classification_metrics
+from ..metrics import classification_metrics, expected_calibration_error
 from ..models import Classifier, build_model, init_head_bias, param_groups
 from .batches import BatchSource, batch_source, normalisation_tensors
 from .checkpoint import Checkpointer, MidEpoch, Resumed, digest_data, resume_key
 from .optim import sgd
-from .recipe import TrainConfig, lr_at
+from .recipe import DIV128_NORMALISATION, TrainConfig, lr_at, precision
 
 __all__ = ["Preempted", "TrainResult", "evaluate", "predict", "train", "train_one_epoch"]
 
@@ -57,7 +57,7 @@ class Preempted(RuntimeError):
 class TrainResult:
     """What :func:`train` returns; ``metrics`` and ``history`` are global (the same on every rank)."""
 
-    metrics: dict  # the last evaluation: classification_metrics + top5_error
+    metrics: dict  # the last evaluation: classification_metrics + top5_error + ece
     history: list[dict]  # one row per epoch: train_loss, train_acc, lr, images_per_s, data_wait_frac[, eval]
     model: Classifier  # the trained model itself (not a DDP or compiled wrapper)
     train_counts: np.ndarray  # (C,) training images per class
@@ -67,6 +67,7 @@ class TrainResult:
     world_size: int
     start_backbone_sha256: str  # the backbone's weights before training (after init_backbone)
     epochs: int  # the schedule's epochs (after budget_images)
+    precision: str  # what the forward passes computed in: "bf16" (autocast on CUDA) or "fp32"
 
 
 @dataclass
@@ -106,28 +107,44 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _confidence(logits: torch.Tensor, top1: torch.Tensor, loss: str) -> torch.Tensor:
+    """The probability the loss's own model gives the predicted class ``top1``: its softmax
+    probability for the softmax loss; for sigmoid and focal losses, which train one
+    independent sigmoid per class (one-vs-rest), the sigmoid of its logit."""
+    z = logits.gather(1, top1[:, None])[:, 0]
+    if loss == "softmax":
+        return torch.exp(z - torch.logsumexp(logits, dim=1))
+    return torch.sigmoid(z)
+
+
 @torch.no_grad()
 def predict(model: nn.Module, data: BatchSource, mean, std, cfg: TrainConfig, batch: int = 1024,
-            k: int = 5) -> np.ndarray:
-    """Top-k predicted labels of the test split, best first: (N, min(k, C))."""
+            k: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k predicted labels of the test split, best first, ``(N, min(k, C))``, and the
+    confidence of the first, ``(N,)`` float64 (see :func:`_confidence`)."""
     model.eval()
     cuda = data.device.type == "cuda"
-    out = []
+    out, conf = [], []
     for x, _ in data.test_batches(batch):
         xb = _normalise(x, mean, std, cuda and cfg.channels_last)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and cfg.amp):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision(cfg, data.device.type) == "bf16"):
             logits = model(xb).float()
-        out.append(logits.topk(min(k, logits.shape[1]), dim=1).indices)
-    return torch.cat(out).cpu().numpy()
+        top = logits.topk(min(k, logits.shape[1]), dim=1).indices
+        out.append(top)
+        conf.append(_confidence(logits, top[:, 0], cfg.loss))
+    return torch.cat(out).cpu().numpy(), torch.cat(conf).double().cpu().numpy()
 
 
 def evaluate(model, data: BatchSource, mean, std, cfg: TrainConfig, train_counts: np.ndarray) -> dict:
     """:func:`finetail.metrics.classification_metrics` of the test split, plus ``top5_error``
-    (``None`` with fewer than 5 classes)."""
-    topk = predict(model, data, mean, std, cfg)
+    (``None`` with fewer than 5 classes) and ``ece``
+    (:func:`finetail.metrics.expected_calibration_error`, 15 bins, of the top-1 prediction's
+    confidence under the loss's probability model: softmax, or per-class sigmoid)."""
+    topk, conf = predict(model, data, mean, std, cfg)
     labels = data.test_labels
     out = classification_metrics(topk[:, 0], labels, train_counts, cfg.many_shot, cfg.few_shot)
     out["top5_error"] = float(1.0 - (topk == labels[:, None]).any(axis=1).mean()) if topk.shape[1] >= 5 else None
+    out["ece"] = expected_calibration_error(conf, topk[:, 0] == labels)
     return out
 
 
@@ -191,7 +208,7 @@ def train_one_epoch(r: _Run, epoch: int, n_train: int, history: list[dict], extr
         xb = _normalise(xb, r.mean, r.std, r.cuda and cfg.channels_last)
         for g in r.opt.param_groups:
             g["lr"] = lr_at(cfg, epoch, it, r.iters)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=r.cuda and cfg.amp):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision(cfg, r.dev.type) == "bf16"):
             logits = r.net(xb)
         loss = r.loss_fn(logits.float(), yb)
         r.opt.zero_grad(set_to_none=True)
@@ -222,7 +239,8 @@ def train_one_epoch(r: _Run, epoch: int, n_train: int, history: list[dict], extr
 
 
 def _evaluate_all(r: _Run, train_counts: np.ndarray) -> dict:
-    """Rank 0 evaluates; every rank gets its metrics."""
+    """Rank 0 evaluates the whole test set (every metric, ECE included, over all of it); every
+    rank gets its metrics."""
     return distributed.broadcast_object(
         evaluate(r.model, r.data, r.mean, r.std, r.cfg, train_counts) if r.main else None
     )
@@ -248,7 +266,7 @@ def _epochs(r: _Run, start: Resumed, train_counts: np.ndarray, on_epoch, progres
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                 metrics = _evaluate_all(r, train_counts)
                 row.update(eval=metrics, test_top1_error=metrics["top1_error"],
-                           test_balanced_acc=metrics["balanced_acc"])
+                           test_balanced_acc=metrics["balanced_acc"], test_ece=metrics["ece"])
             history.append(row)
             # Report before checkpointing: a kill in between replays this epoch (same values
             # under deterministic settings) rather than losing its metrics for good.
@@ -275,9 +293,18 @@ def _epochs(r: _Run, start: Resumed, train_counts: np.ndarray, on_epoch, progres
     return metrics
 
 
+def _conv_precision(cfg: TrainConfig, device_type: str) -> None:
+    """On CUDA, an fp32 recipe (``amp`` off) computes its convolutions in IEEE fp32: PyTorch's
+    default lets cuDNN run fp32 convolutions in TF32 (10-bit mantissa) on Ampere and later
+    GPUs. With bf16 autocast, PyTorch's default (TF32) stays. Matrix products are IEEE fp32 by
+    PyTorch's default already. Nothing changes on the CPU."""
+    if device_type == "cuda":
+        torch.backends.cudnn.conv.fp32_precision = "ieee" if precision(cfg, device_type) == "fp32" else "tf32"
+
+
 def _model(cfg: TrainConfig, num_classes: int, init_backbone: dict | None, dev: torch.device) -> tuple[Classifier, str]:
     """The model on ``dev``, from ``init_backbone`` if given (new head), and its backbone's digest."""
-    model: Classifier = build_model(cfg.model, num_classes, cfg.width, cfg.weights)
+    model: Classifier = build_model(cfg.model, num_classes, cfg.width, cfg.weights, cfg.shortcut, cfg.init)
     if init_backbone is not None:
         model.backbone.load_state_dict(init_backbone)
     start_backbone = state_digest(model.backbone.state_dict())
@@ -334,8 +361,8 @@ def train(
     (and a finished run on changed data trains and evaluates again). ``init_backbone`` is a
     backbone state_dict to start from (fine-tuning); the head is always new.
     ``normalisation`` (``{"mean": [3], "std": [3]}`` in pixel units) defaults to the training
-    set's statistics; fine-tuning passes the pretrained model's (file manifests: ImageNet's by
-    default). ``train_images``/``test_images`` are uint8 ``(N, H, W, 3)`` arrays or, for a file
+    set's statistics (file manifests: ImageNet's), or to ``x / 128 - 1`` with ``input_norm:
+    div128``; fine-tuning passes the pretrained model's. ``train_images``/``test_images`` are uint8 ``(N, H, W, 3)`` arrays or, for a file
     manifest, :class:`~finetail.loader.ImageFiles`. ``extra_state`` (e.g. a tracking run id)
     is stored in the checkpoint and handed back as ``result.extra_state``. SIGTERM makes the
     engine checkpoint after the current step (with the epoch's random stream, so the rerun
@@ -354,6 +381,7 @@ def train(
         torch.backends.cudnn.benchmark = False
     elif dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    _conv_precision(cfg, dev.type)
     train_counts = np.bincount(train_labels, minlength=num_classes)[:num_classes]
     if data_digest is None:
         data_digest = digest_data(train_images, train_labels, test_images, test_labels)
@@ -365,7 +393,12 @@ def train(
     opt = sgd(param_groups(model, cfg.weight_decay, decay_head_bias=cfg.loss == "softmax"),
               lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     data = batch_source(train_images, train_labels, test_images, test_labels, cfg, dev, rank, world)
-    mean, std = normalisation_tensors(normalisation, dev) if normalisation is not None else data.default_normalisation()
+    if normalisation is not None:
+        mean, std = normalisation_tensors(normalisation, dev)
+    elif cfg.input_norm == "div128":
+        mean, std = normalisation_tensors(DIV128_NORMALISATION, dev)
+    else:
+        mean, std = data.default_normalisation()
     start = ckpt.restore(model, opt, extra_state or {})
     model, net = _wrap(model, cfg, dev, world)
     r = _Run(cfg, model, net, opt, loss_fn, data, mean, std, ckpt, dev, world, main,
@@ -385,4 +418,5 @@ def train(
         world_size=world,
         start_backbone_sha256=start_backbone,
         epochs=cfg.epochs,
+        precision=precision(cfg, dev.type),
     )

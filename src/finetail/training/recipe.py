@@ -6,11 +6,46 @@ else that only reads or validates a recipe stays cheap to import.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, NamedTuple
 
-__all__ = ["CBLOSS_PAPER_RECIPE", "FEW_SHOT", "LOSS_TYPES", "MANY_SHOT", "SPEED_ONLY", "TrainConfig", "lr_at", "recipe_differences"]
+__all__ = [
+    "CBLOSS_CIFAR_RECIPE",
+    "DIV128_NORMALISATION",
+    "FEW_SHOT",
+    "INITS",
+    "INPUT_NORMS",
+    "LOSS_TYPES",
+    "MANY_SHOT",
+    "PAPER_RECIPES",
+    "SHORTCUTS",
+    "SPEED_ONLY",
+    "PaperMatch",
+    "TrainConfig",
+    "lr_at",
+    "paper_recipe",
+    "precision",
+]
 
 LOSS_TYPES = ("softmax", "sigmoid", "focal")
+
+# Choices where the CB-loss reference code (github.com/richardaecn/class-balanced-loss, src/,
+# TensorFlow) differs from ours; ours first (the default), the reference's second.
+# Downsampling shortcut of the CIFAR ResNets: both are parameter-free (option A of He et al.):
+# "subsample" keeps every stride-th pixel, "avgpool" averages stride x stride windows (the
+# reference's model_base._residual_v1), then both zero-pad the new channels.
+SHORTCUTS = ("subsample", "avgpool")
+# Weight initialisation of the CIFAR ResNets: "kaiming" = conv kernels He-normal (fan_out,
+# ReLU gain), head kernel PyTorch's Linear default; "glorot" = conv and head kernels
+# Glorot-uniform, what the reference's tf.layers.conv2d/dense get (no kernel_initializer,
+# so TF 1's get_variable default, glorot_uniform_initializer). Biases: see init_head_bias.
+INITS = ("kaiming", "glorot")
+# Input scaling when no pretrained model's normalisation is given: "dataset" = per-channel
+# mean and std of the training set (array stores) or ImageNet's (file manifests); "div128" =
+# x / 128 - 1 for every channel, the reference's cifar_model.forward_pass.
+INPUT_NORMS = ("dataset", "div128")
+# "div128" as a normalisation: (x - 128) / 128 = x / 128 - 1, exactly (powers of two).
+DIV128_NORMALISATION = {"mean": [128.0, 128.0, 128.0], "std": [128.0, 128.0, 128.0]}
 
 # Shot groups of the long-tail literature (Liu et al. 2019): a class with more than MANY_SHOT
 # training images is many-shot, one with fewer than FEW_SHOT few-shot, the rest medium-shot.
@@ -29,6 +64,9 @@ class TrainConfig:
 
     model: str = "resnet32"  # registry name (finetail.models)
     width: int = 16  # first-stage filters of CIFAR ResNets
+    shortcut: str = "subsample"  # CIFAR ResNets' downsampling shortcut: subsample | avgpool (SHORTCUTS)
+    init: str = "kaiming"  # CIFAR ResNets' weight initialisation: kaiming | glorot (INITS)
+    input_norm: str = "dataset"  # input scaling without a pretrained model's: dataset | div128 (INPUT_NORMS)
     weights: str | None = None  # torchvision pretrained-weights enum name
     epochs: int = 200
     batch_size: int = 128  # images per step
@@ -92,6 +130,14 @@ class TrainConfig:
             raise ValueError("milestones and lr_factors must have the same length")
         if list(self.milestones) != sorted(self.milestones):
             raise ValueError(f"milestones must increase, got {self.milestones}")
+        for name, allowed in (("shortcut", SHORTCUTS), ("init", INITS), ("input_norm", INPUT_NORMS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.model.startswith("tv:"):
+            for name, default in (("shortcut", SHORTCUTS[0]), ("init", INITS[0])):
+                if getattr(self, name) != default:
+                    raise ValueError(f"{name}: {getattr(self, name)!r} applies to the CIFAR ResNets only, "
+                                     f"not {self.model!r}; leave it at {default!r}")
         if self.cuda_graphs and not self.compile:
             raise ValueError("cuda_graphs needs compile: true (CUDA graphs come from torch.compile)")
         for name in ("epochs", "batch_size", "eval_every", "image_size"):
@@ -117,23 +163,90 @@ def lr_at(cfg: TrainConfig, epoch: int, it: int, iters_per_epoch: int) -> float:
     return cfg.lr * factor
 
 
-# The CB-loss paper's CIFAR recipe (Cui et al. 2019, section 5.2): ResNet-32, SGD momentum 0.9,
-# batch 128, 200 epochs, lr 0.1 with 5 warm-up epochs, x0.01 at 160 and x0.0001 at 180,
-# weight decay 2e-4, 4-pixel pad-crop and flips, fp32.
-CBLOSS_PAPER_RECIPE = {
-    "model": "resnet32", "width": 16, "epochs": 200, "batch_size": 128, "lr": 0.1, "momentum": 0.9,
-    "weight_decay": 2e-4, "warmup_epochs": 5, "milestones": [160, 180], "lr_factors": [0.01, 0.0001],
-    "crop_pad": 4, "flip": True, "amp": False, "budget_images": None, "linear_probe": False,
+def precision(cfg: TrainConfig, device_type: str) -> str:
+    """What the training and evaluation forward passes compute in: ``"bf16"`` (autocast) when
+    ``cfg.amp`` is on and the device is CUDA, else ``"fp32"`` (the CPU always runs fp32).
+
+    >>> precision(TrainConfig(amp=True), "cpu"), precision(TrainConfig(amp=True), "cuda")
+    ('fp32', 'bf16')
+    """
+    return "bf16" if cfg.amp and device_type == "cuda" else "fp32"
+
+
+# The CB-loss paper's CIFAR-LT recipe (Cui et al., CVPR 2019, section 5.2, and the reference
+# scripts cifar_im_trainval*.sh with cifar_main.py's defaults): ResNet-32, 200 epochs of batch
+# 128, SGD momentum 0.9 (not Nesterov), weight decay 2e-4, lr 0.1 with a linear warm-up over
+# 5 epochs, x0.01 from epoch 160 and x0.0001 from 180, pad-4 crop + flip, fp32, and the
+# reference code's shortcut, initialisation and input scaling. Keys not named here (seed,
+# eval_every, speed switches, image_size of file manifests) do not change what is trained.
+CBLOSS_CIFAR_RECIPE: dict[str, Any] = {
+    "model": "resnet32",
+    "width": 16,
+    "weights": None,
+    "shortcut": "avgpool",
+    "init": "glorot",
+    "input_norm": "div128",
+    "epochs": 200,
+    "batch_size": 128,
+    "lr": 0.1,
+    "momentum": 0.9,
+    "nesterov": False,
+    "weight_decay": 2e-4,
+    "warmup_epochs": 5.0,
+    "milestones": [160, 180],
+    "lr_factors": [0.01, 0.0001],
+    "crop_pad": 4,
+    "flip": True,
+    "budget_images": None,
+    "linear_probe": False,
+    "amp": False,
 }
 
+PAPER_RECIPES: dict[str, dict[str, Any]] = {"cbloss_cifar": CBLOSS_CIFAR_RECIPE}
 
-def recipe_differences(recipe: dict, paper: dict = CBLOSS_PAPER_RECIPE) -> list[str]:
-    """How a recipe differs from the paper's, as ``"epochs 15 ≠ 200"`` (empty: it is the paper's)."""
-    base = TrainConfig()
-    cfg = {**{f.name: getattr(base, f.name) for f in fields(TrainConfig)}, **recipe}
-    out = []
-    for key, want in paper.items():
-        have = cfg.get(key)
-        if have != want and not (isinstance(want, float) and isinstance(have, int | float) and abs(have - want) < 1e-12):
-            out.append(f"{key} {have} ≠ {want}")
-    return out
+
+class PaperMatch(NamedTuple):
+    """Whether a recipe is a paper's (``is_paper``) and, if not, how it differs: one
+    ``"key ours ≠ paper's"`` string per differing key, in the paper recipe's key order."""
+
+    is_paper: bool
+    differences: list[str]
+
+    def reason(self) -> str:
+        """``"epochs 15 ≠ 200, batch_size 64 ≠ 128"`` (empty when it is the paper's recipe)."""
+        return ", ".join(self.differences)
+
+
+def _same(ours: Any, paper: Any) -> bool:
+    if isinstance(paper, list):
+        return isinstance(ours, list | tuple) and len(ours) == len(paper) and all(map(_same, ours, paper))
+    if isinstance(paper, bool) or paper is None or isinstance(paper, str):
+        return ours == paper and type(ours) is type(paper)
+    return isinstance(ours, int | float) and not isinstance(ours, bool) and float(ours) == float(paper)
+
+
+def _show(v: Any) -> str:
+    if v is None or isinstance(v, bool):
+        return "null" if v is None else str(v).lower()
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(map(_show, v)) + "]"
+    return str(v)
+
+
+def paper_recipe(recipe: dict, paper: str = "cbloss_cifar") -> PaperMatch:
+    """Whether ``recipe`` (a study's recipe mapping, e.g. ``cbloss.recipe``; keys it leaves
+    out take :class:`TrainConfig`'s defaults, as the schema fills them) is the paper's
+    recipe ``paper`` (a key of :data:`PAPER_RECIPES`), and every key where it is not.
+
+    >>> paper_recipe(CBLOSS_CIFAR_RECIPE).is_paper
+    True
+    >>> paper_recipe({**CBLOSS_CIFAR_RECIPE, "epochs": 15, "amp": True}).reason()
+    'epochs 15 ≠ 200, amp true ≠ false'
+    """
+    if paper not in PAPER_RECIPES:
+        raise ValueError(f"unknown paper recipe {paper!r}; known: {sorted(PAPER_RECIPES)}")
+    ours = {**asdict(TrainConfig()), **recipe}
+    diffs = [f"{k} {_show(ours[k])} ≠ {_show(v)}" for k, v in PAPER_RECIPES[paper].items() if not _same(ours[k], v)]
+    return PaperMatch(not diffs, diffs)
