@@ -18,7 +18,7 @@ from .fileio import atomic_write
 from .layout import Layout
 from .record import MetricsRecord
 
-__all__ = ["build_report", "cbloss_frame", "paper_table", "to_markdown"]
+__all__ = ["build_report", "cbloss_frame", "paper_table", "similarity_network_label", "to_markdown"]
 
 PAPER_CIFAR = {"cifar10", "cifar100"}
 
@@ -205,6 +205,44 @@ def _natural_section(results: Path, nat: dict, out: Path) -> tuple[list[str], li
 
 # Our world's sources play the paper's: rows of the paper's tables beside ours.
 PAPER_SOURCE = {"generic": "imagenet", "natural": "inat2017", "generic+natural": "imagenet+inat2017"}
+PAPER_SIMILARITY_NETWORK = "Cui et al. 2018: ResNet-101 trained on JFT"
+
+
+def similarity_network_label(transfer: dict, datasets: dict) -> str:
+    """The similarity table's heading: the feature network, and whether it has seen a ranked
+    source (the paper's JFT network had not).
+
+    >>> similarity_network_label({"features": {"model": "probe", "networks": {"probe": ["probe"]}},
+    ...                           "sources": {"generic": ["generic"]}}, {"probe": {"kind": "world"}})
+    'feature network `probe`: trained on world classes disjoint from every source and target'
+    """
+    feats, sources = transfer.get("features", {}), transfer.get("sources", {})
+    model, networks = feats.get("model", ""), feats.get("networks", {})
+    if model in networks:
+        parts = networks[model]
+        if all(datasets.get(d, {}).get("kind") == "world" for d in parts):
+            return f"feature network `{model}`: trained on world classes disjoint from every source and target"
+        return (f"feature network `{model}`: trained on {', '.join(f'`{d}`' for d in parts)}, "
+                "datasets that no source pools and no target is")
+    if model in sources:
+        return f"feature network: the one pretrained on `{model}`, a ranked source, so it has seen that source's classes"
+    weights = feats.get("weights")
+    size = f", {feats['image_size']} px, {feats.get('crop', 'short_side')} crop {feats.get('crop_fraction', 0.875):g}" \
+        if feats.get("image_size") else ""
+    if not weights:
+        return f"feature network `{model}` with random weights{size}"
+    head = f"feature network `{model}` (torchvision `{weights}` weights{size})"
+    if "IMAGENET" not in weights.upper() and weights.upper() != "DEFAULT":
+        return head
+    name = lambda d: datasets.get(d, {}).get("name", d) if datasets.get(d, {}).get("kind") == "registry" else None  # noqa: E731
+    seen = [s for s, parts in sources.items() if any(name(d) == "imagenet" for d in parts)]
+    sel = transfer.get("selection") or {}
+    if seen and set(sel.get("pool", [])) & set(seen):
+        seen.append(sel.get("name", "selected"))
+    if not seen:
+        return f"{head}: trained on ImageNet, which no ranked source here holds"
+    return (f"{head}: trained on ImageNet, so this network has seen one of the ranked sources "
+            f"({', '.join(f'`{s}`' for s in seen)}); the paper's network (JFT) had seen none")
 
 
 def transfer_frame(results: Path, sources: list[str], targets: list[str]) -> pd.DataFrame:
@@ -299,9 +337,9 @@ def _transfer_section(results: Path, spec: dict, out: Path) -> tuple[list[str], 
         "\nThe paper's table (Inception-v3, real data; our sources play: "
         + ", ".join(f"{k} = {v}" for k, v in PAPER_SOURCE.items()) + ", selected = selected_585):\n",
         to_markdown(paper),
-        f"\n## Domain similarity (feature model `{spec['feature_model']}`)\n",
+        f"\n## Domain similarity ({similarity_network_label(tr, spec.get('datasets', {}))})\n",
         to_markdown(sim.reset_index().rename(columns={"index": "source"}), "{:.3f}"),
-        "\nThe paper's (ResNet-101 features):\n",
+        f"\nThe paper's ({PAPER_SIMILARITY_NETWORK}):\n",
         to_markdown(paper_sim, "{:.3f}"),
         f"\n![similarity]({heatmap})\n",
         "\n## Similarity vs fine-tune accuracy\n",
