@@ -123,7 +123,7 @@ def test_default_dag_holds_every_source_target_finetune(tmp_path):
     sources = ["generic", "natural", "generic+natural", "selected", "scratch"]
     targets = ["cub200", "stanford_dogs", "flowers102", "stanford_cars", "fgvc_aircraft", "food101", "nabirds"]
     assert planned == {(s, t) for s in sources for t in targets}
-    assert re.search(r"^pretrain\s+4$", r.stdout, flags=re.M)
+    assert re.search(r"^pretrain\s+5$", r.stdout, flags=re.M)  # 4 sources + the feature network (probe)
     assert re.search(r"^finetune\s+35$", r.stdout, flags=re.M)
 
 
