@@ -24,7 +24,7 @@ wildcard_constraints:
     imbalance=alternation(imbalance_tag(i) for i in CB["imbalance"]) if CB else "^$",
     loss=alternation(list((CB or {}).get("losses", {})) + list((NAT or {}).get("losses", {}))),
     model=alternation(NAT_MODELS),
-    source=alternation(ALL_SOURCES + ["scratch"]) if TR else "^$",
+    source=alternation(ALL_SOURCES + ["scratch"] + list(FEATURE_NETWORKS)) if TR else "^$",
     target=alternation(TARGETS) if TR else "^$",
     fdataset=alternation(ALL_SOURCES + TARGETS) if TR else "^$",
     seed=r"\d+",

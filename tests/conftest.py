@@ -44,3 +44,28 @@ def write_toy_manifest(folder: Path, n_train: int, n_test: int, names=("c0", "c1
 @pytest.fixture
 def toy_manifest(tmp_path):
     return write_toy_manifest(tmp_path / "toy", 24, 10)
+
+
+def write_toy_file_manifest(folder: Path, n_train: int, n_test: int, num_classes: int = 3, height: int = 40,
+                            width: int = 48, ext: str = "png") -> tuple[Path, np.ndarray, np.ndarray]:
+    """``toy_images`` as image files (PNG: lossless) under ``folder`` with a file manifest;
+    returns the manifest's path and the training split's images (N, H, W, 3) and labels, as
+    an array-store manifest would hold them."""
+    import pandas as pd
+    from PIL import Image
+
+    from finetail.manifest import write_manifest
+
+    rows, train = [], None
+    for split, n, seed in (("train", n_train, 0), ("test", n_test, 1)):
+        imgs, labels = toy_images(n, num_classes=num_classes, size=max(height, width), seed=seed)
+        imgs = np.ascontiguousarray(imgs[:, :height, :width])
+        if split == "train":
+            train = (imgs, labels)
+        for i, (img, y) in enumerate(zip(imgs, labels, strict=True)):
+            rel = f"images/{split}/c{y}/{i}.{ext}"
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(folder / rel)
+            rows.append({"path": rel, "label": int(y), "class_name": f"c{y}", "split": split})
+    write_manifest(pd.DataFrame(rows), folder / "manifest.parquet")
+    return folder / "manifest.parquet", *train

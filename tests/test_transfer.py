@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import yaml
 import pandas as pd
 import torch
 
@@ -119,12 +120,15 @@ def test_default_dag_holds_every_source_target_finetune(tmp_path):
                         "--configfile", str(ROOT / "config.yaml"), "-n", "--cores", "1"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    planned = set(re.findall(r"results/default/finetune/([^/\s]+)/([^/\s]+)/seed\d+/metrics\.json", r.stdout))
+    planned = set(re.findall(r"results/default/finetune/([^/\s]+)/([^/\s]+)/seed(\d+)/metrics\.json", r.stdout))
+    config = yaml.safe_load((ROOT / "config.yaml").read_text())
     sources = ["generic", "natural", "generic+natural", "selected", "scratch"]
-    targets = ["cub200", "stanford_dogs", "flowers102", "stanford_cars", "fgvc_aircraft", "food101", "nabirds"]
-    assert planned == {(s, t) for s in sources for t in targets}
-    assert re.search(r"^pretrain\s+4$", r.stdout, flags=re.M)
-    assert re.search(r"^finetune\s+35$", r.stdout, flags=re.M)
+    targets, seeds = config["transfer"]["targets"], config["transfer"]["seeds"]
+    assert len(targets) >= 4 and len(seeds) >= 3
+    assert planned == {(s, t, str(k)) for s in sources for t in targets for k in seeds}
+    # 4 sources x the seeds, + the feature network (probe), trained once
+    assert re.search(rf"^pretrain\s+{4 * len(seeds) + 1}$", r.stdout, flags=re.M)
+    assert re.search(rf"^finetune\s+{len(sources) * len(targets) * len(seeds)}$", r.stdout, flags=re.M)
 
 
 def test_torchvision_feature_model_identity_without_download(tmp_path):

@@ -22,6 +22,7 @@ from finetail.world import (
 )
 
 SOURCES = ("generic", "natural")
+FEATURES = ("probe",)  # the feature network's data (plays JFT): neither a source nor a target
 CIFAR_LIKE = ("gen10", "gen100")
 TARGETS = ("cub200", "stanford_dogs", "flowers102", "stanford_cars", "fgvc_aircraft", "food101", "nabirds")
 W16 = WorldConfig(seed=0, image_size=16)
@@ -38,9 +39,9 @@ def digest(ds) -> str:
 def test_dataset_names():
     assert WORLD_DATASETS == (
         "gen10", "gen100", "generic", "natural", "cub200", "stanford_dogs", "flowers102",
-        "stanford_cars", "fgvc_aircraft", "food101", "nabirds",
+        "stanford_cars", "fgvc_aircraft", "food101", "nabirds", "probe",
     )
-    assert set(WORLD_DATASETS) == set(CIFAR_LIKE + SOURCES + TARGETS)
+    assert set(WORLD_DATASETS) == set(CIFAR_LIKE + SOURCES + TARGETS + FEATURES)
 
 
 @pytest.mark.parametrize("name", WORLD_DATASETS)
@@ -100,6 +101,7 @@ def test_defaults():
     assert dataset_defaults("generic") == {"train_per_class": 100, "test_per_class": 20}
     # natural's train_per_class is the head; the mean over its long tail is ~98
     assert dataset_defaults("natural") == {"train_per_class": 250, "test_per_class": 20}
+    assert dataset_defaults("probe") == {"train_per_class": 100, "test_per_class": 20}
     for name in SOURCES:
         assert 60 <= len(dataset_classes(name)) <= 120
     for name in TARGETS:
@@ -134,7 +136,7 @@ def test_natural_long_tailed():
 
 def test_species_disjoint_between_sources_and_targets():
     cls = {n: set(dataset_classes(n)) for n in WORLD_DATASETS}
-    source_like = SOURCES + CIFAR_LIKE
+    source_like = SOURCES + CIFAR_LIKE + FEATURES
     for s in source_like:
         for t in TARGETS:
             assert not cls[s] & cls[t], (s, t)

@@ -55,9 +55,11 @@ def cmd_pool(a: argparse.Namespace) -> None:
 
 
 def cmd_features(a: argparse.Namespace) -> None:
-    from .features import write_class_features
+    from .features import Preprocess, write_class_features
 
-    log(write_class_features(a.model, a.weights, a.model_name, a.manifest, a.split, a.out, a.threads, a.device))
+    pre = Preprocess(a.image_size, a.crop_fraction, a.crop)
+    log(write_class_features(a.model, a.weights, a.model_name, a.manifest, a.split, a.out, a.threads, a.device,
+                             pre, a.workers))
 
 
 def cmd_similarity(a: argparse.Namespace) -> None:
@@ -150,8 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
     fe.add_argument("--model", required=True, help="a pipeline model.pt, or tv:<torchvision name>")
     fe.add_argument("--weights", default=None, help="torchvision pretrained-weights enum name (tv: models)")
     fe.add_argument("--model-name", required=True, help="the feature model's name, stored with the features")
-    fe.add_argument("--manifest", required=True)
+    fe.add_argument("--manifest", required=True, help="an array-store or a file manifest")
     fe.add_argument("--split", default="train")
+    fe.add_argument("--image-size", type=int, default=None,
+                    help="input side, pixels (default: tv: models 224; a pipeline network: arrays as stored, "
+                         "files at its recipe's image_size)")
+    fe.add_argument("--crop", default="short_side", choices=["short_side", "central"],
+                    help="short_side: resize the short side to size / fraction, centre square (torchvision); "
+                         "central: central fraction of each side, resized to a square (Cui et al.'s TF-slim code)")
+    fe.add_argument("--crop-fraction", type=float, default=0.875, help="fraction the centre crop keeps")
+    fe.add_argument("--workers", type=int, default=None, help="file manifests: loader processes (default: per CPUs)")
     fe.add_argument("--out", required=True, help=".npz with means, counts, class_names and the model's identity")
     fe.add_argument("--threads", type=int, default=1)
     fe.add_argument("--device", default=os.environ.get("FINETAIL_DEVICE", "cpu"))

@@ -103,6 +103,10 @@ def _check_names(config: dict) -> None:
         found.append(("transfer.features.model", "value", feats["model"], MODEL_PATTERN))
     if feats.get("weights") is not None:
         found.append(("transfer.features.weights", "value", feats["weights"], WEIGHTS_PATTERN))
+    for name, parts in (feats.get("networks") or {}).items():
+        found += [("transfer.features.networks", "name", name, NAME_PATTERN)]
+        found += [(f"transfer.features.networks.{name}", "value", d, NAME_PATTERN) for d in parts or []]
+    recipes.append(("transfer.features.recipe", feats.get("recipe")))
     for stage, key in (("pretrain", "per_source"), ("finetune", "per_target")):
         found += [(f"transfer.{stage}.{key}", "name", n, NAME_PATTERN) for n in (tr.get(stage) or {}).get(key, {})]
         recipes.append((f"transfer.{stage}.recipe", (tr.get(stage) or {}).get("recipe")))
@@ -186,12 +190,8 @@ def _check_transfer(tr: dict, datasets: dict) -> None:
             raise ConfigError(f"transfer.selection.name {sel.get('name')!r} clashes with a source name")
     if "scratch" in tr["sources"]:
         raise ConfigError("'scratch' is reserved for training from random weights; rename that source")
-    fmodel = tr.get("features", {}).get("model")
-    if fmodel is None:
-        raise ConfigError("transfer.features.model is required: a source name or tv:<torchvision name>")
-    if not fmodel.startswith("tv:") and fmodel not in tr["sources"]:
-        raise ConfigError(f"transfer.features.model {fmodel!r} is neither a transfer source nor tv:<name>")
     names = list(tr["sources"]) + ([sel.get("name", "selected")] if sel else [])
+    _check_features(tr, datasets, names)
     for stage, key, allowed in (("finetune", "per_target", tr["targets"]), ("pretrain", "per_source", names)):
         for name, over in tr[stage].get(key, {}).items():
             if name not in allowed:
@@ -206,6 +206,70 @@ def _check_transfer(tr: dict, datasets: dict) -> None:
     for key in ("model", "width", "shortcut"):
         if pre.get(key, getattr(TrainConfig, key)) != fine.get(key, getattr(TrainConfig, key)):
             raise ConfigError(f"transfer: finetune.recipe.{key} must equal pretrain.recipe.{key} (the backbone is reused)")
+
+
+def _check_features(tr: dict, datasets: dict, ranked: list[str]) -> None:
+    """The feature model names a feature network, a ranked source or ``tv:<name>``; a feature
+    network's name is its own, its datasets are declared and disjoint from every source's and
+    target's (by dataset, and for generated-world datasets by class), and its recipe is valid."""
+    from .training.recipe import TrainConfig
+
+    feats = tr.get("features", {})
+    networks = feats.get("networks") or {}
+    fmodel = feats.get("model")
+    if fmodel is None:
+        raise ConfigError("transfer.features.model is required: a feature network (transfer.features.networks), "
+                          "a source name or tv:<torchvision name>")
+    if not fmodel.startswith("tv:") and fmodel not in networks and fmodel not in tr["sources"]:
+        raise ConfigError(
+            f"transfer.features.model {fmodel!r} is not a feature network (transfer.features.networks: "
+            f"{sorted(networks)}), a transfer source ({sorted(tr['sources'])}) or tv:<torchvision name>"
+        )
+    poolers: dict[str, list[str]] = {}
+    for s, parts in tr["sources"].items():
+        for d in parts:
+            poolers.setdefault(d, []).append(repr(s))
+    seen = {d: f"source{'s' if len(p) > 1 else ''} {', '.join(p)} pool{'' if len(p) > 1 else 's'} it"
+            for d, p in poolers.items()}
+    seen.update({t: "it is a target" for t in tr["targets"]})
+    for name, parts in networks.items():
+        if name in ranked or name == "scratch":
+            raise ConfigError(f"transfer.features.networks.{name}: the name clashes with a source, the selection "
+                              "or 'scratch' (a feature network is never ranked or fine-tuned)")
+        for d in parts:
+            if d not in datasets:
+                raise ConfigError(f"transfer.features.networks.{name} trains on {d!r}, which is not declared under datasets")
+            if d in seen:
+                raise ConfigError(f"transfer.features.networks.{name} trains on {d!r}, but {seen[d]}: a feature "
+                                  "network must be independent of every source and target")
+        _check_disjoint_world_classes(name, parts, datasets, seen)
+    if feats.get("recipe"):
+        try:
+            TrainConfig.from_dict({**tr["pretrain"]["recipe"], **feats["recipe"]})
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"transfer.features.recipe: {e}") from None
+
+
+def _check_disjoint_world_classes(network: str, parts: list[str], datasets: dict, seen: dict) -> None:
+    """A feature network's generated-world classes appear in no source's or target's dataset."""
+    from .world import WORLD_DATASETS, dataset_classes
+
+    def world_classes(names) -> dict[str, set[str]]:
+        return {d: set(dataset_classes(d)) for d in names
+                if datasets.get(d, {}).get("kind") == "world" and d in WORLD_DATASETS}
+
+    mine = world_classes(parts)
+    if not mine:
+        return
+    for other, classes in world_classes(seen).items():
+        for d, own in mine.items():
+            shared = sorted(own & classes)
+            if shared:
+                raise ConfigError(
+                    f"transfer.features.networks.{network}: {d!r} shares {len(shared)} classes "
+                    f"({', '.join(shared[:3])}{', ...' if len(shared) > 3 else ''}) with {other!r} ({seen[other]}): "
+                    "a feature network must be independent of every source and target"
+                )
 
 
 def load_config(path: str | Path, schema: str | Path = SCHEMA) -> dict:

@@ -1,24 +1,48 @@
-"""Per-class mean features of a network's penultimate layer (the input of domain similarity).
+"""Per-class mean penultimate features of a network's penultimate layer (the input of domain similarity).
 
 The feature model is either one the pipeline pretrained (a ``model.pt`` written by
-``finetail train --save-model``) or a torchvision network with its pretrained-weights enum
-(``tv:resnet101`` + ``IMAGENET1K_V2``; needs the internet on first use). Its identity (tracking
-run id or weights name, plus a sha256 digest of its weights) travels with the features.
+``finetail train --save-model``: in the default study the feature network pretrained on the
+world's ``probe`` classes, which no source or target holds) or a torchvision network with its
+pretrained-weights enum (``tv:resnet101`` + ``IMAGENET1K_V2``; needs the internet on first
+use). Its identity (tracking run id or weights name, plus a sha256 digest of its weights) and
+the preprocessing travel with the features.
+
+Images come from either kind of manifest: an array store (small images, in memory) or image
+files (decoded by :mod:`finetail.loader`, as the training engine's test images are). Both go
+through one preprocessing, :class:`Preprocess`: resize and crop to the model's input side
+(:func:`finetail.loader.eval_transform`), then the model's normalisation. Cui et al. (2018)
+fed ResNet-101 299 x 299 inputs made by TF-slim's evaluation preprocessing: the central 87.5%
+of each side, resized to 299 x 299 (``Preprocess(299, 0.875, "central")``); torchvision's
+ImageNet evaluation instead resizes the short side to ``size / 0.875`` and takes the centre
+square (``"short_side"``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .loader import TEST_CROP_FRACTION, check_crop, eval_transform
 from .models import IMAGENET_MEAN, IMAGENET_STD, Classifier, build_model
 
-__all__ = ["FeatureModel", "class_mean_features", "load_feature_model", "state_digest", "write_class_features"]
+__all__ = [
+    "TV_IMAGE_SIZE",
+    "FeatureModel",
+    "Preprocess",
+    "class_mean_features",
+    "file_class_mean_features",
+    "load_feature_model",
+    "state_digest",
+    "write_class_features",
+]
+
+TV_IMAGE_SIZE = 224  # torchvision models' input side unless Preprocess.image_size says otherwise
 
 
 @dataclass
@@ -27,7 +51,35 @@ class FeatureModel:
     mean: torch.Tensor  # (1, 3, 1, 1), pixel units 0..255
     std: torch.Tensor
     identity: dict  # {"kind", "name", "run_id" or "weights", "sha256"}
-    resize: int | None = None  # torchvision models: resize the short side to this many pixels
+    image_size: int | None = None  # its own input side: tv: models 224; pipeline: the recipe's (file manifests)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How images reach the feature model.
+
+    ``image_size`` None: the model's own side (:attr:`FeatureModel.image_size`) for files and
+    torchvision models; array images of a pipeline network as stored (as its engine tested
+    them). Whenever images are resized, ``crop`` and ``crop_fraction`` choose the crop
+    (:func:`finetail.loader.eval_transform`).
+    """
+
+    image_size: int | None = None  # pixels
+    crop_fraction: float = TEST_CROP_FRACTION
+    crop: str = "short_side"  # or "central" (Cui et al.'s TF-slim evaluation crop)
+
+    def __post_init__(self) -> None:
+        check_crop(self.crop_fraction, self.crop)
+        if self.image_size is not None and self.image_size < 1:
+            raise ValueError(f"image_size must be >= 1, got {self.image_size}")
+
+    def size_for(self, fm: FeatureModel, files: bool) -> int | None:
+        """The input side for ``fm`` on files (``files``) or arrays; None = arrays as stored."""
+        if self.image_size:
+            return self.image_size
+        if files or fm.identity.get("kind") == "torchvision":
+            return fm.image_size or TV_IMAGE_SIZE
+        return None
 
 
 def state_digest(state: dict) -> str:
@@ -46,7 +98,7 @@ def load_feature_model(spec: str, weights: str | None = None, num_classes: int =
         mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
         std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
         ident = {"kind": "torchvision", "name": spec, "weights": weights or "", "sha256": state_digest(model.backbone.state_dict())}
-        return FeatureModel(model.backbone, mean, std, ident, resize=224)
+        return FeatureModel(model.backbone, mean, std, ident, image_size=TV_IMAGE_SIZE)
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(f"feature model {path} does not exist: run the pretrain job that writes it")
@@ -64,61 +116,113 @@ def load_feature_model(spec: str, weights: str | None = None, num_classes: int =
         torch.tensor(norm["mean"]).view(1, 3, 1, 1),
         torch.tensor(norm["std"]).view(1, 3, 1, 1),
         ident,
+        image_size=cfg.get("image_size"),
     )
 
 
 @torch.no_grad()
+def _class_sums(fm: FeatureModel, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], num_classes: int,
+                device: str) -> torch.Tensor:
+    """Per-class sums of penultimate features over uint8 ``(B, 3, S, S)`` batches on ``device``."""
+    net = fm.backbone.to(device).eval()
+    mean, std = fm.mean.to(device), fm.std.to(device)
+    sums: torch.Tensor | None = None
+    for x, y in batches:
+        f = net((x.float() - mean) / std).double().cpu()
+        if sums is None:
+            sums = torch.zeros(num_classes, f.shape[1], dtype=torch.float64)
+        sums.index_add_(0, y.cpu(), f)
+    if sums is None:
+        raise ValueError("no images to extract features from")
+    return sums
+
+
+def _means(sums: torch.Tensor, labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    counts = np.bincount(labels, minlength=num_classes)[:num_classes].astype(np.int64)
+    return sums.numpy() / np.maximum(counts, 1)[:, None], counts
+
+
 def class_mean_features(
-    fm: FeatureModel, images: np.ndarray, labels: np.ndarray, num_classes: int, batch: int = 512, device: str = "cpu"
+    fm: FeatureModel, images: np.ndarray, labels: np.ndarray, num_classes: int, batch: int = 512, device: str = "cpu",
+    preprocess: Preprocess = Preprocess(),
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Mean penultimate feature and image count per class.
+    """Mean penultimate feature and image count per class, of images in memory.
 
     Parameters
     ----------
     images : uint8 (N, H, W, 3); labels : (N,) in 0..C-1.
+    preprocess : resize and crop (a pipeline network with ``image_size`` None sees the images as they are).
 
     Returns
     -------
     means : (C, D) float64 (rows of classes without images are 0); counts : (C,) int64.
     """
-    net = fm.backbone.to(device).eval()
-    mean, std = fm.mean.to(device), fm.std.to(device)
-    sums: torch.Tensor | None = None
+    size = preprocess.size_for(fm, files=False)
     y = torch.from_numpy(labels.astype(np.int64))
-    for i in range(0, len(images), batch):
-        x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch])).to(device).permute(0, 3, 1, 2).float()
-        if fm.resize:
-            x = torch.nn.functional.interpolate(x, size=fm.resize, mode="bilinear", antialias=True, align_corners=False)
-        f = net((x - mean) / std).double().cpu()
-        if sums is None:
-            sums = torch.zeros(num_classes, f.shape[1], dtype=torch.float64)
-        sums.index_add_(0, y[i : i + batch], f)
-    counts = np.bincount(labels, minlength=num_classes)[:num_classes].astype(np.int64)
-    if sums is None:
-        raise ValueError("no images to extract features from")
-    means = sums.numpy() / np.maximum(counts, 1)[:, None]
-    return means, counts
+
+    def batches():
+        for i in range(0, len(images), batch):
+            x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch])).to(device).permute(0, 3, 1, 2)
+            if size:
+                x = eval_transform(x, size, preprocess.crop_fraction, preprocess.crop)
+            yield x, y[i : i + batch]
+
+    return _means(_class_sums(fm, batches(), num_classes, device), labels, num_classes)
+
+
+def file_class_mean_features(
+    fm: FeatureModel, files, labels: np.ndarray, num_classes: int, batch: int = 64, device: str = "cpu",
+    preprocess: Preprocess = Preprocess(), workers: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`class_mean_features` of image files (a file manifest's
+    :class:`finetail.loader.ImageFiles`), decoded and cropped by :func:`finetail.loader.eval_batches`.
+    ``workers``: loader processes (None: :func:`finetail.loader.default_workers`)."""
+    from .loader import default_workers, eval_batches
+
+    size = preprocess.size_for(fm, files=True)
+    batches = eval_batches(files, labels, size=size, batch_size=batch, device=torch.device(device),
+                           workers=default_workers() if workers is None else workers,
+                           crop_fraction=preprocess.crop_fraction, crop=preprocess.crop)
+    return _means(_class_sums(fm, batches, num_classes, device), labels, num_classes)
 
 
 def write_class_features(model: str, weights: str | None, model_name: str, manifest: str | Path, split: str,
-                         out: str | Path, threads: int = 1, device: str = "cpu") -> str:
+                         out: str | Path, threads: int = 1, device: str = "cpu",
+                         preprocess: Preprocess = Preprocess(), workers: int | None = None) -> str:
     """``finetail features``: the per-class mean penultimate features of one split of a
-    manifest under a feature model (a pipeline ``model.pt`` or ``tv:<name>``), saved with the
-    model's identity and the manifest's sha256. Returns a log line."""
+    manifest (an array store or image files) under a feature model (a pipeline ``model.pt``
+    or ``tv:<name>``), saved with the model's identity, the preprocessing and the manifest's
+    sha256. Returns a log line."""
     from .fileio import file_sha256
-    from .manifest import load_array_split
+    from .manifest import load_array_split, read_manifest
     from .similarity import ClassStats, save_class_stats
 
     torch.set_num_threads(threads)
     fm = load_feature_model(model, weights)
-    data = load_array_split(manifest, split)
-    means, counts = class_mean_features(fm, data.images, data.labels, len(data.class_names), device=device)
+    files = "store" not in read_manifest(manifest).columns
+    if files:
+        from .loader import load_file_split
+
+        fsplit = load_file_split(manifest, split)
+        labels, class_names = fsplit.labels, fsplit.class_names
+        means, counts = file_class_mean_features(fm, fsplit.images, labels, len(class_names), device=device,
+                                                 preprocess=preprocess, workers=workers)
+    else:
+        data = load_array_split(manifest, split)
+        labels, class_names = data.labels, data.class_names
+        means, counts = class_mean_features(fm, data.images, labels, len(class_names), device=device,
+                                            preprocess=preprocess)
+    size = preprocess.size_for(fm, files)
     keep = counts > 0
-    stats = ClassStats(means[keep], counts[keep], [n for n, k in zip(data.class_names, keep, strict=True) if k])
+    stats = ClassStats(means[keep], counts[keep], [n for n, k in zip(class_names, keep, strict=True) if k])
     ident = fm.identity
     save_class_stats(
         out, stats, model=model_name, model_kind=ident["kind"], model_run_id=ident.get("run_id", ""),
         model_weights=ident.get("weights", ""), model_sha256=ident["sha256"],
+        input_size=size or "as stored", crop=preprocess.crop if size else "none",
+        crop_fraction=preprocess.crop_fraction if size else 1.0,
         manifest=str(manifest), manifest_sha256=file_sha256(manifest), split=split,
     )
-    return f"features of {manifest} ({split}): {stats.means.shape[0]} classes x {stats.means.shape[1]} dims -> {out}"
+    how = f"{size} px, {preprocess.crop} crop {preprocess.crop_fraction:g}" if size else "images as stored"
+    return (f"features of {manifest} ({split}, {'files' if files else 'array store'}, {how}): "
+            f"{stats.means.shape[0]} classes x {stats.means.shape[1]} dims -> {out}")

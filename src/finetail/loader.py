@@ -5,6 +5,8 @@ A file manifest has a ``path`` column (image files relative to the manifest's fo
 aspect 3/4-4/3, torchvision's algorithm) and a horizontal flip; test images are resized to a
 short side of ``size / 0.875`` (256 for 224) and centre-cropped to ``size``. Batches reach
 the device as uint8 ``(B, 3, size, size)``; the engine fuses normalisation as for arrays.
+The feature stage (:mod:`finetail.features`) reads test-style batches with its own crop
+(fraction, and ``central``: the crop of Cui et al.'s TF-slim code).
 
 Workers of a ``DataLoader`` read the files. On the CPU they decode (``decode_jpeg``,
 ``decode_image`` for PNG, Pillow for other formats) and transform; when the device is CUDA
@@ -45,6 +47,8 @@ __all__ = [
     "default_workers",
     "load_file_split",
     "resized_crop_box",
+    "EVAL_CROPS",
+    "check_crop",
     "eval_batches",
     "eval_transform",
     "train_transform",
@@ -52,6 +56,7 @@ __all__ = [
 
 PREFETCH_FACTOR = 4  # batches each worker keeps ready
 TEST_CROP_FRACTION = 0.875  # test images: short side size / 0.875, then the centre size x size
+EVAL_CROPS = ("short_side", "central")  # eval_transform's crops
 
 
 @dataclass
@@ -123,10 +128,32 @@ def train_transform(img: torch.Tensor, box: tuple[int, int, int, int], flip: boo
     return out.flip(-1) if flip else out
 
 
-def eval_transform(img: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize uint8 ``(3, H, W)`` to a short side of ``size / 0.875``, then centre-crop ``size``."""
-    out = TF.resize(img, round(size / TEST_CROP_FRACTION), antialias=True)
-    return TF.center_crop(out, [size, size])
+def eval_transform(img: torch.Tensor, size: int, crop_fraction: float = TEST_CROP_FRACTION,
+                   crop: str = "short_side") -> torch.Tensor:
+    """uint8 ``(..., 3, H, W)`` (one image or a batch) to ``(..., 3, size, size)``.
+
+    ``short_side`` (the test crop; torchvision's ImageNet evaluation): resize the short side to
+    ``round(size / crop_fraction)``, then take the centre ``size x size``. ``central`` (Cui et
+    al.'s TF-slim ``inception_preprocessing.preprocess_for_eval``): keep the central
+    ``crop_fraction`` of the height and of the width (``tf.image.central_crop``'s bounds), then
+    resize that to ``size x size`` (bilinear; here antialiased, TF 1's ``resize_bilinear`` is
+    not). With ``crop_fraction`` 1, ``central`` resizes the whole image.
+    """
+    check_crop(crop_fraction, crop)
+    if crop == "short_side":
+        out = TF.resize(img, round(size / crop_fraction), antialias=True)
+        return TF.center_crop(out, [size, size])
+    h, w = img.shape[-2:]
+    top, left = int((h - h * crop_fraction) / 2), int((w - w * crop_fraction) / 2)
+    return TF.resize(img[..., top : h - top, left : w - left], [size, size], antialias=True)
+
+
+def check_crop(crop_fraction: float, crop: str) -> None:
+    """Raise ValueError unless ``crop`` is one of :data:`EVAL_CROPS` and ``0 < crop_fraction <= 1``."""
+    if crop not in EVAL_CROPS:
+        raise ValueError(f"crop must be one of {EVAL_CROPS}, got {crop!r}")
+    if not 0 < crop_fraction <= 1:
+        raise ValueError(f"crop_fraction must be in (0, 1], got {crop_fraction}")
 
 
 def _is_jpeg(data: torch.Tensor) -> bool:
@@ -187,9 +214,10 @@ class _Images(torch.utils.data.Dataset):
     Training keys are ``(index, epoch)``."""
 
     def __init__(self, files: ImageFiles, labels: np.ndarray, size: int, train: bool, seed: int, flip: bool,
-                 defer: bool) -> None:
+                 defer: bool, crop: tuple[float, str] = (TEST_CROP_FRACTION, "short_side")) -> None:
         self.paths, self.labels = files.paths, labels
         self.size, self.train, self.seed, self.flip, self.defer = size, train, seed, flip, defer
+        self.crop = crop  # test images: (crop_fraction, crop) of eval_transform
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -207,7 +235,7 @@ class _Images(torch.utils.data.Dataset):
             params = torch.tensor([*box, int(flip)])
         if not self.defer:
             payload = train_transform(payload, tuple(params[:4].tolist()), bool(params[4]), self.size) \
-                if self.train else eval_transform(payload, self.size)
+                if self.train else eval_transform(payload, self.size, *self.crop)
         return payload, params, int(self.labels[i])
 
 
@@ -217,7 +245,7 @@ def _collate(items):
 
 
 def _finish(payloads: list[torch.Tensor], params: torch.Tensor, size: int, train: bool, device: torch.device,
-            defer: bool) -> torch.Tensor:
+            defer: bool, crop: tuple[float, str] = (TEST_CROP_FRACTION, "short_side")) -> torch.Tensor:
     """The batch as uint8 ``(B, 3, size, size)`` on ``device`` (decoding JPEG bytes there)."""
     if not defer:
         return torch.stack(payloads).to(device, non_blocking=True)
@@ -231,7 +259,7 @@ def _finish(payloads: list[torch.Tensor], params: torch.Tensor, size: int, train
         rows = params.tolist()
         out = [train_transform(img, tuple(r[:4]), bool(r[4]), size) for img, r in zip(images, rows, strict=True)]
     else:
-        out = [eval_transform(img, size) for img in images]
+        out = [eval_transform(img, size, *crop) for img in images]
     return torch.stack(out)
 
 
@@ -307,9 +335,12 @@ class TrainBatches:
 
 
 def eval_batches(files: ImageFiles, labels: np.ndarray, *, size: int, batch_size: int, device: torch.device,
-                 workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Test images in manifest order, resized and centre-cropped, as uint8 batches on the device."""
+                 workers: int, crop_fraction: float = TEST_CROP_FRACTION,
+                 crop: str = "short_side") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Test images in manifest order, resized and centre-cropped (:func:`eval_transform`), as
+    uint8 batches on the device."""
     defer = device.type == "cuda"
-    dataset = _Images(files, labels, size, False, 0, False, defer)
+    check_crop(crop_fraction, crop)
+    dataset = _Images(files, labels, size, False, 0, False, defer, (crop_fraction, crop))
     for payloads, params, y in _loader(dataset, device, workers, batch_size=batch_size):
-        yield _finish(payloads, params, size, False, device, defer), y.to(device, non_blocking=True)
+        yield _finish(payloads, params, size, False, device, defer, (crop_fraction, crop)), y.to(device, non_blocking=True)

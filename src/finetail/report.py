@@ -20,7 +20,8 @@ from .record import MetricsRecord
 from .stats import format_mean_std, paired_difference, summarize
 from .training.recipe import paper_recipe
 
-__all__ = ["build_report", "cbloss_frame", "cbloss_table", "paired_table", "paper_table", "to_markdown", "transfer_frame"]
+__all__ = ["build_report", "cbloss_frame", "cbloss_table", "paired_table", "paper_table", "similarity_network_label",
+           "to_markdown", "transfer_frame"]
 
 PAPER_CIFAR = {"cifar10", "cifar100"}
 
@@ -374,6 +375,44 @@ def _natural_section(results: Path, nat: dict, out: Path) -> tuple[list[str], li
 
 # Our world's sources play the paper's: rows of the paper's tables beside ours.
 PAPER_SOURCE = {"generic": "imagenet", "natural": "inat2017", "generic+natural": "imagenet+inat2017"}
+PAPER_SIMILARITY_NETWORK = "Cui et al. 2018: ResNet-101 trained on JFT"
+
+
+def similarity_network_label(transfer: dict, datasets: dict) -> str:
+    """The similarity table's heading: the feature network, and whether it has seen a ranked
+    source (the paper's JFT network had not).
+
+    >>> similarity_network_label({"features": {"model": "probe", "networks": {"probe": ["probe"]}},
+    ...                           "sources": {"generic": ["generic"]}}, {"probe": {"kind": "world"}})
+    'feature network `probe`: trained on world classes disjoint from every source and target'
+    """
+    feats, sources = transfer.get("features", {}), transfer.get("sources", {})
+    model, networks = feats.get("model", ""), feats.get("networks", {})
+    if model in networks:
+        parts = networks[model]
+        if all(datasets.get(d, {}).get("kind") == "world" for d in parts):
+            return f"feature network `{model}`: trained on world classes disjoint from every source and target"
+        return (f"feature network `{model}`: trained on {', '.join(f'`{d}`' for d in parts)}, "
+                "datasets that no source pools and no target is")
+    if model in sources:
+        return f"feature network: the one pretrained on `{model}`, a ranked source, so it has seen that source's classes"
+    weights = feats.get("weights")
+    size = f", {feats['image_size']} px, {feats.get('crop', 'short_side')} crop {feats.get('crop_fraction', 0.875):g}" \
+        if feats.get("image_size") else ""
+    if not weights:
+        return f"feature network `{model}` with random weights{size}"
+    head = f"feature network `{model}` (torchvision `{weights}` weights{size})"
+    if "IMAGENET" not in weights.upper() and weights.upper() != "DEFAULT":
+        return head
+    name = lambda d: datasets.get(d, {}).get("name", d) if datasets.get(d, {}).get("kind") == "registry" else None  # noqa: E731
+    seen = [s for s, parts in sources.items() if any(name(d) == "imagenet" for d in parts)]
+    sel = transfer.get("selection") or {}
+    if seen and set(sel.get("pool", [])) & set(seen):
+        seen.append(sel.get("name", "selected"))
+    if not seen:
+        return f"{head}: trained on ImageNet, which no ranked source here holds"
+    return (f"{head}: trained on ImageNet, so this network has seen one of the ranked sources "
+            f"({', '.join(f'`{s}`' for s in seen)}); the paper's network (JFT) had seen none")
 
 
 def transfer_frame(results: Path, sources: list[str], targets: list[str], seeds: list[int]) -> pd.DataFrame:
@@ -559,9 +598,9 @@ def _transfer_section(results: Path, spec: dict, out: Path) -> tuple[list[str], 
         _transfer_markdown(table, targets),
         "\nBest source per target (seed mean): " + ", ".join(f"{t}: **{s}**" for t, s in best.items()) + "\n",
         *_paper_transfer_lines(spec),
-        f"\n## Domain similarity ({feature_network_label(spec)})\n",
+        f"\n## Domain similarity ({similarity_network_label(tr, spec.get('datasets', {}))})\n",
         to_markdown(sim.reset_index().rename(columns={"index": "source"}), "{:.3f}"),
-        "\nThe paper's (Cui et al. 2018: ResNet-101 trained on JFT; real data, not comparable with a generated world):\n",
+        f"\nThe paper's ({PAPER_SIMILARITY_NETWORK}; real data, not comparable with a generated world):\n",
         to_markdown(paper_table("domain_similarity"), "{:.3f}"),
         f"\n![similarity]({heatmap})\n",
         "\n## Similarity vs fine-tune accuracy\n",
@@ -580,14 +619,6 @@ def _transfer_section(results: Path, spec: dict, out: Path) -> tuple[list[str], 
     files = [out / n for n in ("transfer_cells.csv", "transfer_table.csv", "transfer_correlation.json",
                                "similarity_vs_accuracy.csv", "similarity_vs_accuracy.png")]
     return lines, files, [_similarity_claim(corr)]
-
-
-def feature_network_label(spec: dict) -> str:
-    """Which network measured the similarity, and whether it has seen a ranked source."""
-    model = spec["transfer"]["features"]["model"]
-    if model in spec.get("sources", []):
-        return f"feature network pretrained here on `{model}`: one of the ranked sources"
-    return f"feature network `{model}`"
 
 
 def data_lines(spec: dict) -> list[str]:

@@ -4,8 +4,8 @@ The default (mini) study learns from this world instead of downloaded photograph
 Every class is a *species* in a three-level taxonomy (family -> genus -> species), so
 fine-grained structure and domain similarity are properties of the pixels, not labels on
 noise.  Rendering is vectorised numpy over batches of images (coordinate grids, per-image
-affine poses, distance-field shapes, sinusoidal patterns): all eleven data sets at their
-default sizes (about 46,000 images of 32 x 32) take about 4 s on one core.
+affine poses, distance-field shapes, sinusoidal patterns): the eleven data sets other than
+``probe`` at their default sizes (about 46,000 images of 32 x 32) take about 4 s on one core.
 
 Taxonomy
 --------
@@ -49,14 +49,16 @@ gain (0.85-1.15), bias (+-0.05), colour cast (+-0.04 per channel) and per-pixel
 Gaussian noise (std ``noise``, drawn through a 256-level quantile table).
 
 Species slots (index ``s`` within every genus) are reserved per use, so that no source
-class is ever a target class:
+class is ever a target class, and the feature network's classes (``probe``) are neither:
 
 =====  ======================================================================
 slots  use
 =====  ======================================================================
 0      ``generic`` (genera 0-2 of every family)
 1-3    ``natural`` (all genera of the natural-source families)
-4-7    spare
+4-5    ``probe``, the independent feature network's data (slot 4 of every
+       genus, slot 5 of genus 0 of every family)
+6-7    spare
 8-10   the seven targets, never seen by a source
 11     spare
 12-13  ``gen100``
@@ -91,6 +93,10 @@ stanford_cars     16    cars f14, f15 x 4 genera x slots 8-9                   3
 fgvc_aircraft     16    aircraft f17, f18 x 4 genera x slots 8-9               30 / 30
 food101           12    food f20-f22 x 4 genera x slot 8 (coarser, as          30 / 30
                         Food-101 is)
+probe (JFT)       140   every family x (slot 4 of genera 0-3, slot 5 of       100 / 20
+                        genus 0): broad, balanced; trains the feature network
+                        that measures domain similarity, as the paper's
+                        JFT ResNet-101 (neither a source nor a target)
 ================= ===== ===================================================== =========
 
 Every target family is in ``generic`` (3 species each).  Bird-, dog- and flower-like
@@ -100,6 +106,13 @@ from artifact families that only ``generic`` covers, so they are closer to ``gen
 Targets are fine-grained: sibling species (slots 8 and 9 of one genus) differ only in
 details, genera in mid-level attributes, the two families of a target in kind-level
 traits.
+
+``probe`` plays JFT in Cui et al. (2018), whose domain similarity came from a ResNet-101
+trained on JFT, a data set that is neither a source nor a target.  Its species (slots 4-5)
+are disjoint from every source, target, ``gen10`` and ``gen100`` class, but it spans every
+family and genus of the world, as a broad generic data set does, so that a network trained
+on it embeds all of them: family, genus and (through the sibling pairs of genus 0) species
+differences.
 
 Example
 -------
@@ -170,6 +183,7 @@ WORLD_DATASETS: tuple[str, ...] = (
     "fgvc_aircraft",
     "food101",
     "nabirds",
+    "probe",
 )
 
 
@@ -260,6 +274,7 @@ _ASPECT = {
 # species slots per use (see module docstring)
 _SLOT_GENERIC = 0
 _SLOTS_NATURAL = (1, 2, 3)
+_SLOTS_PROBE = (4, 5)
 _SLOTS_TARGET = (8, 9, 10)
 _SLOTS_GEN100 = (12, 13)
 _SLOT_GEN10 = 14
@@ -510,6 +525,9 @@ def _build_specs() -> dict[str, _DatasetSpec]:
     gen100 = []
     for f in _GEN100_FAMILIES:
         gen100 += _species([f], all_g, [_SLOTS_GEN100[0]]) + [_class_name(f, 0, _SLOTS_GEN100[1])]
+    probe = []
+    for f in range(N_FAMILIES):
+        probe += _species([f], all_g, [_SLOTS_PROBE[0]]) + [_class_name(f, 0, _SLOTS_PROBE[1])]
     specs = {
         "gen10": _DatasetSpec(tuple(_class_name(f, 0, _SLOT_GEN10) for f in _GEN10_FAMILIES), 500, 100, 1.0),
         "gen100": _DatasetSpec(tuple(gen100), 100, 20, 1.0),
@@ -522,6 +540,7 @@ def _build_specs() -> dict[str, _DatasetSpec]:
         "fgvc_aircraft": _DatasetSpec(tuple(_species((17, 18), all_g, t8_9)), 30, 30, 1.0),
         "food101": _DatasetSpec(tuple(_species((20, 21, 22), all_g, _SLOTS_TARGET[:1])), 30, 30, 1.0),
         "nabirds": _DatasetSpec(tuple(_species((0,), all_g, t8_9) + _species((2,), all_g, _SLOTS_TARGET)), 30, 30, 1.0),
+        "probe": _DatasetSpec(tuple(probe), 100, 20, 1.0),
     }
     for name, spec in specs.items():
         if len(set(spec.classes)) != len(spec.classes):

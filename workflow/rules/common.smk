@@ -138,13 +138,35 @@ SELECTED = SEL["name"] if SEL else None
 SOURCES = list(TR["sources"]) if TR else []
 ALL_SOURCES = SOURCES + ([SELECTED] if SELECTED else [])
 TARGETS = list(TR["targets"]) if TR else []
-FMODEL = TR["features"]["model"] if TR else ""
+
+# ---------------------------------------------------------------- the feature model
+# Similarity and selection read the class-mean features of one model, FMODEL: a feature
+# network (transfer.features.networks: pretrained here on data disjoint from every source and
+# target, never ranked or fine-tuned: the paper's JFT network), a ranked source's network, or
+# tv:<name>. A feature network is one more `pretrain` job (source wildcard = its name, its
+# datasets pooled by `pool_source`), trained ONCE: get_feature_model is the one place that
+# names its model.pt (and the seed it trains with, FEATURE_SEED).
+FEATS = TR["features"] if TR else {}
+FEATURE_NETWORKS = dict(FEATS.get("networks", {}))  # name -> datasets it pretrains on
+FMODEL = FEATS.get("model", "")
 FMODEL_TAG = FMODEL.replace(":", "_")
 TR_SEEDS = TR["seeds"] if TR else []
 
 
+def feature_network_recipe():
+    """A feature network's recipe: the pretrain recipe with transfer.features.recipe over it."""
+    return {**TR["pretrain"]["recipe"], **FEATS.get("recipe", {})}
+
+
+# The one seed a feature model trains with (a ranked source's network: its first seed's).
+FEATURE_SEED = TR_SEEDS[0] if TR else 0
+
+
 def get_pretrain_spec(wildcards):
-    recipe = {**TR["pretrain"]["recipe"], **TR["pretrain"]["per_source"].get(wildcards.source, {})}
+    if wildcards.source in FEATURE_NETWORKS:
+        recipe = feature_network_recipe()
+    else:
+        recipe = {**TR["pretrain"]["recipe"], **TR["pretrain"]["per_source"].get(wildcards.source, {})}
     return as_json({"recipe": seeded(recipe, wildcards), "loss": TR["pretrain"]["loss"], "shots": config["shots"]})
 
 
@@ -160,6 +182,8 @@ def get_source_inputs(wildcards):
             "manifests": [L.source(s) for s in SEL["pool"]],
             "classes": L.selection(SELECTED),
         }
+    if wildcards.source in FEATURE_NETWORKS:
+        return {"manifests": [L.dataset(d) for d in FEATURE_NETWORKS[wildcards.source]]}
     return {"manifests": [L.dataset(d) for d in TR["sources"][wildcards.source]]}
 
 
@@ -170,9 +194,16 @@ def get_features_manifest(wildcards):
 
 
 def get_feature_model(wildcards):
-    """The pipeline-pretrained feature model's weights (its first training seed), or nothing
-    for a torchvision model."""
-    return [] if FMODEL.startswith("tv:") else [L.train("pretrain", "model.pt", source=FMODEL, seed=TR_SEEDS[0])]
+    """The pipeline-pretrained feature model's weights (a feature network's or a ranked
+    source's model.pt, trained with FEATURE_SEED), or nothing for a torchvision model."""
+    return [] if FMODEL.startswith("tv:") else [L.train("pretrain", "model.pt", source=FMODEL, seed=FEATURE_SEED)]
+
+
+def get_features_preprocess():
+    """The feature model's input preprocessing as `finetail features` options."""
+    return cli_option("--image-size", FEATS["image_size"]) + [
+        "--crop", FEATS["crop"], "--crop-fraction", str(FEATS["crop_fraction"])
+    ]
 
 
 def get_finetune_init(wildcards):

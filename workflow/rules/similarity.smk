@@ -1,5 +1,7 @@
 # Domain similarity: class-mean features of a feature model, the source x target EMD
-# similarity matrix, and the greedy selection of the most similar source classes.
+# similarity matrix, and the greedy selection of the most similar source classes. All three
+# read the same feature model (FMODEL, common.smk): by default a feature network pretrained
+# on data no source or target holds (the paper's JFT network).
 # Code: finetail.features, finetail.similarity, finetail.selection.
 
 
@@ -14,6 +16,7 @@ rule features:
         model=lambda wildcards, input: input.model[0] if input.model else FMODEL,
         model_name=FMODEL,
         weights=cli_option("--weights", TR["features"]["weights"]) if TR else [],
+        preprocess=get_features_preprocess() if TR else [],
     conda:
         "../../envs/finetail.yaml"
     log:
@@ -25,7 +28,7 @@ rule features:
         runtime=60,
     shell:
         "finetail features --model {params.model:q} {params.weights:q} --model-name {params.model_name:q} "
-        "--manifest {input.manifest:q} --out {output:q} --threads {threads:q} > {log:q} 2>&1"
+        "{params.preprocess:q} --manifest {input.manifest:q} --out {output:q} --threads {threads:q} > {log:q} 2>&1"
 
 
 rule similarity:

@@ -1,0 +1,231 @@
+"""Similarity from an independent network (issue 12, section 3): the world's feature network
+trains on classes that no source, target or CIFAR-like set holds, is the default feature
+model, is trained once and never ranked or fine-tuned; features read file manifests with the
+paper's preprocessing; the report names the network and what it has seen."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from finetail.config import ConfigError, load_config
+from finetail.features import Preprocess, class_mean_features, file_class_mean_features, load_feature_model
+from finetail.loader import eval_transform, load_file_split
+from finetail.report import similarity_network_label
+from finetail.similarity import load_class_stats
+from finetail.world import WORLD_DATASETS, dataset_classes, dataset_defaults, family_table
+
+from conftest import ROOT, write_toy_file_manifest
+
+SOURCES = ("generic", "natural")
+TARGETS = ("cub200", "stanford_dogs", "flowers102", "stanford_cars", "fgvc_aircraft", "food101", "nabirds")
+
+
+def _default():
+    return yaml.safe_load((ROOT / "config.yaml").read_text())
+
+
+def _load(tmp_path, cfg):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return load_config(p)
+
+
+# --------------------------------------------------------------------------- the probe data set
+def test_probe_classes_are_disjoint_from_every_source_target_and_cifar_like_set():
+    probe = set(dataset_classes("probe"))
+    for other in WORLD_DATASETS:
+        if other != "probe":
+            assert not probe & set(dataset_classes(other)), other
+    assert {c.split(".s")[1] for c in probe} == {"04", "05"}  # its own species slots
+
+
+def test_probe_is_broad_and_balanced():
+    classes = dataset_classes("probe")
+    assert 100 <= len(classes) <= 200
+    assert {c[:3] for c in classes} == set(family_table().family)  # every family, as a generic data set
+    assert len({c[:6] for c in classes}) == 28 * 4  # every genus
+    assert dataset_defaults("probe") == dataset_defaults("generic")  # 100 / 20 per class, balanced
+
+
+def test_default_feature_model_is_a_feature_network_not_a_ranked_source(tmp_path):
+    cfg = _load(tmp_path, _default())
+    tr = cfg["transfer"]
+    model = tr["features"]["model"]
+    ranked = set(tr["sources"]) | {tr["selection"]["name"]}
+    assert model in tr["features"]["networks"] and model not in ranked
+    trained_on = tr["features"]["networks"][model]
+    assert all(cfg["datasets"][d]["kind"] == "world" for d in trained_on)
+    seen = {c for d in [p for parts in tr["sources"].values() for p in parts] + tr["targets"] for c in dataset_classes(d)}
+    assert not seen & {c for d in trained_on for c in dataset_classes(d)}
+
+
+# --------------------------------------------------------------------------- config errors
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda f, tr: f.update(model="jft"), r"transfer.features.model 'jft' is not a feature network .*probe"),
+        (lambda f, tr: f["networks"].update(probe=["probe", "imagenet"]), r"trains on 'imagenet', which is not declared"),
+        (lambda f, tr: f["networks"].update(probe=["probe", "generic"]), r"trains on 'generic', but sources 'generic', 'generic\+natural' pool it"),
+        (lambda f, tr: f["networks"].update(probe=["cub200"]), r"trains on 'cub200', but it is a target"),
+        (lambda f, tr: f["networks"].update({"generic": ["probe"]}), r"networks.generic: the name clashes with a source"),
+        (lambda f, tr: f["networks"].update({"selected": ["probe"]}), r"networks.selected: the name clashes"),
+        (lambda f, tr: f.update(recipe={"epochz": 1}), r"transfer.features.recipe"),
+        (lambda f, tr: f.update(crop="squash"), r"transfer.features.crop"),
+        (lambda f, tr: f.update(crop_fraction=1.5), r"transfer.features.crop_fraction"),
+    ],
+)
+def test_feature_network_config_errors_are_clear(tmp_path, edit, message):
+    cfg = _default()
+    edit(cfg["transfer"]["features"], cfg["transfer"])
+    with pytest.raises(ConfigError, match=message):
+        _load(tmp_path, cfg)
+
+
+def test_a_network_sharing_world_classes_with_a_target_is_refused(tmp_path):
+    """nabirds is not a target of this study, but 8 of its species are cub200's."""
+    cfg = _default()
+    assert "nabirds" not in cfg["transfer"]["targets"] and "cub200" in cfg["transfer"]["targets"]
+    cfg["transfer"]["features"]["networks"]["probe"] = ["probe", "nabirds"]
+    with pytest.raises(ConfigError, match=r"'nabirds' shares 8 classes \(f00.g0.s08.*with 'cub200' \(it is a target\)"):
+        _load(tmp_path, cfg)
+
+
+# --------------------------------------------------------------------------- the DAG
+def _jobs(out: str) -> list[tuple[str, str]]:
+    """(rule, job text) of every job a dry run lists."""
+    return [(m.group(1), m.group(0)) for m in re.finditer(r"^rule (\w+):\n(?:    .*\n)+", out, flags=re.M)]
+
+
+def test_default_dag_trains_the_feature_network_once_and_never_ranks_or_finetunes_it(tmp_path):
+    from test_workflow import planned, snakemake
+
+    cfg = _default()
+    r = snakemake(tmp_path, cfg, "-n", "-p")
+    assert r.returncode == 0, r.stderr[-2000:]
+    jobs = _jobs(r.stdout)
+    model = "results/default/pretrain/probe/seed0/model.pt"
+    pretrained = [re.search(r"output: results/default/pretrain/([^/\s]+)/seed(\d+)/", t).groups() for rule, t in jobs
+                  if rule == "pretrain"]
+    seeds = [str(s) for s in cfg["transfer"]["seeds"]]
+    ranked = ["generic", "natural", "generic+natural", "selected"]
+    assert sorted(pretrained) == sorted([(s, k) for s in ranked for k in seeds] + [("probe", "0")])  # probe: once
+    assert planned(r)["pretrain"] == 4 * len(seeds) + 1
+    pool = [t for rule, t in jobs if rule == "pool_source" and "sources/probe/" in t]
+    assert len(pool) == 1 and "results/default/datasets/probe/manifest.parquet" in pool[0]
+    for rule, text in jobs:
+        if rule == "finetune":
+            assert "probe" not in text
+        if rule == "features":
+            assert model in text and "features/probe/" in text
+        if rule in ("similarity", "selection"):
+            assert "features/probe/" in text and "features/generic+natural/" not in text
+    spec = json.loads(shlex.split(re.search(r"finetail similarity .*", r.stdout).group(0))[5])
+    assert spec["sources"] == ["generic", "natural", "generic+natural", "selected"]  # the matrix's rows
+    finetuned = set(re.findall(r"results/default/finetune/([^/\s]+)/[^/\s]+/seed\d+/metrics\.json", r.stdout))
+    assert "probe" not in finetuned and "generic" in finetuned
+
+
+# --------------------------------------------------------------------------- features on files
+def test_features_of_a_file_manifest_equal_the_array_path_at_the_same_crop(tmp_path):
+    """PNG files (lossless) and the same pixels in memory give the same class means through
+    one preprocessing; the class means have the network's width."""
+    manifest, images, labels = write_toy_file_manifest(tmp_path / "files", 5, 2)
+    torch.manual_seed(0)
+    fm = load_feature_model("tv:resnet18")  # random weights: no download here
+    split = load_file_split(manifest, "train")
+    for pre in (Preprocess(32, 0.875, "central"), Preprocess(24, 0.5, "short_side")):
+        files, counts = file_class_mean_features(fm, split.images, split.labels, 3, batch=4, preprocess=pre, workers=0)
+        order = np.argsort(split.labels, kind="stable")  # the manifest lists classes in turn
+        arrays, counts2 = class_mean_features(fm, images[order], labels[order], 3, batch=4, preprocess=pre)
+        assert files.shape == (3, 512) and counts.tolist() == counts2.tolist() == [5, 5, 5]
+        np.testing.assert_allclose(files, arrays, rtol=1e-4, atol=1e-5)
+
+
+def test_central_crop_is_the_reference_crop():
+    """crop central keeps the central fraction of each side (tf.image.central_crop's bounds)
+    and resizes it to a square; short_side resizes the short side to size / fraction."""
+    img = torch.arange(3 * 40 * 48, dtype=torch.int32).reshape(3, 40, 48).to(torch.uint8)
+    # 0.875 of 40 x 48: start int((40 - 35) / 2) = 2 rows, int((48 - 42) / 2) = 3 columns -> 36 x 42
+    from torchvision.transforms.v2 import functional as TF
+
+    want = TF.resize(img[:, 2:38, 3:45], [16, 16], antialias=True)
+    assert torch.equal(eval_transform(img, 16, 0.875, "central"), want)
+    sq = torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8)
+    assert torch.equal(eval_transform(sq, 4, 0.5, "central"), sq[:, 2:6, 2:6])
+    assert eval_transform(img, 299, 0.875, "central").shape == (3, 299, 299)
+    # the brief's arithmetic for the paper's size: short side round(299 / 0.875) = 342, then 299
+    assert round(299 / 0.875) == 342
+    assert eval_transform(img, 299, 0.875, "short_side").shape == (3, 299, 299)
+    with pytest.raises(ValueError, match="crop must be one of"):
+        eval_transform(img, 16, 0.875, "squash")
+
+
+def test_features_cli_reads_a_file_manifest_and_records_the_preprocessing(tmp_path):
+    manifest, _, _ = write_toy_file_manifest(tmp_path / "files", 4, 2, height=30, width=50)
+    out = tmp_path / "f.npz"
+    r = subprocess.run([sys.executable, "-m", "finetail.cli", "features", "--model", "tv:resnet18", "--model-name",
+                        "tv:resnet18", "--manifest", str(manifest), "--image-size", "32", "--crop", "central",
+                        "--crop-fraction", "0.875", "--workers", "0", "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "files, 32 px, central crop 0.875" in r.stderr + r.stdout
+    stats = load_class_stats(out)
+    assert stats.means.shape == (3, 512) and stats.counts.tolist() == [4, 4, 4]
+    assert stats.class_names == ["c0", "c1", "c2"]
+    assert (stats.meta["input_size"], stats.meta["crop"], stats.meta["crop_fraction"]) == ("32", "central", "0.875")
+
+
+# --------------------------------------------------------------------------- report labels
+def test_similarity_table_names_its_network_and_what_it_has_seen(tmp_path):
+    cfg = _load(tmp_path, _default())
+    assert similarity_network_label(cfg["transfer"], cfg["datasets"]) == (
+        "feature network `probe`: trained on world classes disjoint from every source and target")
+    paper = load_config(ROOT / "workflow" / "studies" / "paper.yaml")
+    label = similarity_network_label(paper["transfer"], paper["datasets"])
+    assert "`tv:resnet101`" in label and "299 px, central crop 0.875" in label
+    assert "has seen one of the ranked sources (`imagenet`, `imagenet+inat2017`, `selected`)" in label
+    cfg["transfer"]["features"]["model"] = "generic+natural"
+    assert "a ranked source" in similarity_network_label(cfg["transfer"], cfg["datasets"])
+
+
+def test_paper_study_uses_imagenet_resnet101_at_299_with_the_reference_crop():
+    paper = load_config(ROOT / "workflow" / "studies" / "paper.yaml")
+    f = paper["transfer"]["features"]
+    assert (f["model"], f["weights"], f["image_size"], f["crop"], f["crop_fraction"]) == (
+        "tv:resnet101", "IMAGENET1K_V2", 299, "central", 0.875)
+    for stage in ("pretrain", "finetune"):  # Inception-v3 recipes at 299 px
+        assert paper["transfer"][stage]["recipe"]["image_size"] == 299
+
+
+# --------------------------------------------------------------------------- a real run
+@pytest.mark.slow
+def test_feature_network_trains_and_gives_the_similarity_and_selection(tmp_path):
+    """A reduced study up to the similarity matrix: the feature network is one pretrain job
+    on its own pooled data, and features, similarity and selection all come from its model."""
+    from test_workflow import TINY, snakemake
+
+    cfg = json.loads(json.dumps(TINY))
+    cfg.pop("cbloss_natural")
+    cfg["datasets"]["probe"] = {"kind": "world", "train_per_class": 4, "test_per_class": 2}
+    cfg["transfer"]["features"] = {"model": "probe", "networks": {"probe": ["probe"]}, "recipe": {"width": 8}}
+    r = snakemake(tmp_path, cfg, "results/tiny/similarity/probe/matrix.csv")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = tmp_path / "results" / "tiny"
+    assert sorted(p.name for p in (res / "pretrain").iterdir()) == ["probe"]  # no ranked source was needed
+    record = json.loads((res / "pretrain" / "probe" / "metrics.json").read_text())
+    assert record["config"]["recipe"]["width"] == 8  # the feature recipe over the pretrain recipe
+    assert len(pd.read_csv(res / "pretrain" / "probe" / "per_class.csv")) == len(dataset_classes("probe"))
+    for npz in (res / "features" / "probe").glob("*.npz"):
+        assert str(np.load(npz)["model_run_id"]) == record["run_id"], npz.name
+    sim = pd.read_csv(res / "similarity" / "probe" / "matrix.csv", index_col=0)
+    assert list(sim.index) == ["generic", "natural", "generic+natural", "selected"]
+    assert len(pd.read_csv(res / "selection" / "selected" / "classes.csv")) >= 3
