@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     li = sub.add_parser("lineage", help="the chain behind a number: run, inputs with digests, parents, dataset sources")
     li.add_argument("target", help="a metrics.json (or its folder), an MLflow run id, a cell such as "
-                    "finetune:natural:cub200 or cbloss:gen10:if10:cb_focal, or report/<table>.csv:<row>")
+                    "finetune:natural:cub200:0 or cbloss:gen10:if10:cb_focal:seed0 (the seed last), or report/<table>.csv:<row>")
     li.add_argument("--results", default=None, help="results/<study> (needed for run ids and cells)")
     li.add_argument("--tracking-uri", default=None,
                     help="MLflow URI (default: MLFLOW_TRACKING_URI, then the store the run recorded, "

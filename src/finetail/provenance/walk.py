@@ -253,7 +253,7 @@ def _parse_target(target: str | os.PathLike, rd: Path | None) -> tuple[str | Non
     if path.suffix or os.sep in text:
         raise FileNotFoundError(f"{text} does not exist")
     raise ValueError(f"{text!r} is neither a metrics.json, a run id (32 hex digits) nor a cell "
-                     "like 'cbloss:gen10:if10:cb_focal' or 'finetune:natural:cub200'")
+                     "like 'cbloss:gen10:if10:cb_focal:0' or 'finetune:natural:cub200:seed0' (the seed last)")
 
 
 def _uris_of(metrics_path: Path) -> list[str | None]:
@@ -281,9 +281,9 @@ def lineage(target: str | os.PathLike, results_dir: str | os.PathLike | None = N
         - a ``metrics.json`` (or the folder holding it);
         - an MLflow run id (32 hex digits);
         - a report cell ``"<rule>:<wildcard>:..."`` naming a result folder under
-          ``results_dir`` (:meth:`finetail.layout.Layout.cell`): ``"cbloss:gen10:if10:cb_focal"``,
-          ``"finetune:natural:cub200"``, ``"pretrain:generic"``,
-          ``"cbloss_natural:natural:resnet8:softmax"``;
+          ``results_dir`` (:meth:`finetail.layout.Layout.cell`), the training seed last:
+          ``"cbloss:gen10:if10:cb_focal:0"``, ``"finetune:natural:cub200:seed1"``,
+          ``"pretrain:generic:0"``, ``"cbloss_natural:natural:resnet8:softmax:0"``;
         - a row of a report table holding a ``run_id`` column:
           ``"report/transfer_cells.csv:0"`` (path relative to ``results_dir``, row number).
     results_dir : str or path-like, optional
