@@ -7,6 +7,7 @@ from pathlib import Path
 from finetail.code import PKG as INSTALLED_PKG, code_digest
 from finetail.config import check_config
 from finetail.layout import Layout, imbalance_tag
+from finetail.report_files import commit_label, halves_of, report_files
 
 check_config(config)
 
@@ -212,3 +213,36 @@ def training_log(stage, *wildcards):
 
 def get_final_outputs():
     return [L.report()]
+
+
+# ---------------------------------------------------------------- `snakemake --report` (report.smk)
+# What the Snakemake report shows, and how: finetail.report_files.REPORT_FILES (one entry per
+# file: category = the study's half, subcategory, caption in workflow/report/).
+HALVES = halves_of(config)
+
+
+def report_labels(entry):
+    """An entry's columns in the Snakemake report's result list: what it shows, and the commits
+    of the runs behind it (read from the report's provenance.csv when the report is built).
+    Only the first column may differ between the results of a subcategory: the report takes a
+    later column with two values, each on half the results, for a toggle (and fails on it)."""
+
+    def labels(wildcards):
+        return {
+            "result": entry.shows,
+            "commit": commit_label(L.report("provenance.csv"), entry.half),
+        }
+
+    return labels
+
+
+def report_flag(path, name):
+    """``path`` marked for `snakemake --report` as the REPORT_FILES entry ``name``."""
+    entry = next(e for e in report_files(HALVES, rule=None) if e.name == name)
+    return report(
+        path,
+        caption=f"../report/{entry.caption}",
+        category=entry.category,
+        subcategory=entry.subcategory,
+        labels=report_labels(entry),
+    )

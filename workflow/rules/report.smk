@@ -1,5 +1,26 @@
-# The report: tables and figures from every metrics.json, with the papers' numbers beside ours.
-# Code: finetail.report (lineage and audit of its numbers: finetail.provenance).
+# The report: tables and figures from every metrics.json, with the papers' numbers beside ours;
+# and what `snakemake --report report.html` shows of them (finetail.report_files: one list of
+# file -> category, subcategory, caption; captions in workflow/report/).
+# Code: finetail.report, finetail.report_files (lineage and audit of its numbers: finetail.provenance).
+# report_flag() and HALVES: common.smk (the similarity rule marks its heatmap too).
+
+
+# The report's front page: the study, its halves, and the commits its runs ran.
+report: "../report/workflow.rst"
+
+
+def get_report_outputs():
+    """Every file of the report for this study's halves: figures marked for the Snakemake
+    report; tables declared, and their HTML views marked (e.g. cbloss_table_csv and
+    cbloss_table_csv_view)."""
+    out = {}
+    for entry in report_files(HALVES, rule="report"):
+        if entry.view is None:
+            out[entry.key] = report_flag(L.report(entry.name), entry.name)
+        else:
+            out[entry.key] = L.report(entry.name)
+            out[entry.key + "_view"] = report_flag(L.report(entry.view), entry.name)
+    return out
 
 
 rule report:
@@ -11,7 +32,7 @@ rule report:
         similarity=[L.similarity(FMODEL_TAG)] if TR else [],
         selection=[L.selection(SELECTED)] if SELECTED else [],
     output:
-        summary=L.report(),
+        **get_report_outputs(),
     params:
         code=code("report"),
         spec=as_json(
@@ -26,7 +47,10 @@ rule report:
                 "study": STUDY,
             }
         ),
-        out_dir=lambda wildcards, output: os.path.dirname(output.summary),
+        # every training run behind the report, for its provenance table
+        metrics=lambda wildcards, input: [*input.cbloss, *input.cbloss_natural, *input.pretrain, *input.finetune],
+        experiment=EXPERIMENT,
+        out_dir=lambda wildcards, output: os.path.dirname(output.summary_md),
         results=lambda wildcards: L.root,
     conda:
         "../../envs/finetail.yaml"
@@ -37,4 +61,5 @@ rule report:
         runtime=10,
     shell:
         "finetail report --results {params.results:q} --spec {params.spec:q} "
+        "--metrics {params.metrics:q} --experiment {params.experiment:q} "
         "--out-dir {params.out_dir:q} > {log:q} 2>&1"
