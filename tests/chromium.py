@@ -24,8 +24,9 @@ import shutil
 import subprocess
 import tempfile
 import time
+from typing import Self
 
-__all__ = ["Chromium", "ChromiumError", "Page", "find_chromium", "png_size", "png_is_blank"]
+__all__ = ["Chromium", "ChromiumError", "Page", "find_chromium", "png_is_blank", "png_size"]
 
 
 class ChromiumError(RuntimeError):
@@ -40,6 +41,13 @@ def find_chromium() -> str | None:
     return None
 
 
+def _above(fd: int, low: int) -> int:
+    """``fd`` moved to a number >= ``low``."""
+    new = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, low)
+    os.close(fd)
+    return new
+
+
 class Chromium:
     """One headless Chromium process, its own throw-away profile, talked to over fds 3 and 4."""
 
@@ -49,22 +57,18 @@ class Chromium:
             raise ChromiumError("no chromium on PATH (Debian: apt-get install chromium)")
         self.timeout = timeout
         self._profile = tempfile.mkdtemp(prefix="finetail-chromium-")
-        to_child_r, self._to_child = os.pipe()
-        self._from_child, from_child_w = os.pipe()
-
-        def fds() -> None:  # in the child: the protocol's fds 3 (commands in) and 4 (replies out)
-            high_r = fcntl.fcntl(to_child_r, fcntl.F_DUPFD, 10)  # out of the way of 3 and 4 first
-            high_w = fcntl.fcntl(from_child_w, fcntl.F_DUPFD, 10)
-            os.dup2(high_r, 3)
-            os.dup2(high_w, 4)
-
+        to_child_r, self._to_child = (_above(fd, 10) for fd in os.pipe())  # never 3 or 4 themselves
+        self._from_child, from_child_w = (_above(fd, 10) for fd in os.pipe())
         args = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                 "--no-first-run", "--no-default-browser-check", "--disable-extensions",
                 "--remote-debugging-pipe", f"--user-data-dir={self._profile}",
                 f"--window-size={width},{height}", "about:blank"]
+        # The protocol's fds 3 (commands in) and 4 (replies out), set up by the bash that execs
+        # chromium (no preexec_fn: this process may have threads).
+        fds = f"3<&{to_child_r} 4>&{from_child_w} {to_child_r}<&- {from_child_w}>&-"
         self._log = open(os.path.join(self._profile, "chromium.log"), "w")  # noqa: SIM115 - closed in close()
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-                                     pass_fds=(3, 4), preexec_fn=fds)
+        self.proc = subprocess.Popen(["/bin/bash", "-c", f'exec "$0" "$@" {fds}', *args], stdin=subprocess.DEVNULL,
+                                     stdout=self._log, stderr=subprocess.STDOUT, pass_fds=(to_child_r, from_child_w))
         os.close(to_child_r)
         os.close(from_child_w)
         self._buf = b""
@@ -137,7 +141,7 @@ class Chromium:
         self._log.close()
         shutil.rmtree(self._profile, ignore_errors=True)
 
-    def __enter__(self) -> Chromium:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import ROOT
 from docutils.core import publish_parts
 from jinja2 import Environment
 
@@ -25,8 +26,6 @@ from finetail.report_files import (
     report_files,
     write_views,
 )
-
-from conftest import ROOT
 
 CAPTIONS = ROOT / "workflow" / "report"
 

@@ -89,7 +89,14 @@ def cmd_ui(a: argparse.Namespace) -> None:
     import shlex
 
     from .layout import Layout
-    from .tracking import mark_experiments, relocate_artifacts, sqlite_uri, study_experiments, ui_command, ui_url
+    from .tracking import (
+        mark_experiments,
+        relocate_artifacts,
+        sqlite_uri,
+        study_experiments,
+        ui_command,
+        ui_url,
+    )
 
     layout = Layout.at(a.results) if a.results else Layout.of_study(a.study)
     db, artifacts = Path(layout.mlflow_db()), Path(layout.artifacts())

@@ -16,7 +16,8 @@ wildcards, MLflow run id and experiment, git commit, config digest, its ``metric
 and :func:`commits_frame` counts those runs per commit for the report's front page. Both read
 ``metrics.json`` files only, as the report does.
 
-Imports pandas; neither snakemake nor mlflow.
+Imports neither snakemake nor mlflow; pandas only where a table is read or written (the
+Snakefile imports this module while it parses the DAG).
 """
 
 from __future__ import annotations
@@ -30,12 +31,14 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from .fileio import atomic_write
 from .layout import TRAINING, Layout
 from .record import MetricsRecord
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = [
     "CATEGORIES",
@@ -48,6 +51,7 @@ __all__ = [
     "finish_report",
     "halves_of",
     "provenance_frame",
+    "report_entry",
     "report_files",
     "write_views",
 ]
@@ -155,6 +159,14 @@ def halves_of(config: Mapping) -> list[str]:
     return [h for h in CATEGORIES if h == "provenance" or config.get(h)]
 
 
+def report_entry(name: str) -> ReportFile:
+    """The entry of :data:`REPORT_FILES` for file ``name``; KeyError naming the known files."""
+    for f in REPORT_FILES:
+        if f.name == name:
+            return f
+    raise KeyError(f"{name!r} is not in finetail.report_files.REPORT_FILES ({', '.join(f.name for f in REPORT_FILES)})")
+
+
 def report_files(halves: Iterable[str], rule: str | None = "report") -> list[ReportFile]:
     """The entries of :data:`REPORT_FILES` for these halves (provenance always), made by
     ``rule`` (None: by any rule)."""
@@ -174,6 +186,8 @@ def provenance_frame(metrics: Iterable[str | os.PathLike], experiment: str | Non
     ``, ``; ``metrics_json`` as given (the rules give paths relative to the study's working
     folder); ``experiment`` is the MLflow experiment the runs were logged to.
     """
+    import pandas as pd
+
     rows = []
     for path in metrics:
         m = MetricsRecord.read(path)
@@ -194,6 +208,8 @@ def provenance_frame(metrics: Iterable[str | os.PathLike], experiment: str | Non
 def commits_frame(prov: pd.DataFrame) -> pd.DataFrame:
     """The commits of the runs in a provenance table: ``commit``, ``runs``, ``rules`` (sorted,
     joined by ``, ``), most runs first (then by commit)."""
+    import pandas as pd
+
     if prov.empty:
         return pd.DataFrame(columns=["commit", "runs", "rules"])
     p = prov.assign(git_commit=prov["git_commit"].fillna("unknown"), rule=prov["rule"].fillna("?"))
@@ -207,6 +223,8 @@ def commit_label(provenance_csv: str | os.PathLike, half: str) -> str:
     """The commits behind one half's numbers as one line (``3f2a1bc0 (12 runs), ...``; commits
     shortened to 12 characters), from a provenance table; "not recorded" when the table or its
     runs are missing. A label of each result in the Snakemake report."""
+    import pandas as pd
+
     try:
         prov = pd.read_csv(provenance_csv, dtype=str, keep_default_na=False)
     except (FileNotFoundError, pd.errors.EmptyDataError):
@@ -228,6 +246,8 @@ th{background:#eee}pre{font-size:.85em;background:#f6f6f6;padding:.8em}"""
 
 
 def _table_html(path: Path) -> str:
+    import pandas as pd
+
     if path.suffix == ".csv":
         df = pd.read_csv(path, dtype=str, keep_default_na=False)  # the file's own text, not reformatted
         return df.to_html(index=False, border=0, classes="table", escape=True)

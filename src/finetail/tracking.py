@@ -19,9 +19,10 @@ file beside the database (and the connection waits up to 60 s as well): parallel
 run and never fail on "database is locked". Files under ``results/`` stay the source of truth.
 
 Experiments finetail creates carry the tag ``mlflow.experimentKind = custom_model_development``
-(:data:`EXPERIMENT_KIND_TAG`): MLflow 3's UI otherwise treats an experiment as a GenAI one and
-opens it on the traces overview; an existing experiment without the tag gets it the next time
-a job (or ``finetail ui``) opens it. MLflow records artifact locations as absolute ``file:``
+(:data:`EXPERIMENT_KIND_TAG`), marking them as model training for MLflow 3's UI (which
+otherwise opens an experiment on its GenAI overview); an existing experiment without the tag
+gets it the next time a job (or ``finetail ui``) opens it. The pinned MLflow 3.17.2 UI still
+picks its view from the link, so :func:`ui_url` links to the runs table. MLflow records artifact locations as absolute ``file:``
 URIs of the folder the study ran in; :func:`relocate_artifacts` points a study's SQLite store
 at its ``mlartifacts/`` folder where it lies now (a moved or copied study), and a training job
 does so itself when it opens a store that lies in its study folder.
@@ -75,10 +76,12 @@ __all__ = [
     "ui_url",
 ]
 
-# MLflow 3's experiment kind: its UI opens an experiment of this kind on the runs table, one
-# without it (or "genai_development") on the GenAI overview. The UI's own kind selector
-# writes this tag (mlflow/server/js/src/experiment-tracking/utils/ExperimentKindUtils.ts:
-# EXPERIMENT_KIND_TAG_KEY = 'mlflow.experimentKind'; ExperimentKind.CUSTOM_MODEL_DEVELOPMENT).
+# MLflow 3's experiment kind, as its UI's own kind selector writes it
+# (mlflow/server/js/src/experiment-tracking/utils/ExperimentKindUtils.ts: EXPERIMENT_KIND_TAG_KEY
+# = 'mlflow.experimentKind'; ExperimentKind.CUSTOM_MODEL_DEVELOPMENT = 'custom_model_development').
+# MLflow's newer UI source (WorkflowTypeContext, not in 3.17.2) switches to model training
+# when it opens an experiment of this kind; 3.17.2's picks GenAI or model training from the link's
+# ?workflowType= or the sidebar switch only (checked in a browser), hence ui_url().
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 
@@ -285,8 +288,8 @@ def _move_prefix(con: sqlite3.Connection, table: str, column: str, eid, old: str
     old = old.rstrip("/")
     where = f"experiment_id = ? AND ({column} = ? OR substr({column}, 1, ?) = ?)"
     args = (eid, old, len(old) + 1, old + "/")
-    rows = con.execute(f"SELECT {key} FROM {table} WHERE {where}", args).fetchall()  # noqa: S608 - fixed names
-    con.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) WHERE {where}",  # noqa: S608
+    rows = con.execute(f"SELECT {key} FROM {table} WHERE {where}", args).fetchall()  # fixed names only
+    con.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) WHERE {where}",
                 (new.rstrip("/"), len(old) + 1, *args))
     return rows
 

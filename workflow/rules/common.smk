@@ -7,7 +7,7 @@ from pathlib import Path
 from finetail.code import PKG as INSTALLED_PKG, code_digest
 from finetail.config import check_config
 from finetail.layout import Layout, imbalance_tag
-from finetail.report_files import commit_label, halves_of, report_files
+from finetail.report_files import commit_label, halves_of, report_entry, report_files
 
 check_config(config)
 
@@ -238,7 +238,7 @@ def report_labels(entry):
 
 def report_flag(path, name):
     """``path`` marked for `snakemake --report` as the REPORT_FILES entry ``name``."""
-    entry = next(e for e in report_files(HALVES, rule=None) if e.name == name)
+    entry = report_entry(name)
     return report(
         path,
         caption=f"../report/{entry.caption}",
@@ -246,3 +246,17 @@ def report_flag(path, name):
         subcategory=entry.subcategory,
         labels=report_labels(entry),
     )
+
+
+def get_report_outputs():
+    """Every file of the report for this study's halves: figures marked for the Snakemake
+    report; tables declared, and their HTML views marked (e.g. cbloss_table_csv and
+    cbloss_table_csv_view)."""
+    out = {}
+    for entry in report_files(HALVES, rule="report"):
+        if entry.view is None:
+            out[entry.key] = report_flag(L.report(entry.name), entry.name)
+        else:
+            out[entry.key] = L.report(entry.name)
+            out[f"{entry.key}_view"] = report_flag(L.report(entry.view), entry.name)
+    return out

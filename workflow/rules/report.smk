@@ -2,25 +2,11 @@
 # and what `snakemake --report report.html` shows of them (finetail.report_files: one list of
 # file -> category, subcategory, caption; captions in workflow/report/).
 # Code: finetail.report, finetail.report_files (lineage and audit of its numbers: finetail.provenance).
-# report_flag() and HALVES: common.smk (the similarity rule marks its heatmap too).
+# get_report_outputs() and report_flag(): common.smk (the similarity rule marks its heatmap too).
 
 
 # The report's front page: the study, its halves, and the commits its runs ran.
 report: "../report/workflow.rst"
-
-
-def get_report_outputs():
-    """Every file of the report for this study's halves: figures marked for the Snakemake
-    report; tables declared, and their HTML views marked (e.g. cbloss_table_csv and
-    cbloss_table_csv_view)."""
-    out = {}
-    for entry in report_files(HALVES, rule="report"):
-        if entry.view is None:
-            out[entry.key] = report_flag(L.report(entry.name), entry.name)
-        else:
-            out[entry.key] = L.report(entry.name)
-            out[entry.key + "_view"] = report_flag(L.report(entry.view), entry.name)
-    return out
 
 
 rule report:
