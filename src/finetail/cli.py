@@ -77,10 +77,48 @@ def cmd_select(a: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- report
 def cmd_report(a: argparse.Namespace) -> None:
     from .report import build_report
+    from .report_files import finish_report
 
-    written = build_report(Path(a.results), json.loads(a.spec), Path(a.out_dir))
+    spec = json.loads(a.spec)
+    written = build_report(Path(a.results), spec, Path(a.out_dir))
+    # provenance.csv, commits.csv and the HTML views that `snakemake --report` embeds
+    written += finish_report(Path(a.out_dir), spec, Path(a.results), a.metrics, a.experiment)
     for p in written:
         log(f"wrote {p}")
+
+
+def cmd_ui(a: argparse.Namespace) -> None:
+    import shlex
+
+    from .layout import Layout
+    from .tracking import (
+        mark_experiments,
+        relocate_artifacts,
+        sqlite_uri,
+        study_experiments,
+        ui_command,
+        ui_url,
+    )
+
+    layout = Layout.at(a.results) if a.results else Layout.of_study(a.study)
+    db, artifacts = Path(layout.mlflow_db()), Path(layout.artifacts())
+    if not db.is_file():
+        hint = (f"; the runs went to MLFLOW_TRACKING_URI={os.environ['MLFLOW_TRACKING_URI']}: open that server's UI"
+                if os.environ.get("MLFLOW_TRACKING_URI") else " (run the study first, or give --results)")
+        raise FileNotFoundError(f"{db}: no MLflow store there{hint}")
+    for r in relocate_artifacts(db, artifacts):
+        log(r.describe())
+    experiments = study_experiments(sqlite_uri(db), artifacts)
+    for eid in mark_experiments(sqlite_uri(db), [e for e, _ in experiments]):
+        log(f"marked MLflow experiment {eid} as model training (mlflow.experimentKind = custom_model_development)")
+    cmd = ui_command(db, artifacts, a.host, a.port)
+    for eid, name in experiments:
+        print(f"{name}: {ui_url(a.host, a.port, eid)}", flush=True)
+    if a.no_serve:
+        print(shlex.join(cmd))
+        return
+    log(f"starting the MLflow UI on http://{a.host}:{a.port} (Ctrl-C stops it)")
+    os.execv(cmd[0], cmd)
 
 
 def cmd_lineage(a: argparse.Namespace) -> None:
@@ -183,7 +221,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--results", required=True, help="results/<study>")
     r.add_argument("--spec", required=True, help="JSON: the report's config subtree")
     r.add_argument("--out-dir", required=True)
+    r.add_argument("--metrics", nargs="*", default=None,
+                   help="the metrics.json of every training run behind the report, for its provenance table "
+                        "(default: every one under --results)")
+    r.add_argument("--experiment", default=None, help="the MLflow experiment the runs were logged to")
     r.set_defaults(func=cmd_report)
+
+    ui = sub.add_parser("ui", help="the MLflow UI on a study's store, on the runs table (artifacts found after a move)")
+    where = ui.add_mutually_exclusive_group(required=True)
+    where.add_argument("--study", help="the study's name: its store is results/<study>/mlflow.db")
+    where.add_argument("--results", help="the study's results folder (results/<study>), wherever it lies now")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--no-serve", action="store_true",
+                    help="relocate and mark the store, print the experiments' URLs and the mlflow command; start nothing")
+    ui.set_defaults(func=cmd_ui)
 
     li = sub.add_parser("lineage", help="the chain behind a number: run, inputs with digests, parents, dataset sources")
     li.add_argument("target", help="a metrics.json (or its folder), an MLflow run id, a cell such as "

@@ -594,7 +594,9 @@ def _transfer_section(results: Path, spec: dict, out: Path) -> tuple[list[str], 
     lines = [
         "## Transfer: fine-tune top-1 accuracy (%)\n",
         f"Rows: pretraining source (`scratch` = random weights), columns: targets (Cui et al. 2018 table shape); "
-        f"mean ± std over seeds {seeds} (fine-tune seed S starts from pretrain seed S).\n",
+        f"mean ± std over seeds {seeds} (fine-tune seed S starts from pretrain seed S)."
+        + (" Fine-tuning here is a **linear probe**: the source network frozen, a new head trained on the target."
+           if tr["finetune"]["recipe"].get("linear_probe") else "") + "\n",
         _transfer_markdown(table, targets),
         "\nBest source per target (seed mean): " + ", ".join(f"{t}: **{s}**" for t, s in best.items()) + "\n",
         *_paper_transfer_lines(spec),

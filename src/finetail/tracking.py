@@ -17,6 +17,15 @@ The default store is a SQLite database under ``results/<study>/``. SQLite allows
 at a time, so every write from every process goes through an exclusive ``flock`` on a lock
 file beside the database (and the connection waits up to 60 s as well): parallel jobs lose no
 run and never fail on "database is locked". Files under ``results/`` stay the source of truth.
+
+Experiments finetail creates carry the tag ``mlflow.experimentKind = custom_model_development``
+(:data:`EXPERIMENT_KIND_TAG`), marking them as model training for MLflow 3's UI (which
+otherwise opens an experiment on its GenAI overview); an existing experiment without the tag
+gets it the next time a job (or ``finetail ui``) opens it. The pinned MLflow 3.17.2 UI still
+picks its view from the link, so :func:`ui_url` links to the runs table. MLflow records artifact locations as absolute ``file:``
+URIs of the folder the study ran in; :func:`relocate_artifacts` points a study's SQLite store
+at its ``mlartifacts/`` folder where it lies now (a moved or copied study), and a training job
+does so itself when it opens a store that lies in its study folder.
 """
 
 from __future__ import annotations
@@ -29,7 +38,9 @@ import multiprocessing
 import os
 import pickle
 import signal
+import sqlite3
 import subprocess
+import sys
 import time
 import traceback
 from collections.abc import Iterable, Iterator, Mapping
@@ -38,9 +49,13 @@ from pathlib import Path
 from typing import Self
 from urllib.parse import unquote, urlparse
 
+from .fileio import log
 from .record import RESUMED, flatten, job_params
 
 __all__ = [
+    "EXPERIMENT_KIND",
+    "EXPERIMENT_KIND_TAG",
+    "Relocation",
     "StoredRun",
     "Tracker",
     "TrackerProcess",
@@ -50,10 +65,25 @@ __all__ = [
     "config_digest",
     "flatten",
     "git_commit",
+    "mark_experiments",
+    "relocate_artifacts",
     "sqlite_path",
     "sqlite_uri",
     "store_exists",
+    "store_lock",
+    "study_experiments",
+    "ui_command",
+    "ui_url",
 ]
+
+# MLflow 3's experiment kind, as its UI's own kind selector writes it
+# (mlflow/server/js/src/experiment-tracking/utils/ExperimentKindUtils.ts: EXPERIMENT_KIND_TAG_KEY
+# = 'mlflow.experimentKind'; ExperimentKind.CUSTOM_MODEL_DEVELOPMENT = 'custom_model_development').
+# MLflow's newer UI source (WorkflowTypeContext, not in 3.17.2) switches to model training
+# when it opens an experiment of this kind; 3.17.2's picks GenAI or model training from the link's
+# ?workflowType= or the sidebar switch only (checked in a browser), hence ui_url().
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 class TrackingUnavailable(RuntimeError):
@@ -175,6 +205,160 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
         ) from e
 
 
+@contextlib.contextmanager
+def _flock(lock_path: Path) -> Iterator[None]:
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def store_lock(db: str | os.PathLike) -> contextlib.AbstractContextManager[None]:
+    """The exclusive lock every writer of a SQLite store takes (``<db>.lock``, ``flock``)."""
+    return _flock(Path(str(db) + ".lock"))
+
+
+def _beside(db: Path, artifact_root: str | os.PathLike) -> bool:
+    """The store and the artifact folder lie in one folder (a study's ``results/<study>/``), so
+    they were moved together."""
+    return Path(db).resolve().parent == Path(artifact_root).resolve().parent
+
+
+# --------------------------------------------------------------------------- a moved study
+@dataclass(frozen=True)
+class Relocation:
+    """One experiment whose artifact location :func:`relocate_artifacts` rewrote."""
+
+    experiment_id: str
+    name: str
+    old: str  # the artifact location recorded (a file: URI)
+    new: str
+    runs: int  # runs whose artifact_uri moved with it
+    missing: int  # of those, runs without a folder under the new location
+
+    def describe(self) -> str:
+        return (f"MLflow experiment {self.name!r} ({self.experiment_id}): artifact location {self.old} -> "
+                f"{self.new}, {self.runs} run(s) moved"
+                + (f"; {self.missing} of them have no artifact folder there" if self.missing else ""))
+
+
+def _relocate(db: Path, new: str, experiment_ids: Iterable[str] | None) -> list[Relocation]:
+    """:func:`relocate_artifacts` without the lock (the caller holds it)."""
+    con = sqlite3.connect(str(db), timeout=60, isolation_level=None)
+    try:
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not {"experiments", "runs"} <= tables:
+            raise ValueError(f"{db} is not an MLflow store (no experiments and runs tables)")
+        con.execute("BEGIN IMMEDIATE")  # one transaction: all of it, or nothing
+        try:
+            done = []
+            ids = None if experiment_ids is None else {str(i) for i in experiment_ids}
+            for eid, name, old in con.execute(
+                    "SELECT experiment_id, name, artifact_location FROM experiments").fetchall():
+                if old == new or not (old or "").startswith("file:"):
+                    continue
+                if ids is None:
+                    if not old.rstrip("/").endswith("/" + new.rstrip("/").rsplit("/", 1)[-1]):
+                        continue  # not a study's artifact folder (e.g. the Default experiment's ./mlruns)
+                elif str(eid) not in ids:
+                    continue
+                con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?", (new, eid))
+                moved = _move_prefix(con, "runs", "artifact_uri", eid, old, new)
+                if "logged_models" in tables:
+                    _move_prefix(con, "logged_models", "artifact_location", eid, old, new)
+                root = Path(unquote(urlparse(new).path))
+                missing = sum(1 for (rid,) in moved if not (root / rid).is_dir())
+                done.append(Relocation(str(eid), name, old, new, len(moved), missing))
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+    finally:
+        con.close()
+    return done
+
+
+def _move_prefix(con: sqlite3.Connection, table: str, column: str, eid, old: str, new: str) -> list[tuple[str]]:
+    """Rewrite ``column`` of ``table``'s rows of experiment ``eid`` that lie under ``old`` (the
+    location itself, or a path below it) to lie under ``new``; the ids of the rows moved."""
+    key = "run_uuid" if table == "runs" else "model_id"
+    old = old.rstrip("/")
+    where = f"experiment_id = ? AND ({column} = ? OR substr({column}, 1, ?) = ?)"
+    args = (eid, old, len(old) + 1, old + "/")
+    rows = con.execute(f"SELECT {key} FROM {table} WHERE {where}", args).fetchall()  # fixed names only
+    con.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) WHERE {where}",
+                (new.rstrip("/"), len(old) + 1, *args))
+    return rows
+
+
+def relocate_artifacts(db: str | os.PathLike, artifact_root: str | os.PathLike,
+                       experiment_ids: Iterable[str] | None = None) -> list[Relocation]:
+    """Point a SQLite store's recorded artifact locations at ``artifact_root`` where it lies now.
+
+    MLflow stores each experiment's artifact location and each run's artifact URI as absolute
+    ``file:`` URIs of the folder the study ran in, and offers no API to change them: a moved or
+    copied study folder would show no artifacts, and a rerun would write them into the old
+    folder. This rewrites them in one SQLite transaction, under the store's write lock
+    (:func:`store_lock`): each experiment's ``artifact_location``, and the ``artifact_uri`` of
+    its runs (and ``artifact_location`` of its logged models) that lay under the old location,
+    keeping the part below it (``<run_id>/artifacts``).
+
+    Parameters
+    ----------
+    db : the SQLite file (``results/<study>/mlflow.db``).
+    artifact_root : the study's artifact folder (``results/<study>/mlartifacts``).
+    experiment_ids : the experiments to relocate; None: every experiment whose location is a
+        ``file:`` URI of a folder with ``artifact_root``'s name (a study's), not already there.
+
+    Returns
+    -------
+    list of Relocation : what changed (empty when nothing had to).
+    """
+    new = Path(artifact_root).resolve().as_uri()
+    with store_lock(db):
+        return _relocate(Path(db), new, experiment_ids)
+
+
+def mark_experiments(uri: str, experiment_ids: Iterable[str]) -> list[str]:
+    """Tag each experiment as a model-training one (:data:`EXPERIMENT_KIND_TAG`) unless it has
+    a kind already; the ids tagged."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    tagged = []
+    for eid in experiment_ids:
+        if EXPERIMENT_KIND_TAG not in client.get_experiment(eid).tags:
+            client.set_experiment_tag(eid, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+            tagged.append(eid)
+    return tagged
+
+
+def study_experiments(uri: str, artifact_root: str | os.PathLike) -> list[tuple[str, str]]:
+    """(id, name) of a store's active experiments whose artifact location is ``artifact_root``."""
+    from mlflow.tracking import MlflowClient
+
+    root = Path(artifact_root).resolve().as_uri()
+    return [(e.experiment_id, e.name) for e in MlflowClient(tracking_uri=uri).search_experiments()
+            if e.artifact_location == root]
+
+
+def ui_url(host: str, port: int, experiment_id: str) -> str:
+    """The MLflow UI's runs table of an experiment. ``workflowType=machine_learning``: MLflow
+    3.17's UI picks its GenAI or model-training view from this parameter (else from the
+    sidebar's last choice, GenAI by default), not from the experiment's kind tag."""
+    return f"http://{host}:{port}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def ui_command(db: str | os.PathLike, artifact_root: str | os.PathLike, host: str, port: int) -> list[str]:
+    """``mlflow ui`` on a study's SQLite store, with this interpreter's mlflow; anything the UI
+    uploads goes to the study's artifact folder."""
+    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", sqlite_uri(db),
+            "--artifacts-destination", str(Path(artifact_root).resolve()), "--host", host, "--port", str(port)]
+
+
 class Tracker:
     """One MLflow run for one training job.
 
@@ -198,20 +382,29 @@ class Tracker:
             # Creating the client on a new database runs its migrations: one process at a time.
             self.client = MlflowClient(tracking_uri=self.uri)
             exp = self.client.get_experiment_by_name(experiment)
+            loc = Path(artifact_root).resolve().as_uri() if (artifact_root and db is not None) else None
             if exp is None:
-                loc = Path(artifact_root).resolve().as_uri() if (artifact_root and db is not None) else None
                 self.experiment_id = self._create_experiment(experiment, loc)
             else:
                 self.experiment_id = exp.experiment_id
+                if EXPERIMENT_KIND_TAG not in exp.tags:  # a store made before finetail set the kind
+                    self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+                if loc and exp.artifact_location != loc and _beside(db, artifact_root):
+                    # The study folder (store and artifacts) was moved or copied: new runs'
+                    # artifacts go to this folder, and the old runs' are found here.
+                    for r in _relocate(db, loc, [self.experiment_id]):
+                        log(r.describe())
         self.run_id: str | None = None
 
     def _create_experiment(self, name: str, artifact_location: str | None) -> str:
-        """Create the experiment; a parallel job that created it first (a tracking server
-        takes no file lock) is not an error: use theirs."""
+        """Create the experiment, marked as a model-training one (:data:`EXPERIMENT_KIND_TAG`);
+        a parallel job that created it first (a tracking server takes no file lock) is not an
+        error: use theirs."""
         from mlflow.exceptions import MlflowException
 
         try:
-            return self.client.create_experiment(name, artifact_location=artifact_location)
+            return self.client.create_experiment(name, artifact_location=artifact_location,
+                                                 tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException as e:
             if "RESOURCE_ALREADY_EXISTS" not in str(e):
                 raise
@@ -225,13 +418,8 @@ class Tracker:
         if self._lock_path is None:
             yield
             return
-        self._lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self._lock_path, "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        with _flock(self._lock_path):
+            yield
 
     def _call(self, fn, *args, **kwargs):
         """Run a client call under the store lock, retrying transient errors with backoff."""

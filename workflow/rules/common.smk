@@ -7,6 +7,7 @@ from pathlib import Path
 from finetail.code import PKG as INSTALLED_PKG, code_digest
 from finetail.config import check_config
 from finetail.layout import Layout, imbalance_tag
+from finetail.report_files import commit_label, halves_of, report_entry, report_files
 
 check_config(config)
 
@@ -223,7 +224,12 @@ def get_transfer_metrics():
 
 
 def get_pretrain_metrics():
-    return expand(L.train("pretrain", source="{source}", seed="{seed}"), source=ALL_SOURCES, seed=TR_SEEDS)
+    """Every pretraining run behind the report: each ranked source per seed, and the feature
+    network (trained once) whose features ranked them."""
+    runs = expand(L.train("pretrain", source="{source}", seed="{seed}"), source=ALL_SOURCES, seed=TR_SEEDS)
+    if FMODEL in FEATURE_NETWORKS:
+        runs.append(L.train("pretrain", source=FMODEL, seed=FEATURE_SEED))
+    return runs
 
 
 # ---------------------------------------------------------------- training jobs (training.smk)
@@ -261,3 +267,50 @@ def training_log(stage, *wildcards):
 
 def get_final_outputs():
     return [L.report()]
+
+
+# ---------------------------------------------------------------- `snakemake --report` (report.smk)
+# What the Snakemake report shows, and how: finetail.report_files.REPORT_FILES (one entry per
+# file: category = the study's half, subcategory, caption in workflow/report/).
+HALVES = halves_of(config)
+
+
+def report_labels(entry):
+    """An entry's columns in the Snakemake report's result list: what it shows, and the commits
+    of the runs behind it (read from the report's provenance.csv when the report is built).
+    Only the first column may differ between the results of a subcategory: the report takes a
+    later column with two values, each on half the results, for a toggle (and fails on it)."""
+
+    def labels(wildcards):
+        return {
+            "result": entry.shows,
+            "commit": commit_label(L.report("provenance.csv"), entry.half),
+        }
+
+    return labels
+
+
+def report_flag(path, name):
+    """``path`` marked for `snakemake --report` as the REPORT_FILES entry ``name``."""
+    entry = report_entry(name)
+    return report(
+        path,
+        caption=f"../report/{entry.caption}",
+        category=entry.category,
+        subcategory=entry.subcategory,
+        labels=report_labels(entry),
+    )
+
+
+def get_report_outputs():
+    """Every file of the report for this study's halves: figures marked for the Snakemake
+    report; tables declared, and their HTML views marked (e.g. cbloss_table_csv and
+    cbloss_table_csv_view)."""
+    out = {}
+    for entry in report_files(HALVES, rule="report"):
+        if entry.view is None:
+            out[entry.key] = report_flag(L.report(entry.name), entry.name)
+        else:
+            out[entry.key] = L.report(entry.name)
+            out[f"{entry.key}_view"] = report_flag(L.report(entry.view), entry.name)
+    return out

@@ -1,5 +1,12 @@
-# The report: tables and figures from every metrics.json, with the papers' numbers beside ours.
-# Code: finetail.report (lineage and audit of its numbers: finetail.provenance).
+# The report: tables and figures from every metrics.json, with the papers' numbers beside ours;
+# and what `snakemake --report report.html` shows of them (finetail.report_files: one list of
+# file -> category, subcategory, caption; captions in workflow/report/).
+# Code: finetail.report, finetail.report_files (lineage and audit of its numbers: finetail.provenance).
+# get_report_outputs() and report_flag(): common.smk (the similarity rule marks its heatmap too).
+
+
+# The report's front page: the study, its halves, and the commits its runs ran.
+report: "../report/workflow.rst"
 
 
 rule report:
@@ -11,7 +18,7 @@ rule report:
         similarity=[L.similarity(FMODEL_TAG)] if TR else [],
         selection=[L.selection(SELECTED)] if SELECTED else [],
     output:
-        summary=L.report(),
+        **get_report_outputs(),
     params:
         code=code("report"),
         spec=as_json(
@@ -27,7 +34,10 @@ rule report:
                 "study": STUDY,
             }
         ),
-        out_dir=lambda wildcards, output: os.path.dirname(output.summary),
+        # every training run behind the report, for its provenance table
+        metrics=lambda wildcards, input: [*input.cbloss, *input.cbloss_natural, *input.pretrain, *input.finetune],
+        experiment=EXPERIMENT,
+        out_dir=lambda wildcards, output: os.path.dirname(output.summary_md),
         results=lambda wildcards: L.root,
     conda:
         "../../envs/finetail.yaml"
@@ -38,4 +48,5 @@ rule report:
         runtime=10,
     shell:
         "finetail report --results {params.results:q} --spec {params.spec:q} "
+        "--metrics {params.metrics:q} --experiment {params.experiment:q} "
         "--out-dir {params.out_dir:q} > {log:q} 2>&1"

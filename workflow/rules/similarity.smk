@@ -37,7 +37,7 @@ rule similarity:
     output:
         matrix=L.similarity(FMODEL_TAG, "matrix.csv"),
         emd=L.similarity(FMODEL_TAG, "emd.csv"),
-        heatmap=report(L.similarity(FMODEL_TAG, "heatmap.png"), caption="../report/similarity.rst", category="transfer"),
+        heatmap=report_flag(L.similarity(FMODEL_TAG, "heatmap.png"), "heatmap.png"),
     params:
         code=code("similarity"),
         spec=lambda wildcards: as_json(
