@@ -117,9 +117,9 @@ def test_default_dag_trains_the_feature_network_once_and_never_ranks_or_finetune
     pretrained = [re.search(r"output: results/default/pretrain/([^/\s]+)/seed(\d+)/", t).groups() for rule, t in jobs
                   if rule == "pretrain"]
     seeds = [str(s) for s in cfg["transfer"]["seeds"]]
-    ranked = ["generic", "natural", "generic+natural", "selected"]
+    ranked = [*cfg["transfer"]["sources"], cfg["transfer"]["selection"]["name"]]
     assert sorted(pretrained) == sorted([(s, k) for s in ranked for k in seeds] + [("probe", "0")])  # probe: once
-    assert planned(r)["pretrain"] == 4 * len(seeds) + 1
+    assert planned(r)["pretrain"] == len(ranked) * len(seeds) + 1
     pool = [t for rule, t in jobs if rule == "pool_source" and "sources/probe/" in t]
     assert len(pool) == 1 and "results/default/datasets/probe/manifest.parquet" in pool[0]
     for rule, text in jobs:
@@ -130,7 +130,7 @@ def test_default_dag_trains_the_feature_network_once_and_never_ranks_or_finetune
         if rule in ("similarity", "selection"):
             assert "features/probe/" in text and "features/generic+natural/" not in text
     spec = json.loads(shlex.split(re.search(r"finetail similarity .*", r.stdout).group(0))[5])
-    assert spec["sources"] == ["generic", "natural", "generic+natural", "selected"]  # the matrix's rows
+    assert spec["sources"] == ranked  # the matrix's rows
     finetuned = set(re.findall(r"results/default/finetune/([^/\s]+)/[^/\s]+/seed\d+/metrics\.json", r.stdout))
     assert "probe" not in finetuned and "generic" in finetuned
 
@@ -193,7 +193,7 @@ def test_similarity_table_names_its_network_and_what_it_has_seen(tmp_path):
     label = similarity_network_label(paper["transfer"], paper["datasets"])
     assert "`tv:resnet101`" in label and "299 px, central crop 0.875" in label
     assert "has seen one of the ranked sources (`imagenet`, `imagenet+inat2017`, `selected`)" in label
-    cfg["transfer"]["features"]["model"] = "generic+natural"
+    cfg["transfer"]["features"]["model"] = "generic"
     assert "a ranked source" in similarity_network_label(cfg["transfer"], cfg["datasets"])
 
 
@@ -221,9 +221,9 @@ def test_feature_network_trains_and_gives_the_similarity_and_selection(tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = tmp_path / "results" / "tiny"
     assert sorted(p.name for p in (res / "pretrain").iterdir()) == ["probe"]  # no ranked source was needed
-    record = json.loads((res / "pretrain" / "probe" / "metrics.json").read_text())
+    record = json.loads((res / "pretrain" / "probe" / "seed0" / "metrics.json").read_text())
     assert record["config"]["recipe"]["width"] == 8  # the feature recipe over the pretrain recipe
-    assert len(pd.read_csv(res / "pretrain" / "probe" / "per_class.csv")) == len(dataset_classes("probe"))
+    assert len(pd.read_csv(res / "pretrain" / "probe" / "seed0" / "per_class.csv")) == len(dataset_classes("probe"))
     for npz in (res / "features" / "probe").glob("*.npz"):
         assert str(np.load(npz)["model_run_id"]) == record["run_id"], npz.name
     sim = pd.read_csv(res / "similarity" / "probe" / "matrix.csv", index_col=0)

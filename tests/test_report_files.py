@@ -98,12 +98,12 @@ def _metrics(path: Path, rule: str, wildcards: dict, run_id: str, commit: str | 
 
 def test_provenance_and_commits_tables(tmp_path):
     res = tmp_path / "results" / "s"
-    a = _metrics(res / "cbloss/gen10/if10/softmax/metrics.json", "cbloss",
+    a = _metrics(res / "cbloss/gen10/if10/softmax/seed0/metrics.json", "cbloss",
                  {"dataset": "gen10", "imbalance": "10", "loss": "softmax"}, "r1", "c" * 40)
-    b = _metrics(res / "pretrain/generic/metrics.json", "pretrain", {"source": "generic"}, "r2", "c" * 40)
-    c = _metrics(res / "finetune/generic/cub200/metrics.json", "finetune", {"source": "generic", "target": "cub200"},
+    b = _metrics(res / "pretrain/generic/seed0/metrics.json", "pretrain", {"source": "generic"}, "r2", "c" * 40)
+    c = _metrics(res / "finetune/generic/cub200/seed0/metrics.json", "finetune", {"source": "generic", "target": "cub200"},
                  "r3", "e" * 40, parent="r2")
-    d = _metrics(res / "finetune/scratch/cub200/metrics.json", "finetune", {"source": "scratch", "target": "cub200"},
+    d = _metrics(res / "finetune/scratch/cub200/seed0/metrics.json", "finetune", {"source": "scratch", "target": "cub200"},
                  "r4", None)
     prov = provenance_frame([a, b, c, d], "finetail-s")
     assert prov["run_id"].tolist() == ["r1", "r2", "r3", "r4"]
@@ -128,14 +128,13 @@ def test_provenance_and_commits_tables(tmp_path):
 def test_finish_report_by_hand_finds_every_run_and_writes_the_views(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     res = Path("results/s")
-    _metrics(res / "cbloss/gen10/if10/softmax/metrics.json", "cbloss", {"dataset": "gen10"}, "r1", "c" * 40)
-    _metrics(res / "pretrain/generic/metrics.json", "pretrain", {"source": "generic"}, "r2", "c" * 40)
+    _metrics(res / "cbloss/gen10/if10/softmax/seed0/metrics.json", "cbloss", {"dataset": "gen10"}, "r1", "c" * 40)
+    _metrics(res / "pretrain/generic/seed0/metrics.json", "pretrain", {"source": "generic"}, "r2", "c" * 40)
     out = res / "report"
     out.mkdir(parents=True)
     pd.DataFrame({"loss": ["softmax", "<b>x</b>"], "if10": [1.5, 2.0]}).to_csv(out / "cbloss_table.csv", index=False)
-    for name in ("cbloss_cells.csv", "summary.md"):
+    for name in ("cbloss_cells.csv", "cbloss_shots.csv", "cbloss_paired.csv", "summary.md"):
         (out / name).write_text("a,b\n1,2\n" if name.endswith(".csv") else "# report\n")
-    (out / "cbloss_shots.md").write_text("| a |\n|---|\n| 1 |\n")
     written = finish_report(out, {"cbloss": {"x": 1}}, res, None, "finetail-s")
     assert pd.read_csv(out / "provenance.csv")["run_id"].tolist() == ["r1", "r2"]  # every metrics.json found
     assert {p.name for p in written} >= {"provenance.csv", "commits.csv", "cbloss_table.html", "provenance.html"}
@@ -144,7 +143,7 @@ def test_finish_report_by_hand_finds_every_run_and_writes_the_views(tmp_path, mo
     assert "<td>1.5</td>" in page  # the file's own text
     data = re.search(r'href="data:text/csv;base64,([^"]+)"', page).group(1)
     assert base64.b64decode(data) == (out / "cbloss_table.csv").read_bytes()  # the download is the file itself
-    assert "<pre>| a |" in (out / "view" / "cbloss_shots.html").read_text()
+    assert "<td>2</td>" in (out / "view" / "cbloss_shots.html").read_text()
 
 
 def test_a_missing_table_is_named(tmp_path):

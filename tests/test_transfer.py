@@ -122,12 +122,14 @@ def test_default_dag_holds_every_source_target_finetune(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     planned = set(re.findall(r"results/default/finetune/([^/\s]+)/([^/\s]+)/seed(\d+)/metrics\.json", r.stdout))
     config = yaml.safe_load((ROOT / "config.yaml").read_text())
-    sources = ["generic", "natural", "generic+natural", "selected", "scratch"]
-    targets, seeds = config["transfer"]["targets"], config["transfer"]["seeds"]
-    assert len(targets) >= 4 and len(seeds) >= 3
+    tr = config["transfer"]
+    ranked = [*tr["sources"], tr["selection"]["name"]]
+    sources = ranked + (["scratch"] if tr["finetune"]["scratch"] else [])
+    targets, seeds = tr["targets"], tr["seeds"]
+    assert len(targets) >= 4 and len(seeds) >= 3 and len(ranked) >= 3
     assert planned == {(s, t, str(k)) for s in sources for t in targets for k in seeds}
-    # 4 sources x the seeds, + the feature network (probe), trained once
-    assert re.search(rf"^pretrain\s+{4 * len(seeds) + 1}$", r.stdout, flags=re.M)
+    # every ranked source x the seeds, + the feature network (probe), trained once
+    assert re.search(rf"^pretrain\s+{len(ranked) * len(seeds) + 1}$", r.stdout, flags=re.M)
     assert re.search(rf"^finetune\s+{len(sources) * len(targets) * len(seeds)}$", r.stdout, flags=re.M)
 
 

@@ -22,6 +22,7 @@ rule features:
     log:
         L.log("features", FMODEL_TAG, "{fdataset}"),
     threads: 1
+    priority: 3  # on the transfer half's critical path (see training.smk)
     resources:
         gpu=1,  # one GPU where there is one (Slurm: --gpus; locally: --resources gpu=N tokens)
         mem_mb=3000,
@@ -73,6 +74,7 @@ rule selection:
         "../../envs/finetail.yaml"
     log:
         L.log("selection", "{source}"),
+    priority: 3
     resources:
         mem_mb=2000,
         runtime=10,

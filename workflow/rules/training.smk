@@ -18,6 +18,9 @@ rule cbloss:
     log:
         training_log("cbloss", "dataset", "imbalance", "loss", "seed"),
     threads: 1
+    # Scheduling on few cores: the transfer chain (feature network -> features -> selection ->
+    # pretrain -> fine-tune) first, the independent long-tail cells fill the gaps (higher first).
+    priority: 0
     resources:
         gpu=1,  # one GPU where there is one (Slurm: --gpus; locally: --resources gpu=N tokens)
         mem_mb=3000,
@@ -55,6 +58,7 @@ use rule cbloss as pretrain with:
         ),
     log:
         training_log("pretrain", "source", "seed"),
+    priority: 2
     resources:
         gpu=1,
         mem_mb=4000,
@@ -75,3 +79,4 @@ use rule cbloss as finetune with:
         ),
     log:
         training_log("finetune", "source", "target", "seed"),
+    priority: 1

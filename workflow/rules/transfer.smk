@@ -16,6 +16,7 @@ rule pool_source:
         "../../envs/finetail.yaml"
     log:
         L.log("pool_source", "{source}"),
+    priority: 3  # on the transfer half's critical path (see training.smk)
     resources:
         mem_mb=1000,
         runtime=5,
