@@ -241,11 +241,11 @@ if "b" in parts:
     summary["cbloss"] = {}
     print(f"(b) {'loss':10s} {'test error %':>12s} {'paper %':>8s} {'wall s':>8s} {'images/s':>9s} epochs device")
     for loss, ref in paper.items():
-        m = json.loads((base / loss / "metrics.json").read_text())
+        m = json.loads((base / loss / "seed0" / "metrics.json").read_text())
         err = 100 * m["final"]["top1_error"]
         row = {"top1_error_pct": round(err, 2), "paper_pct": ref, "wall_s": m["wall_s"],
                "mean_images_per_s": m["mean_images_per_s"], "epochs": m["epochs"], "device": m["device"],
-               "num_train": m["num_train"], "metrics": str(base / loss / "metrics.json")}
+               "num_train": m["num_train"], "metrics": str(base / loss / "seed0" / "metrics.json")}
         summary["cbloss"][loss] = row
         print(f"    {loss:10s} {err:12.2f} {ref:8.2f} {m['wall_s']:8.1f} {m['mean_images_per_s']:9.0f} "
               f"{m['epochs']:6d} {m['device']}")

@@ -59,8 +59,11 @@ def test_imagefolder_study_runs_and_reports_beside_the_paper(tmp_path, small_arc
     counts = pd.read_csv(res / "longtail" / "cifar10_if10" / "counts.csv")
     assert counts["train_count"].tolist() == class_counts(40, 10, 10)
     table = pd.read_csv(res / "report" / "cbloss_table.csv")
-    paper = table.set_index("loss")["paper_if10"]
-    assert paper["softmax"] == pytest.approx(13.61)  # Cui et al. 2019, Table 2
-    assert paper["cb_focal"] == pytest.approx(12.51)  # best class-balanced, IF 10
-    m = json.loads((res / "cbloss" / "cifar10" / "if10" / "softmax" / "metrics.json").read_text())
+    # a reduced recipe (1 epoch, resnet8): the paper's numbers are not printed beside ours ...
+    assert not [c for c in table.columns if c.startswith("paper")]
+    summary = (res / "report" / "summary.md").read_text()
+    assert "reduced recipe: not comparable (" in summary and "epochs 1 ≠ 200" in summary
+    # ... and the report says where the data came from
+    assert "`cifar10`: ImageFolder from" in summary and "re-encoded as 32x32 JPEG" in summary
+    m = json.loads((res / "cbloss" / "cifar10" / "if10" / "softmax" / "seed0" / "metrics.json").read_text())
     assert m["num_classes"] == 10 and m["num_train"] == sum(class_counts(40, 10, 10))

@@ -197,16 +197,16 @@ def test_registry_dataset_source_and_errors(tmp_path):
     lt = res / "longtail" / "cifar10_if10"
     lt.mkdir(parents=True)
     man.assign(path="../../../../resources/cifar10/imgs/cat/a.png").to_parquet(lt / "manifest.parquet", index=False)
-    out = res / "cbloss" / "cifar10" / "if10" / "softmax"
+    out = res / "cbloss" / "cifar10" / "if10" / "softmax" / "seed0"
     out.mkdir(parents=True)
     (out / "metrics.json").write_text(json.dumps({
-        "rule": "cbloss", "wildcards": {"dataset": "cifar10", "imbalance": "10", "loss": "softmax"},
+        "rule": "cbloss", "wildcards": {"dataset": "cifar10", "imbalance": "10", "loss": "softmax", "seed": "0"},
         "run_id": "f" * 32, "tracking_uri": f"sqlite:///{tmp_path / 'gone.db'}", "config_digest": "c" * 64,
         "inputs": {"manifest": "results/real/longtail/cifar10_if10/manifest.parquet",
                    "manifest_sha256": file_sha256(lt / "manifest.parquet")},
         "parent_run_id": None, "git_commit": "unknown", "final": {"top1_error": 0.5}}))
 
-    chain = lineage("cbloss:cifar10:if10:softmax", results_dir=res)
+    chain = lineage("cbloss:cifar10:if10:softmax:0", results_dir=res)
     assert chain["status"] == "unknown" and chain["inputs"][0]["status"] == "ok"
     [src] = chain["inputs"][0]["sources"]
     assert src["origin"] == "registry" and src["name"] == "cifar10"
