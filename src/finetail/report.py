@@ -205,6 +205,7 @@ def shots_table(df: pd.DataFrame) -> pd.DataFrame:
 
 def _shots_markdown(shots: pd.DataFrame) -> str:
     md = shots[["dataset", "imbalance", "setting"]].copy()
+    md["imbalance"] = [f"{v:g}" for v in md["imbalance"]]
     md["n"] = shots["top1_error_n"]
     for metric in SHOT_METRICS:
         if shots[f"{metric}_n"].sum():
@@ -664,6 +665,7 @@ def _cbloss_section(results: Path, spec: dict, out: Path, paper_ok: dict[str, bo
     if len(pm):
         pm["95% CI"] = [f"[{lo:+.2f}, {hi:+.2f}]" for lo, hi in zip(pm["ci_low"], pm["ci_high"], strict=True)]
         pm = pm[["dataset", "imbalance", "setting", "metric", "difference", "95% CI", "n", "verdict"]]
+        pm["imbalance"] = [f"{v:g}" for v in pm["imbalance"]]
     lines = [
         "## Class-balanced loss: top-1 error (%)\n",
         f"Rows: loss settings; columns: imbalance factor (Cui et al. 2019, Table 2 shape); mean ± std over "
