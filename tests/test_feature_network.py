@@ -75,7 +75,7 @@ def test_default_feature_model_is_a_feature_network_not_a_ranked_source(tmp_path
     [
         (lambda f, tr: f.update(model="jft"), r"transfer.features.model 'jft' is not a feature network .*probe"),
         (lambda f, tr: f["networks"].update(probe=["probe", "imagenet"]), r"trains on 'imagenet', which is not declared"),
-        (lambda f, tr: f["networks"].update(probe=["probe", "generic"]), r"trains on 'generic', but sources 'generic', 'generic\+natural' pool it"),
+        (lambda f, tr: f["networks"].update(probe=["probe", "generic"]), r"trains on 'generic', but source 'generic' pools it"),
         (lambda f, tr: f["networks"].update(probe=["cub200"]), r"trains on 'cub200', but it is a target"),
         (lambda f, tr: f["networks"].update({"generic": ["probe"]}), r"networks.generic: the name clashes with a source"),
         (lambda f, tr: f["networks"].update({"selected": ["probe"]}), r"networks.selected: the name clashes"),
