@@ -50,23 +50,23 @@ def _datasets(node):
 @pytest.mark.slow
 def test_finetune_lineage_reaches_pretrain_pooled_source_and_world_seed(study):
     res = study / "results" / "tiny"
-    mpath = res / "finetune" / "generic+natural" / "cub200" / "metrics.json"
+    mpath = res / "finetune" / "generic+natural" / "cub200" / "seed0" / "metrics.json"
     record = json.loads(mpath.read_text())
     chain = lineage(mpath)
 
     assert chain["run_id"] == record["run_id"] and chain["rule"] == "finetune"
-    assert chain["wildcards"] == {"source": "generic+natural", "target": "cub200"}
+    assert chain["wildcards"] == {"source": "generic+natural", "target": "cub200", "seed": "0"}
     assert chain["status"] == "FINISHED"
     assert chain["config_digest"] == record["config_digest"] and chain["git_commit"] == record["git_commit"]
     assert chain["final"]["top1_error"] == record["final"]["top1_error"]
     inputs = {i["role"]: i for i in chain["inputs"]}
     assert inputs["manifest"]["status"] == "ok" and inputs["init_model"]["status"] == "ok"
-    assert inputs["init_model"]["sha256"] == file_sha256(res / "pretrain" / "generic+natural" / "model.pt")
+    assert inputs["init_model"]["sha256"] == file_sha256(res / "pretrain" / "generic+natural" / "seed0" / "model.pt")
     assert set(_datasets(chain)) == {"cub200"}
     assert chain["warnings"] == []
 
     [parent] = chain["parents"]
-    pre = json.loads((res / "pretrain" / "generic+natural" / "metrics.json").read_text())
+    pre = json.loads((res / "pretrain" / "generic+natural" / "seed0" / "metrics.json").read_text())
     assert parent["run_id"] == pre["run_id"] == record["parent_run_id"]
     assert parent["rule"] == "pretrain" and parent["status"] == "FINISHED" and parent["parents"] == []
     assert parent["model"]["status"] == "ok"
@@ -94,24 +94,24 @@ def test_finetune_lineage_reaches_pretrain_pooled_source_and_world_seed(study):
 @pytest.mark.slow
 def test_lineage_by_run_id_folder_and_cell_equal_lineage_by_path(study):
     res = study / "results" / "tiny"
-    folder = res / "finetune" / "generic" / "cub200"
+    folder = res / "finetune" / "generic" / "cub200" / "seed0"
     by_path = lineage(folder / "metrics.json")
     assert lineage(by_path["run_id"], results_dir=res) == by_path
     assert lineage(folder) == by_path
-    assert lineage("finetune:generic:cub200", results_dir=res) == by_path
+    assert lineage("finetune:generic:cub200:0", results_dir=res) == by_path
     cells = pd.read_csv(res / "report" / "transfer_cells.csv")
     row = int(np.flatnonzero(cells["run_id"] == by_path["run_id"])[0])
     assert lineage(f"report/transfer_cells.csv:{row}", results_dir=res) == by_path
 
     cb = lineage("cbloss:gen10:if10:cb_focal:seed0", results_dir=res)
-    assert cb["wildcards"] == {"dataset": "gen10", "imbalance": "10", "loss": "cb_focal"}
+    assert cb["wildcards"] == {"dataset": "gen10", "imbalance": "10", "loss": "cb_focal", "seed": "0"}
     assert cb["inputs"][0]["kind"] == "longtail" and set(_datasets(cb)) == {"gen10"}
     assert lineage("cbloss:gen10:10:cb_focal:0", results_dir=res) == cb
 
     with pytest.raises(ValueError, match="unknown run id"):
         lineage("0" * 32, results_dir=res)
     with pytest.raises(FileNotFoundError, match="cub200"):
-        lineage("finetune:nosuch:cub200", results_dir=res)
+        lineage("finetune:nosuch:cub200:0", results_dir=res)
     with pytest.raises(FileNotFoundError):
         lineage(res / "finetune" / "nosuch" / "metrics.json")
 
@@ -125,7 +125,7 @@ def test_audit_of_an_untouched_study_is_all_ok(study):
     named = {r["resolved"] for r in rows}
     assert str(res / "longtail" / "gen10_if10" / "manifest.parquet") in named
     assert str(res / "sources" / "generic+natural" / "manifest.parquet") in named
-    assert str(res / "pretrain" / "generic" / "model.pt") in named
+    assert str(res / "pretrain" / "generic" / "seed0" / "model.pt") in named
     assert str(res / "datasets" / "gen10" / "images.npy") in named  # the pixels, not only their index
     assert {r["role"] for r in rows} == {"input.manifest", "input.init_model", "model", "input.store.0",
                                          "input.store.1", "data", "metrics.final", "output.metrics.json",
@@ -156,7 +156,7 @@ def test_audit_and_lineage_flag_a_changed_manifest(study_copy):
     assert audit_exit_code(rows) != 0
     assert format_audit(rows).splitlines()[0].startswith("changed")
 
-    chain = lineage(res / "finetune" / "generic+natural" / "cub200" / "metrics.json")
+    chain = lineage(res / "finetune" / "generic+natural" / "cub200" / "seed0" / "metrics.json")
     assert chain["inputs"][0]["status"] == "ok"
     assert chain["parents"][0]["inputs"][0]["status"] == "changed"
     assert "changed" in format_lineage(chain)
@@ -165,7 +165,7 @@ def test_audit_and_lineage_flag_a_changed_manifest(study_copy):
 @pytest.mark.slow
 def test_audit_flags_a_deleted_model_as_missing(study_copy):
     res = study_copy
-    model = res / "pretrain" / "generic" / "model.pt"
+    model = res / "pretrain" / "generic" / "seed0" / "model.pt"
     model.unlink()
     rows = audit(res)
     missing = [r for r in rows if r["status"] == "missing"]
@@ -233,9 +233,9 @@ def test_lineage_and_audit_commands(study_copy):
     run = lambda *a: subprocess.run([sys.executable, "-m", "finetail.cli", *a], capture_output=True, text=True)  # noqa: E731
     r = run("lineage", "finetune:generic+natural:cub200", "--results", str(res))
     assert r.returncode == 0, r.stderr
-    pre = json.loads((res / "pretrain" / "generic+natural" / "metrics.json").read_text())
+    pre = json.loads((res / "pretrain" / "generic+natural" / "seed0" / "metrics.json").read_text())
     assert pre["run_id"] in r.stdout and "seed" in r.stdout
-    r = run("lineage", str(res / "finetune" / "generic+natural" / "cub200" / "metrics.json"), "--json")
+    r = run("lineage", str(res / "finetune" / "generic+natural" / "cub200" / "seed0" / "metrics.json"), "--json")
     assert json.loads(r.stdout)["parents"][0]["run_id"] == pre["run_id"]
     r = run("audit", "--results", str(res))
     assert r.returncode == 0, r.stdout + r.stderr
@@ -261,7 +261,7 @@ def test_rerun_after_a_data_change_trains_again_and_audit_stays_clean(study_copy
         text = log.read_text()
         assert "resuming" not in text and "starting afresh" in text, log
     manifest = pd.read_parquet(res / "longtail" / "gen10_if10" / "manifest.parquet")
-    for cell in (res / "cbloss" / "gen10" / "if10").iterdir():
+    for cell in (res / "cbloss" / "gen10" / "if10").glob("*/seed*"):
         record = json.loads((cell / "metrics.json").read_text())
         assert record["final"]["num_test"] == (manifest["split"] == "test").sum() == 10 * 20
     rows = audit(res)

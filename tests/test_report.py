@@ -104,3 +104,11 @@ def test_the_report_says_where_each_dataset_came_from_and_why_no_paper_column():
     why = paper_reasons({"cbloss": {"datasets": ["cifar10"], "recipe": {**CBLOSS_CIFAR_RECIPE, "epochs": 15, "amp": True}}})
     assert why.startswith("reduced recipe: not comparable") and "epochs 15 ≠ 200" in why and "amp true ≠ false" in why
     assert "not the paper's datasets" in paper_reasons({"cbloss": {"datasets": ["gen10"], "recipe": {}}})
+
+
+def test_a_grid_with_nothing_to_pair_still_writes_the_paired_table_header(tmp_path):
+    only = {k: v for k, v in ERRORS.items() if k[0] == "softmax"}
+    p = paired_table(_cells(only), "softmax")
+    assert p.empty and {"difference", "ci_low", "ci_high", "verdict"} <= set(p.columns)
+    p.to_csv(tmp_path / "p.csv", index=False)
+    assert pd.read_csv(tmp_path / "p.csv").empty  # readable: a header, no rows

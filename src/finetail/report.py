@@ -214,6 +214,8 @@ def _shots_markdown(shots: pd.DataFrame) -> str:
 
 
 PAIRED_METRICS = {"top1_error": True, "few_acc": False, "balanced_acc": False}  # metric -> lower is better
+PAIRED_COLUMNS = ["dataset", "imbalance", "loss", "setting", "baseline", "metric", "difference", "ci_low", "ci_high",
+                  "n", "verdict"]
 
 
 def baseline_loss(cb: dict) -> str | None:
@@ -239,7 +241,7 @@ def paired_table(df: pd.DataFrame, baseline: str) -> pd.DataFrame:
                 rows.append({"dataset": ds, "imbalance": imb, "loss": loss, "setting": h["setting"].iloc[0],
                              "baseline": baseline, "metric": metric, "difference": d.mean, "ci_low": d.low,
                              "ci_high": d.high, "n": d.n, "verdict": d.verdict(lower_is_better=lower)})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=PAIRED_COLUMNS)  # the columns even with nothing to compare
 
 
 def _cb_claim(paired: pd.DataFrame, cb: dict) -> list[str]:
@@ -654,7 +656,7 @@ def _cbloss_section(results: Path, spec: dict, out: Path, paper_ok: dict[str, bo
     shots_md = _shots_markdown(shots)
     (out / "cbloss_shots.md").write_text(shots_md)
     base = baseline_loss(cb)
-    paired = paired_table(df, base) if base else pd.DataFrame()
+    paired = paired_table(df, base) if base else pd.DataFrame(columns=PAIRED_COLUMNS)
     paired.to_csv(out / "cbloss_paired.csv", index=False)
     _plot_error_vs_if(df, out / "cbloss_error_vs_if.png")
     _plot_per_class(results, df, out / "cbloss_per_class.png")
