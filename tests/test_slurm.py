@@ -130,9 +130,9 @@ def test_gpu_jobs_request_gpus_and_cpu_jobs_do_not(slurm_study):
 def test_pretraining_ran_distributed_over_its_gpus(slurm_study):
     """The profile gives pretrain 4 GPUs; the job ran 4 DDP processes (gloo on this CPU)."""
     work, _ = slurm_study
-    rec = json.loads((work / "results" / "slurm" / "pretrain" / "generic" / "metrics.json").read_text())
+    rec = json.loads((work / "results" / "slurm" / "pretrain" / "generic" / "seed0" / "metrics.json").read_text())
     assert rec["world_size"] == 4
-    log = (work / "logs" / "slurm" / "pretrain" / "generic.log").read_text()
+    log = (work / "logs" / "slurm" / "pretrain" / "generic" / "seed0.log").read_text()
     assert "relaunching under torchrun with 4 processes" in log
 
 
