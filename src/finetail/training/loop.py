@@ -144,7 +144,9 @@ def evaluate(model, data: BatchSource, mean, std, cfg: TrainConfig, train_counts
     labels = data.test_labels
     out = classification_metrics(topk[:, 0], labels, train_counts, cfg.many_shot, cfg.few_shot)
     out["top5_error"] = float(1.0 - (topk == labels[:, None]).any(axis=1).mean()) if topk.shape[1] >= 5 else None
-    out["ece"] = expected_calibration_error(conf, topk[:, 0] == labels)
+    # Diverged weights give NaN confidences: ECE is NaN then, and the engine's non-finite
+    # check (not this metric) stops the job, naming the epoch.
+    out["ece"] = expected_calibration_error(conf, topk[:, 0] == labels) if np.isfinite(conf).all() else float("nan")
     return out
 
 
