@@ -174,7 +174,7 @@ def test_audit_flags_a_deleted_model_as_missing(study_copy):
     assert {r["role"] for r in missing} == {"model", "output.model.pt", "input.init_model"}
     assert all(r["actual"] is None for r in missing)
     assert audit_exit_code(rows) != 0
-    chain = lineage("finetune:generic:cub200", results_dir=res)
+    chain = lineage("finetune:generic:cub200:0", results_dir=res)
     assert {i["role"]: i["status"] for i in chain["inputs"]}["init_model"] == "missing"
     assert chain["parents"][0]["model"]["status"] == "missing"
 
@@ -231,7 +231,7 @@ def test_lineage_and_audit_commands(study_copy):
 
     res = study_copy
     run = lambda *a: subprocess.run([sys.executable, "-m", "finetail.cli", *a], capture_output=True, text=True)  # noqa: E731
-    r = run("lineage", "finetune:generic+natural:cub200", "--results", str(res))
+    r = run("lineage", "finetune:generic+natural:cub200:0", "--results", str(res))
     assert r.returncode == 0, r.stderr
     pre = json.loads((res / "pretrain" / "generic+natural" / "seed0" / "metrics.json").read_text())
     assert pre["run_id"] in r.stdout and "seed" in r.stdout

@@ -58,6 +58,7 @@ def _study_config():
         cfg.pop(key)
     cfg["datasets"] = {"gen10": cfg["datasets"]["gen10"]}
     cfg["cbloss"]["imbalance"] = [10]
+    cfg["cbloss"]["seeds"] = [0]
     return cfg
 
 
@@ -77,11 +78,13 @@ def test_study_logs_to_a_real_tracking_server(server, tmp_path):
     client = MlflowClient(server)
     exp = client.get_experiment_by_name("finetail-served")
     runs = client.search_runs([exp.experiment_id])
-    assert sorted(r.data.tags["finetail.wildcard.loss"] for r in runs) == ["cb_focal", "softmax"]
+    seeds = [str(k) for k in _study_config()["cbloss"].get("seeds", [0])]
+    assert sorted(r.data.tags["finetail.wildcard.loss"] for r in runs) == sorted(["cb_focal", "softmax"] * len(seeds))
     for run in runs:
         assert run.info.status == "FINISHED"
         record = json.loads((tmp_path / "results" / "served" / "cbloss" / "gen10" / "if10" /
-                             run.data.tags["finetail.wildcard.loss"] / "metrics.json").read_text())
+                             run.data.tags["finetail.wildcard.loss"] / f"seed{run.data.tags['finetail.wildcard.seed']}" /
+                             "metrics.json").read_text())
         assert record["run_id"] == run.info.run_id and record["tracking_uri"] == server
         assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"per_class.csv", "history.csv"}
 
@@ -93,7 +96,7 @@ def test_unreachable_server_fails_before_training(tmp_path):
     t0 = time.time()
     r = _run(tmp_path, cfg, dict(os.environ))
     assert r.returncode != 0
-    log = (tmp_path / "logs" / "served" / "cbloss" / "gen10" / "if10" / "softmax.log").read_text()
+    log = (tmp_path / "logs" / "served" / "cbloss" / "gen10" / "if10" / "softmax" / "seed0.log").read_text()
     assert f"cannot reach the MLflow tracking server http://127.0.0.1:{port}" in log
     assert "epoch 1/" not in log  # no training happened
     assert not list((tmp_path / "results" / "served").glob("checkpoints/**/*.pt"))

@@ -241,7 +241,7 @@ def test_editing_code_plans_the_jobs_that_run_it(study, tmp_path):
         return planned(r)
 
     assert plan() == {}
-    training = {"cbloss": 4, "cbloss_natural": 2, "pretrain": 4, "finetune": 10}
+    training = {"cbloss": 8, "cbloss_natural": 2, "pretrain": 4, "finetune": 10}  # cbloss: 2 seeds
     edits = [
         ("training/job.py", lambda t: t + "\n# an edit\n", training),
         ("tracking.py", lambda t: t + "\n# an edit\n", training),
