@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -140,6 +141,20 @@ class _Job:
         return self.inputs.get("init_model_sha256")
 
 
+def _run_name(rule: str, wildcards: dict) -> str:
+    """The MLflow run name: the rule and its wildcards in the result folder's order, the seed
+    as ``seed<S>`` (``pretrain:generic/seed0``); wildcards the rule's pattern lacks follow.
+
+    >>> _run_name("finetune", {"seed": "1", "source": "natural", "target": "cub200"})
+    'finetune:natural/cub200/seed1'
+    """
+    from ..layout import TRAINING
+
+    order = [n for n in re.findall(r"\{(\w+)\}", TRAINING.get(rule, "")) if n in wildcards]
+    order += [k for k in wildcards if k not in order]
+    return rule + ":" + "/".join(f"seed{wildcards[k]}" if k == "seed" else str(wildcards[k]) for k in order)
+
+
 def _load(a: argparse.Namespace) -> _Job:
     """Recipe, splits, initial weights and resume key of the job ``a`` describes. Array stores
     are checked against the digests their manifest recorded before anything is trained."""
@@ -234,7 +249,7 @@ def _open_run(a: argparse.Namespace, job: _Job, say, tracker, dev) -> _Run:
         resume_id, why = _recorded_run(run_file, job.job_key), "run record"
     if resume_id is None:
         resume_id, why = tracker.find_run(job.job_key, out_dir), "tracking store"
-    run_name = a.rule + ":" + "/".join(str(v) for v in wildcards.values())
+    run_name = _run_name(a.rule, wildcards)
     run_id = tracker.start(run_name, job.spec, tags, resume_run_id=resume_id)
     write_json(RunFile(run_id, job.job_key, uri).to_json(), run_file)
     if resume_id == run_id:
