@@ -32,25 +32,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
-from torchvision.transforms.v2 import functional as TF
 
 from . import distributed
 from .manifest import read_manifest, split_rows
 from .models import IMAGENET_NORMALISATION  # the file path's default normalisation
 
+# torchvision is imported where images are decoded or transformed, not here: importing it
+# takes ~3 s of CPU (torchvision.ops pulls in torch._dynamo), which every training job on
+# array images (the generated world, the long-tail grid) would otherwise pay at start-up.
+
 __all__ = [
+    "EVAL_CROPS",
     "IMAGENET_NORMALISATION",
     "FileSplit",
     "ImageFiles",
     "TrainBatches",
-    "default_workers",
-    "load_file_split",
-    "resized_crop_box",
-    "EVAL_CROPS",
     "check_crop",
+    "default_workers",
     "eval_batches",
     "eval_transform",
+    "load_file_split",
+    "resized_crop_box",
     "train_transform",
 ]
 
@@ -124,6 +126,8 @@ def resized_crop_box(
 
 def train_transform(img: torch.Tensor, box: tuple[int, int, int, int], flip: bool, size: int) -> torch.Tensor:
     """Crop ``box`` of uint8 ``(3, H, W)``, resize to ``size x size`` (antialiased), maybe flip."""
+    from torchvision.transforms.v2 import functional as TF
+
     out = TF.resized_crop(img, *box, size=[size, size], antialias=True)
     return out.flip(-1) if flip else out
 
@@ -139,6 +143,8 @@ def eval_transform(img: torch.Tensor, size: int, crop_fraction: float = TEST_CRO
     resize that to ``size x size`` (bilinear; here antialiased, TF 1's ``resize_bilinear`` is
     not). With ``crop_fraction`` 1, ``central`` resizes the whole image.
     """
+    from torchvision.transforms.v2 import functional as TF
+
     check_crop(crop_fraction, crop)
     if crop == "short_side":
         out = TF.resize(img, round(size / crop_fraction), antialias=True)
@@ -176,6 +182,8 @@ _PNG = b"\x89PNG\r\n\x1a\n"
 def _torchvision_decode(data: torch.Tensor) -> torch.Tensor | None:
     """uint8 ``(3, H, W)`` of a JPEG or PNG; None for other formats and for the files
     torchvision's decoders refuse (Pillow reads some of those)."""
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
     try:
         if _is_jpeg(data):
             return decode_jpeg(data, mode=ImageReadMode.RGB)
@@ -223,6 +231,8 @@ class _Images(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, key):
+        from torchvision.io import read_file
+
         i, epoch = key if self.train else (key, None)
         data = read_file(self.paths[i])
         payload = data if self.defer and _is_jpeg(data) else _decode(data, self.paths[i])
@@ -252,6 +262,8 @@ def _finish(payloads: list[torch.Tensor], params: torch.Tensor, size: int, train
     jpegs = [k for k, p in enumerate(payloads) if p.ndim == 1]
     images = [p.to(device, non_blocking=True) if p.ndim == 3 else None for p in payloads]
     if jpegs:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
         decoded = decode_jpeg([payloads[k] for k in jpegs], mode=ImageReadMode.RGB, device=device)
         for k, img in zip(jpegs, decoded, strict=True):
             images[k] = img
