@@ -1,11 +1,21 @@
 """The report's tables from hand-made cells: spread per cell, the best-CB row, pairing with the paper."""
 
+import json
 import math
+import os
 
 import pandas as pd
 import pytest
 
-from finetail.report import BEST_CB, cbloss_table, cbloss_table_markdown, paired_table, paper_comparable
+from finetail.report import (
+    BEST_CB,
+    cbloss_frame,
+    cbloss_table,
+    cbloss_table_markdown,
+    paired_table,
+    paper_comparable,
+    shots_table,
+)
 from finetail.training.recipe import CBLOSS_CIFAR_RECIPE, paper_recipe
 
 LOSSES = {
@@ -112,3 +122,35 @@ def test_a_grid_with_nothing_to_pair_still_writes_the_paired_table_header(tmp_pa
     assert p.empty and {"difference", "ci_low", "ci_high", "verdict"} <= set(p.columns)
     p.to_csv(tmp_path / "p.csv", index=False)
     assert pd.read_csv(tmp_path / "p.csv").empty  # readable: a header, no rows
+
+
+def _write_cbloss_runs(results, finals: list[dict]):
+    """metrics.json of one cbloss cell (gen10, IF 10, softmax) for seeds 0.. with these finals."""
+    from finetail.layout import Layout
+
+    for seed, final in enumerate(finals):
+        path = Layout.at(results).train("cbloss", dataset="gen10", imbalance=10, loss="softmax", seed=seed)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump({"rule": "cbloss", "run_id": f"r{seed}", "final": final}, f)  # json writes nan as NaN
+
+
+CELL = {"datasets": ["gen10"], "imbalance": [10], "losses": {"softmax": {"type": "softmax"}}}
+
+
+def test_a_nan_metric_in_a_run_fails_the_report_naming_its_file(tmp_path):
+    _write_cbloss_runs(tmp_path, [{"top1_error": 0.3, "ece": 0.05}, {"top1_error": 0.31, "ece": float("nan")}])
+    with pytest.raises(ValueError, match=r"seed1/metrics.json: ece is nan"):
+        cbloss_frame(tmp_path, {**CELL, "seeds": [0, 1]})
+
+
+def test_an_absent_metric_is_told_apart_from_a_nan_one(tmp_path):
+    # few_acc is None where no class is few-shot: absent in every seed -> n = 0, not an error
+    _write_cbloss_runs(tmp_path, [{"top1_error": 0.3, "few_acc": None}, {"top1_error": 0.32, "few_acc": None}])
+    shots = shots_table(cbloss_frame(tmp_path, {**CELL, "seeds": [0, 1]})).iloc[0]
+    assert shots["few_acc_n"] == 0 and shots["top1_error_n"] == 2
+    assert shots["top1_error_mean"] == pytest.approx(31.0)
+    # absent from one seed only: a mean over fewer seeds than the cell has is refused
+    _write_cbloss_runs(tmp_path, [{"top1_error": 0.3, "few_acc": 0.5}, {"top1_error": 0.32, "few_acc": None}])
+    with pytest.raises(ValueError, match="few_acc .* absent from 1 of its 2 runs"):
+        shots_table(cbloss_frame(tmp_path, {**CELL, "seeds": [0, 1]}))

@@ -94,22 +94,36 @@ def cbloss_frame(results: Path, cb: dict) -> pd.DataFrame:
                         {
                             "dataset": ds, "imbalance": float(imb), "loss": name, "setting": _loss_label(spec),
                             "type": spec["type"], "beta": spec.get("beta", 0.0), "gamma": spec.get("gamma", 0.0),
-                            "seed": int(seed), **{k: _pct(f.get(k)) for k in SHOT_METRICS},
+                            "seed": int(seed), **{k: _pct(f.get(k), path, k) for k in SHOT_METRICS},
                             "run_id": m.run_id, "git_commit": m.git_commit, "wall_s": m.wall_s,
                         }
                     )
     return pd.DataFrame(rows)
 
 
-def _pct(v) -> float:
-    return np.nan if v is None else 100.0 * float(v)
+def _pct(v, path: Path | str, key: str) -> float:
+    """A metric of ``path``'s run in percent; NaN stands for *absent* (None in the file: e.g.
+    few-shot accuracy where no class is few-shot). A metric the run recorded as NaN or inf
+    raises, naming the file: a diverged or damaged result never reaches a table."""
+    if v is None:
+        return np.nan
+    v = float(v)
+    if not np.isfinite(v):
+        raise ValueError(f"{path}: {key} is {v}; a result that is not a finite number cannot be reported "
+                         "(rerun that job: snakemake --forcerun on this file)")
+    return 100.0 * v
 
 
 def _cell_stats(df: pd.DataFrame, keys: list[str], metric: str) -> pd.DataFrame:
-    """mean, std, n of ``metric`` over the seeds of each ``keys`` cell (a NaN run raises)."""
+    """mean, std, n of ``metric`` over the seeds of each ``keys`` cell. NaN here means absent
+    (:func:`_pct` refused non-finite values already); a metric absent from some seeds of a cell
+    but not from all of them raises, since its mean would silently be over fewer seeds."""
     rows = []
     for key, g in df.groupby(keys, sort=False):
         vals = g[metric].dropna()
+        if 0 < len(vals) < len(g):
+            raise ValueError(f"{metric} of {dict(zip(keys, key, strict=True))} is absent from "
+                             f"{len(g) - len(vals)} of its {len(g)} runs: its mean would be over fewer seeds")
         s = summarize(vals.tolist()) if len(vals) else None
         rows.append({**dict(zip(keys, key, strict=True)), "mean": s.mean if s else np.nan,
                      "std": s.std if s else np.nan, "n": s.n if s else 0})
@@ -346,9 +360,9 @@ def _natural_section(results: Path, nat: dict, out: Path) -> tuple[list[str], li
                     if not path.exists():
                         raise FileNotFoundError(f"{path} is missing: run that cbloss_natural job first")
                     f = MetricsRecord.read(path).final or {}
-                    vals["top1"].append(_pct(f.get("top1_error")))
+                    vals["top1"].append(_pct(f.get("top1_error"), path, "top1_error"))
                     if f.get("top5_error") is not None:
-                        vals["top5"].append(_pct(f["top5_error"]))
+                        vals["top5"].append(_pct(f["top5_error"], path, "top5_error"))
                 for k, v in vals.items():
                     st = summarize(v)
                     row.update({f"{ds}_{k}_mean": st.mean, f"{ds}_{k}_std": st.std, f"{ds}_{k}_n": st.n})
@@ -429,8 +443,8 @@ def transfer_frame(results: Path, sources: list[str], targets: list[str], seeds:
                     raise FileNotFoundError(f"{path} is missing: run the finetune job for {s} -> {t}, seed {seed} first")
                 m = MetricsRecord.read(path)
                 f = m.final or {}
-                rows.append({"source": s, "target": t, "seed": int(seed), "top1_acc": _pct(f.get("top1_acc")),
-                             "ece": _pct(f.get("ece")), "run_id": m.run_id, "parent_run_id": m.parent_run_id,
+                rows.append({"source": s, "target": t, "seed": int(seed), "top1_acc": _pct(f.get("top1_acc"), path, "top1_acc"),
+                             "ece": _pct(f.get("ece"), path, "ece"), "run_id": m.run_id, "parent_run_id": m.parent_run_id,
                              "git_commit": m.git_commit})
     df = pd.DataFrame(rows)
     summarize(df["top1_acc"].tolist())  # a NaN accuracy fails here, before any table is written
