@@ -143,15 +143,15 @@ def test_precision_is_bf16_only_with_amp_on_cuda():
 
 # --------------------------------------------------------------------------- the record
 def test_confidence_follows_the_losss_probability_model():
-    from finetail.training.loop import _confidence
+    from finetail.training.loop import confidence
 
     logits = torch.tensor([[math.log(2.0), 0.0, 0.0], [0.0, 0.0, math.log(3.0)]])
     top1 = logits.argmax(1)
     # softmax: e^z / sum e^z = 2 / (2 + 1 + 1) and 3 / (1 + 1 + 3)
-    assert _confidence(logits, top1, "softmax").tolist() == pytest.approx([0.5, 0.6])
+    assert confidence(logits, top1, "softmax").tolist() == pytest.approx([0.5, 0.6])
     # sigmoid and focal: one sigmoid per class, 1 / (1 + e^-z) = 2/3 and 3/4
     for loss in ("sigmoid", "focal"):
-        assert _confidence(logits, top1, loss).tolist() == pytest.approx([2 / 3, 3 / 4])
+        assert confidence(logits, top1, loss).tolist() == pytest.approx([2 / 3, 3 / 4])
 
 
 def test_a_training_job_records_ece_and_precision(tmp_path):

@@ -47,6 +47,13 @@ def cmd_train(a: argparse.Namespace) -> None:
     launch(a)
 
 
+# --------------------------------------------------------------------------- posthoc
+def cmd_posthoc(a: argparse.Namespace) -> None:
+    from .posthoc_job import launch
+
+    launch(a)
+
+
 # --------------------------------------------------------------------------- transfer half
 def cmd_pool(a: argparse.Namespace) -> None:
     from .transfer import pool_sources
@@ -179,6 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_args(t)
     t.set_defaults(func=cmd_train)
+
+    ph = sub.add_parser("posthoc", help="tau-normalisation or logit adjustment of a trained cell, tracked in MLflow "
+                                         "as a child of the cell's run")
+    from .posthoc_job import add_posthoc_args
+
+    add_posthoc_args(ph)
+    ph.set_defaults(func=cmd_posthoc)
 
     po = sub.add_parser("pool", help="pool source manifests (optionally a class list) into one relabelled manifest")
     po.add_argument("--inputs", nargs="+", required=True, help="manifest.parquet files")

@@ -106,9 +106,11 @@ def load_feature_model(spec: str, weights: str | None = None, num_classes: int =
     cfg = json.loads(state["cfg"])["recipe"]
     norm = json.loads(state["normalisation"])
     num = state["model"]["head.weight"].shape[0]
-    # The shortcut changes the forward pass (init does not: the weights are loaded).
+    # The shortcut changes the forward pass (init does not: the weights are loaded); a
+    # bias-free head is LDAM's cosine head.
     model: Classifier = build_model(cfg.get("model", "resnet32"), num, cfg.get("width", 16),
-                                    shortcut=cfg.get("shortcut", "subsample"))
+                                    shortcut=cfg.get("shortcut", "subsample"),
+                                    head="linear" if "head.bias" in state["model"] else "normed")
     model.load_state_dict(state["model"])
     ident = {"kind": "pipeline", "name": str(path), "run_id": state.get("run_id", ""), "sha256": state_digest(state["backbone"])}
     return FeatureModel(

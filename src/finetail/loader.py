@@ -219,7 +219,8 @@ class _Images(torch.utils.data.Dataset):
     """Items are ``(payload, params, label)``: ``payload`` the transformed image, or (when
     ``defer``) the JPEG bytes / decoded image for the main process to finish on the GPU;
     ``params`` = ``(top, left, height, width, flip)`` for training, empty for test images.
-    Training keys are ``(index, epoch)``."""
+    Training keys are ``(index, epoch)``, or ``(index, epoch, position in the epoch)`` when an
+    image may recur within an epoch (a resampling sampler)."""
 
     def __init__(self, files: ImageFiles, labels: np.ndarray, size: int, train: bool, seed: int, flip: bool,
                  defer: bool, crop: tuple[float, str] = (TEST_CROP_FRACTION, "short_side")) -> None:
@@ -233,13 +234,13 @@ class _Images(torch.utils.data.Dataset):
     def __getitem__(self, key):
         from torchvision.io import read_file
 
-        i, epoch = key if self.train else (key, None)
+        i, epoch, *draw = key if self.train else (key, None)
         data = read_file(self.paths[i])
         payload = data if self.defer and _is_jpeg(data) else _decode(data, self.paths[i])
         params = torch.zeros(0, dtype=torch.int64)
         if self.train:
             h, w = _jpeg_size(data) if payload.ndim == 1 else payload.shape[-2:]
-            rng = np.random.default_rng([self.seed, epoch, i])
+            rng = np.random.default_rng([self.seed, epoch, i, *draw])
             box = resized_crop_box(int(h), int(w), rng)
             flip = bool(self.flip and rng.random() < 0.5)
             params = torch.tensor([*box, int(flip)])
@@ -296,12 +297,21 @@ def _loader(dataset, device: torch.device, workers: int, **kwargs) -> torch.util
 
 
 class _GlobalBatches(torch.utils.data.Sampler):
-    """This rank's slice of each global batch of epoch ``e``'s permutation, from step ``first``
-    on; the permutation is the array path's (a CPU generator seeded by ``(seed, e)``)."""
+    """This rank's slice of each global batch of epoch ``e``'s order, from step ``first`` on;
+    the order is the array path's (:func:`finetail.training.sampling.epoch_order` from a CPU
+    generator seeded by ``(seed, e)``). Keys are ``(index, epoch)``; with a resampling
+    ``sampler`` (an image may recur within an epoch) ``(index, epoch, position)``, so each
+    draw of an image gets augmentation of its own."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int, world: int) -> None:
-        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
-        self.steps = distributed.steps_per_epoch(n, batch_size, world)
+    def __init__(self, labels: np.ndarray, batch_size: int, seed: int, rank: int, world: int,
+                 sampler: str = "instance") -> None:
+        from .training.sampling import class_quotas
+
+        self.n, self.batch_size, self.seed, self.rank, self.world = len(labels), batch_size, seed, rank, world
+        self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+        self.sampler = sampler
+        self.quotas = None if sampler == "instance" else torch.as_tensor(class_quotas(np.bincount(labels), sampler))
+        self.steps = distributed.steps_per_epoch(self.n, batch_size, world)
         self.epoch, self.first = 0, 0
 
     def set_epoch(self, epoch: int, first: int = 0) -> None:
@@ -310,12 +320,19 @@ class _GlobalBatches(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return self.steps - self.first
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, ...]]]:
+        from .training.sampling import epoch_order
+
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        perm = torch.randperm(self.n, generator=gen).tolist()
+        perm = epoch_order(self.labels, self.sampler, gen, self.quotas).tolist()
         for it in range(self.first, self.steps):
-            batch = perm[it * self.batch_size : (it + 1) * self.batch_size]
-            yield [(i, self.epoch) for i in batch[distributed.rank_slice(len(batch), self.rank, self.world)]]
+            lo = it * self.batch_size
+            batch = perm[lo : lo + self.batch_size]
+            part = distributed.rank_slice(len(batch), self.rank, self.world)
+            if self.sampler == "instance":
+                yield [(i, self.epoch) for i in batch[part]]
+            else:
+                yield [(i, self.epoch, lo + part.start + j) for j, i in enumerate(batch[part])]
 
 
 class TrainBatches:
@@ -326,14 +343,14 @@ class TrainBatches:
     files, labels : the training split.
     size : output side, pixels. batch_size : global batch (images per step, all ranks).
     seed, flip : the recipe's. device : this rank's. workers : loader processes (0 = in this
-    process); kept alive across epochs.
+    process); kept alive across epochs. sampler : the recipe's (how an epoch is drawn).
     """
 
     def __init__(self, files: ImageFiles, labels: np.ndarray, *, size: int, batch_size: int, seed: int, flip: bool,
-                 device: torch.device, workers: int) -> None:
+                 device: torch.device, workers: int, sampler: str = "instance") -> None:
         self.size, self.device = size, device
         self.defer = device.type == "cuda"
-        self.sampler = _GlobalBatches(len(files), batch_size, seed, distributed.rank(), distributed.world_size())
+        self.sampler = _GlobalBatches(labels, batch_size, seed, distributed.rank(), distributed.world_size(), sampler)
         dataset = _Images(files, labels, size, True, seed, flip, self.defer)
         self.loader = _loader(dataset, device, workers, batch_sampler=self.sampler, persistent_workers=workers > 0)
 

@@ -1,4 +1,8 @@
-"""Class-balanced losses based on the effective number of samples (Cui et al., CVPR 2019).
+"""Long-tail losses: class-balanced (Cui et al., CVPR 2019), LDAM with deferred re-weighting
+(Cao et al., NeurIPS 2019), balanced softmax (Ren et al., NeurIPS 2020) and the logit-adjusted
+loss (Menon et al., ICLR 2021).
+
+**Class-balanced losses** are based on the effective number of samples.
 
 The effective number of ``n`` samples with ``beta`` in ``[0, 1)`` is
 
@@ -19,6 +23,21 @@ Reductions follow the reference implementation:
 Sigmoid and focal heads start with the bias ``-log(C - 1)`` (prior ``pi = 1/C``), and that
 bias takes no weight decay: see :func:`head_bias_prior`, :func:`finetail.models.init_head_bias`
 and :func:`finetail.models.param_groups`.
+
+**The later methods** are softmax cross-entropies of shifted logits ``z`` (``n_j``: class
+``j``'s training images, each >= 1, as the engine passes ``max(n_j, 1)``; ``y``: the label):
+
+- LDAM (:class:`LDAMLoss`): ``CE(s * (z - m_y * onehot(y)), y)`` on a cosine head's logits,
+  with margins ``m_j = C * n_j**(-1/4)``, ``C`` such that ``max_j m_j = max_margin``;
+- balanced softmax (:class:`BalancedSoftmaxLoss`): ``CE(z + log n, y)``;
+- logit-adjusted (:class:`LogitAdjustedLoss`): ``CE(z + tau * log pi, y)``, ``pi = n / sum(n)``.
+
+The shifts are training-only: a model trained with them predicts with its plain logits ``z``
+(LDAM: ``s * z``, the same argmax). Deferred re-weighting (DRW, Cao et al.) trains unweighted
+until epoch ``drw_epoch``, then with the class-balanced weights above as PyTorch's weighted
+mean ``sum_i w[y_i] CE_i / sum_i w[y_i]``: :func:`drw_weights` gives the weights of an epoch,
+a function of the epoch alone, so a resumed job applies what an uninterrupted one does.
+All of them compute in float32, whatever the logits' dtype.
 """
 
 from __future__ import annotations
@@ -30,14 +49,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .training.recipe import LOSS_TYPES
+from .training.recipe import CB_LOSS_TYPES, DRW_BETA, LOSS_TYPES, TrainConfig
 
 __all__ = [
     "LOSS_TYPES",
+    "BalancedSoftmaxLoss",
     "ClassBalancedLoss",
+    "LDAMLoss",
+    "LogitAdjustedLoss",
+    "ReweightedCrossEntropy",
+    "build_loss",
     "class_balanced_weights",
+    "drw_weights",
     "effective_number",
     "head_bias_prior",
+    "ldam_margins",
+    "log_prior",
 ]
 
 def _as_counts(counts: Sequence[int] | torch.Tensor) -> torch.Tensor:
@@ -137,8 +164,8 @@ class ClassBalancedLoss(nn.Module):
         gamma: float = 0.0,
     ) -> None:
         super().__init__()
-        if loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+        if loss_type not in CB_LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {CB_LOSS_TYPES}, got {loss_type!r}")
         if gamma < 0:
             raise ValueError(f"gamma must be >= 0, got {gamma}")
         if loss_type != "focal" and gamma != 0.0:
@@ -171,3 +198,236 @@ class ClassBalancedLoss(nn.Module):
             modulator = torch.exp(-self.gamma * y * logits - self.gamma * F.softplus(-logits))
             bce = modulator * bce
         return (w[:, None] * bce).sum() / batch
+
+
+# --------------------------------------------------------------------------- the later methods
+def _positive_counts(counts: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """float64 counts, each >= 1 (a class without training images has no prior or margin)."""
+    n = _as_counts(counts)
+    if torch.any(n < 1):
+        empty = torch.nonzero(n < 1).flatten().tolist()
+        raise ValueError(f"every class needs at least one training image; classes {empty} have none "
+                         "(the engine passes max(n, 1))")
+    return n
+
+
+def ldam_margins(counts: Sequence[int] | torch.Tensor, max_margin: float = 0.5) -> torch.Tensor:
+    """LDAM's class margins ``m_j = C * n_j**(-1/4)`` with ``C`` such that the largest (the
+    rarest class's) is ``max_margin``.
+
+    Parameters
+    ----------
+    counts : (C,) training images per class, each >= 1.
+    max_margin : float > 0.
+
+    Returns
+    -------
+    (C,) float64 tensor.
+
+    Examples
+    --------
+    >>> ldam_margins([16, 1], 0.5).tolist()  # 16**(-1/4) = 1/2 of the one-image class's
+    [0.25, 0.5]
+    """
+    if not max_margin > 0:
+        raise ValueError(f"max_margin must be > 0, got {max_margin}")
+    m = _positive_counts(counts) ** -0.25
+    return m * (max_margin / m.max())
+
+
+def log_prior(counts: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """``log pi_j = log(n_j / sum(n))``, the training set's log class prior, float64 ``(C,)``.
+
+    >>> [round(v, 6) for v in log_prior([3, 1]).tolist()]
+    [-0.287682, -1.386294]
+    """
+    n = _positive_counts(counts)
+    return torch.log(n) - torch.log(n.sum())
+
+
+def _check_logits(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
+    if logits.ndim != 2 or logits.shape[1] != num_classes:
+        raise ValueError(f"logits must be (B, {num_classes}), got {tuple(logits.shape)}")
+    return logits.float()
+
+
+class _Reweightable(nn.Module):
+    """A softmax loss with optional per-class weights ``weight`` ((C,) or None), reduced as
+    PyTorch's weighted mean ``sum_i w[y_i] CE_i / sum_i w[y_i]`` (the plain mean without).
+    Set ``loss.weight = w`` (or :meth:`set_weight`) between steps, e.g. for DRW."""
+
+    weight: torch.Tensor | None
+
+    def __init__(self, weight: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.register_buffer("weight", None, persistent=False)
+        self.set_weight(weight)
+
+    def set_weight(self, weight: torch.Tensor | Sequence[float] | None) -> None:
+        """Per-class weights from now on (None: unweighted), kept in float32."""
+        self.weight = None if weight is None else torch.as_tensor(weight, dtype=torch.float32).flatten()
+
+    def _ce(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if w is not None:
+            if w.numel() != logits.shape[1]:
+                raise ValueError(f"weight has {w.numel()} classes, the logits {logits.shape[1]}")
+            w = w.to(logits.device)
+        return F.cross_entropy(logits, targets, weight=w)
+
+
+class ReweightedCrossEntropy(_Reweightable):
+    """Softmax cross-entropy with settable per-class weights (CE-DRW's loss).
+
+    ``forward(logits (B, C), targets (B,)) -> scalar``.
+
+    Examples
+    --------
+    >>> loss = ReweightedCrossEntropy(weight=[3.0, 1.0])
+    >>> round(float(loss(torch.zeros(2, 2), torch.tensor([0, 1]))), 6)  # (3 log 2 + log 2) / 4
+    0.693147
+    """
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if logits.ndim != 2:
+            raise ValueError(f"logits must be (B, C), got {tuple(logits.shape)}")
+        return self._ce(logits.float(), targets)
+
+
+class LDAMLoss(_Reweightable):
+    """Label-distribution-aware margin loss (Cao et al., NeurIPS 2019).
+
+    ``CE(scale * (z - m_y * onehot(y)), y)`` where ``z`` are a cosine head's logits
+    (:class:`finetail.models.NormedLinear`) and ``m = ldam_margins(counts, max_margin)``.
+
+    Parameters
+    ----------
+    counts : (C,) training images per class, each >= 1.
+    max_margin : the rarest class's margin (0.5 in the paper's CIFAR experiments).
+    scale : ``s``, the softmax's inverse temperature on cosines (30 in the authors' code).
+    weight : (C,) per-class weights or None; settable later (DRW: :func:`drw_weights`).
+
+    ``forward(logits (B, C), targets (B,)) -> scalar``: the batch mean of CE, or with
+    ``weight`` the weighted mean ``sum w_y CE / sum w_y``.
+
+    Examples
+    --------
+    >>> loss = LDAMLoss([16, 1], max_margin=0.5, scale=1.0)
+    >>> z, y = torch.zeros(1, 2), torch.tensor([1])
+    >>> round(float(loss(z, y)), 6)  # CE([0, -0.5], 1) = log(1 + e^0.5)
+    0.974077
+    """
+
+    margins: torch.Tensor
+
+    def __init__(self, counts: Sequence[int] | torch.Tensor, max_margin: float = 0.5, scale: float = 30.0,
+                 weight: torch.Tensor | None = None) -> None:
+        super().__init__(weight)
+        if not scale > 0:
+            raise ValueError(f"scale must be > 0, got {scale}")
+        self.max_margin, self.scale = float(max_margin), float(scale)
+        self.register_buffer("margins", ldam_margins(counts, max_margin).to(torch.float32))
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.margins.numel())
+
+    def extra_repr(self) -> str:
+        return f"max_margin={self.max_margin}, scale={self.scale}, classes={self.num_classes}"
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        z = _check_logits(logits, self.num_classes)
+        shifted = z.scatter_add(1, targets[:, None], -self.margins[targets][:, None])  # z_y - m_y
+        return self._ce(self.scale * shifted, targets)
+
+
+class _PriorShifted(nn.Module):
+    """``CE(z + shift, y)`` for a fixed per-class ``shift`` (float32 buffer)."""
+
+    shift: torch.Tensor
+
+    def __init__(self, shift: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("shift", shift.to(torch.float32))
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.shift.numel())
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        z = _check_logits(logits, self.num_classes)
+        return F.cross_entropy(z + self.shift, targets)
+
+
+class BalancedSoftmaxLoss(_PriorShifted):
+    """Balanced softmax (Ren et al., NeurIPS 2020): ``CE(z + log n, y)``, the batch mean.
+
+    Parameters
+    ----------
+    counts : (C,) training images per class, each >= 1.
+
+    Examples
+    --------
+    >>> loss = BalancedSoftmaxLoss([3, 1])
+    >>> round(float(loss(torch.zeros(1, 2), torch.tensor([1]))), 6)  # -log(1/4)
+    1.386294
+    """
+
+    def __init__(self, counts: Sequence[int] | torch.Tensor) -> None:
+        super().__init__(torch.log(_positive_counts(counts)))
+
+
+class LogitAdjustedLoss(_PriorShifted):
+    """Logit-adjusted loss (Menon et al., ICLR 2021): ``CE(z + tau * log pi, y)``, the batch
+    mean, with ``pi = counts / sum(counts)``. ``tau = 1`` equals :class:`BalancedSoftmaxLoss`
+    (the shifts differ by the constant ``log sum(n)``); ``tau = 0`` is plain softmax.
+
+    Parameters
+    ----------
+    counts : (C,) training images per class, each >= 1.
+    tau : the log prior's weight.
+    """
+
+    def __init__(self, counts: Sequence[int] | torch.Tensor, tau: float = 1.0) -> None:
+        if not math.isfinite(tau):
+            raise ValueError(f"tau must be finite, got {tau}")
+        self.tau = float(tau)
+        super().__init__(self.tau * log_prior(counts))
+
+    def extra_repr(self) -> str:
+        return f"tau={self.tau}, classes={self.num_classes}"
+
+
+def drw_weights(counts: Sequence[int] | torch.Tensor, epoch: int, drw_epoch: int | None,
+                beta: float = DRW_BETA) -> torch.Tensor | None:
+    """Deferred re-weighting's per-class weights in ``epoch`` (0-based): None (unweighted)
+    before ``drw_epoch`` (and always when it is None), from it on
+    :func:`class_balanced_weights` ``(counts, beta)``. A function of the epoch alone, so a job
+    resumed mid-training weights as an uninterrupted one.
+
+    Examples
+    --------
+    >>> drw_weights([3, 1], 0, drw_epoch=1) is None
+    True
+    >>> drw_weights([3, 1], 1, drw_epoch=1, beta=0.5).tolist()  # 1/E_n: 1/1.75, 1/1, summing to 2
+    [0.7272727489471436, 1.2727272510528564]
+    """
+    if drw_epoch is None or epoch < drw_epoch:
+        return None
+    return class_balanced_weights(counts, beta)
+
+
+def build_loss(cfg: TrainConfig, counts: Sequence[int] | torch.Tensor) -> nn.Module:
+    """The loss a recipe trains with, on the training set's ``counts`` (each >= 1):
+    :class:`LDAMLoss`, :class:`BalancedSoftmaxLoss`, :class:`LogitAdjustedLoss`,
+    :class:`ReweightedCrossEntropy` (softmax with ``drw_epoch``) or :class:`ClassBalancedLoss`.
+    A DRW loss starts unweighted; the engine sets :func:`drw_weights` at every epoch."""
+    if cfg.loss == "ldam":
+        return LDAMLoss(counts, cfg.max_margin, cfg.scale)
+    if cfg.loss == "balanced_softmax":
+        return BalancedSoftmaxLoss(counts)
+    if cfg.loss == "logit_adjusted":
+        return LogitAdjustedLoss(counts, cfg.tau)
+    if cfg.loss == "softmax" and cfg.drw_epoch is not None:
+        return ReweightedCrossEntropy()
+    return ClassBalancedLoss(counts, cfg.loss, cfg.beta, cfg.gamma)

@@ -1,8 +1,9 @@
 """Model registry: the CB-loss paper's CIFAR ResNets and torchvision architectures by name.
 
 Every model is a :class:`Classifier`: a ``backbone`` that maps images to penultimate features
-``(B, D)`` and a linear ``head``. Feature extraction uses the backbone; fine-tuning keeps the
-backbone's weights and puts on a new head.
+``(B, D)`` and a ``head``: linear (``nn.Linear``), or for the LDAM loss a cosine head
+(:class:`NormedLinear`: features and class weights L2-normalised, no bias). Feature extraction
+uses the backbone; fine-tuning keeps the backbone's weights and puts on a new head.
 
 Names:
 
@@ -29,7 +30,10 @@ from torch import nn
 from .errors import UserError
 from .losses import head_bias_prior
 
-__all__ = ["CIFAR_RESNETS", "IMAGENET_MEAN", "IMAGENET_NORMALISATION", "IMAGENET_STD", "Classifier", "build_model", "init_head_bias", "param_groups"]
+__all__ = ["CIFAR_RESNETS", "HEADS", "IMAGENET_MEAN", "IMAGENET_NORMALISATION", "IMAGENET_STD", "Classifier",
+           "NormedLinear", "build_model", "init_head_bias", "param_groups"]
+
+HEADS = ("linear", "normed")
 
 CIFAR_RESNETS = {f"resnet{6 * n + 2}": n for n in (1, 2, 3, 5, 7, 9, 18)}
 
@@ -42,14 +46,47 @@ IMAGENET_NORMALISATION = {"mean": [round(255 * m, 3) for m in IMAGENET_MEAN],
                           "std": [round(255 * s, 3) for s in IMAGENET_STD]}
 
 
-class Classifier(nn.Module):
-    """``head(backbone(x))`` with ``backbone: images -> (B, D)`` and ``head: Linear(D, C)``."""
+class NormedLinear(nn.Module):
+    """Cosine classifier: ``z_j = <x / ||x||, w_j / ||w_j||>``, in [-1, 1], no bias (the head
+    of LDAM's CIFAR networks, Cao et al. 2019). ``weight`` is ``(C, D)`` as ``nn.Linear``'s;
+    it computes in float32 also under autocast (a bf16 cosine is good to 3 digits, which a
+    scale of 30 would turn into errors of 0.1 in the logits).
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int) -> None:
+    Examples
+    --------
+    >>> head = NormedLinear(2, 1)
+    >>> _ = head.weight.data.copy_(torch.tensor([[3.0, 0.0]]))
+    >>> head(torch.tensor([[2.0, 2.0]])).tolist()  # cos 45 degrees
+    [[0.7071067690849304]]
+    """
+
+    bias = None  # a bias-free head, as nn.Linear(bias=False) reads
+
+    def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        nn.init.uniform_(self.weight, -1.0, 1.0)  # a direction: only the rows' directions count
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return F.normalize(x.float(), dim=1) @ F.normalize(self.weight.float(), dim=1).t()
+
+
+class Classifier(nn.Module):
+    """``head(backbone(x))`` with ``backbone: images -> (B, D)`` and ``head``: ``Linear(D, C)``
+    (``head="linear"``) or :class:`NormedLinear` ``(D, C)`` (``head="normed"``)."""
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int, head: str = "linear") -> None:
+        super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         self.backbone = backbone
         self.feature_dim = feature_dim
-        self.head = nn.Linear(feature_dim, num_classes)
+        self.head = nn.Linear(feature_dim, num_classes) if head == "linear" else NormedLinear(feature_dim, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
@@ -154,7 +191,7 @@ def _torchvision_backbone(name: str, weights: str | None) -> tuple[nn.Module, in
 
 
 def build_model(name: str, num_classes: int, width: int = 16, weights: str | None = None,
-                shortcut: str = "subsample", init: str = "kaiming") -> Classifier:
+                shortcut: str = "subsample", init: str = "kaiming", head: str = "linear") -> Classifier:
     """Build a registered model.
 
     Parameters
@@ -166,6 +203,8 @@ def build_model(name: str, num_classes: int, width: int = 16, weights: str | Non
     shortcut, init : CIFAR ResNets only: ``subsample``/``avgpool`` downsampling shortcut,
         ``kaiming``/``glorot`` initialisation (``glorot`` also draws the head's kernel
         Glorot-uniform); see :data:`finetail.training.recipe.SHORTCUTS` and ``INITS``.
+    head : ``"linear"`` or ``"normed"`` (:class:`NormedLinear`, which LDAM trains;
+        :attr:`finetail.training.recipe.TrainConfig.head` picks it).
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -173,7 +212,7 @@ def build_model(name: str, num_classes: int, width: int = 16, weights: str | Non
         if weights:
             raise ValueError(f"{name} has no pretrained weights; pretrain it in the pipeline")
         bb = CifarResNetBackbone(CIFAR_RESNETS[name], width, shortcut, init)
-        model = Classifier(bb, bb.out_dim, num_classes)
+        model = Classifier(bb, bb.out_dim, num_classes, head)
         if init == "glorot":
             nn.init.xavier_uniform_(model.head.weight)
         return model
@@ -181,13 +220,15 @@ def build_model(name: str, num_classes: int, width: int = 16, weights: str | Non
         raise ValueError(f"shortcut and init choose among CIFAR ResNets' variants; {name!r} has its own")
     if name.startswith("tv:"):
         bb, dim = _torchvision_backbone(name[3:], weights)
-        return Classifier(bb, dim, num_classes)
+        return Classifier(bb, dim, num_classes, head)
     raise ValueError(f"unknown model {name!r}: use one of {sorted(CIFAR_RESNETS)} or 'tv:<torchvision name>'")
 
 
 def init_head_bias(model: Classifier, loss_type: str) -> None:
     """Sigmoid and focal heads start at :func:`finetail.losses.head_bias_prior` (``-log(C - 1)``,
-    prior 1/C); softmax heads (and single-class heads) at 0."""
+    prior 1/C); softmax heads (and single-class heads) at 0; a bias-free head has nothing to set."""
+    if model.head.bias is None:
+        return
     c = model.head.out_features
     with torch.no_grad():
         if loss_type in ("sigmoid", "focal") and c > 1:
@@ -197,8 +238,9 @@ def init_head_bias(model: Classifier, loss_type: str) -> None:
 
 
 def param_groups(model: Classifier, weight_decay: float, decay_head_bias: bool) -> list[dict]:
-    """Optimizer groups: everything decays except the head bias when ``decay_head_bias`` is False."""
-    no_decay = [] if decay_head_bias else [model.head.bias]
+    """Optimizer groups: everything decays except the head bias when ``decay_head_bias`` is False
+    (a bias-free head: everything decays)."""
+    no_decay = [] if decay_head_bias or model.head.bias is None else [model.head.bias]
     ids = {id(p) for p in no_decay}
     decay = [p for p in model.parameters() if id(p) not in ids and p.requires_grad]
     groups = [{"params": decay, "weight_decay": weight_decay}]

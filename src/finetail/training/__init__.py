@@ -2,6 +2,8 @@
 
 - :mod:`.recipe`: ``TrainConfig`` (the recipe), ``lr_at``, the loss and shot constants; no torch.
 - :mod:`.batches`: one ``BatchSource`` interface, uint8 arrays on the device or a file manifest.
+- :mod:`.sampling`: how an epoch's images are drawn (instance, square-root, class-balanced)
+  and the held-out slice of the training set; numpy and torch only.
 - :mod:`.checkpoint`: the ``Checkpointer`` (atomic save, resume key, mid-epoch point, SIGTERM).
 - :mod:`.optim`: SGD, without importing torch's compiler stack.
 - :mod:`.loop`: ``train_one_epoch``, ``evaluate``, ``train`` -> ``TrainResult``.

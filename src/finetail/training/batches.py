@@ -2,10 +2,12 @@
 
 Small images (an array store) live on the training device as uint8 ``(N, 3, H, W)``
 tensors; random crop (zero padding) and horizontal flip run batched on that device
-(:func:`augment_batch`). Every random draw of epoch ``e`` (the permutation, then the
+(:func:`augment_batch`). Every random draw of epoch ``e`` (the epoch's order, then the
 augmentation of each batch in turn) comes from the epoch's generator, seeded by
 ``(seed, e)`` by the loop, so an epoch resumed at step ``i`` with the generator's saved state
-replays exactly what an uninterrupted run does.
+replays exactly what an uninterrupted run does. The order is a permutation of the training
+set, or with the recipe's ``sampler`` a class-resampled epoch of the same length
+(:mod:`.sampling`).
 
 Large images come from a file manifest instead (``train_images``/``test_images`` given as
 :class:`finetail.loader.ImageFiles`): a DataLoader decodes and augments them
@@ -30,8 +32,9 @@ import torch
 
 from .. import distributed
 from .recipe import TrainConfig
+from .sampling import class_quotas, epoch_order
 
-__all__ = ["ArrayBatches", "BatchSource", "FileBatches", "augment_batch", "batch_source"]
+__all__ = ["ArrayBatches", "BatchSource", "FileBatches", "augment_batch", "batch_source", "plain_batches"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # uint8 (B, 3, H, W) images and int64 (B,) labels, on the device
 
@@ -95,15 +98,17 @@ class ArrayBatches(BatchSource):
         self.test_x, self.test_y = self._to_device(test_images, test_labels)
         self.train_labels, self.test_labels = train_labels.astype(np.int64), test_labels.astype(np.int64)
         self.iters = distributed.steps_per_epoch(len(self.y), cfg.batch_size, world)
+        self.quotas = None if cfg.sampler == "instance" else torch.as_tensor(
+            class_quotas(np.bincount(self.train_labels), cfg.sampler), device=device)
 
     def _to_device(self, images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous().to(self.device)
         return x, torch.from_numpy(labels.astype(np.int64)).to(self.device)
 
     def epoch(self, epoch, gen, first=0, resume_state=None):
-        # The permutation is the epoch's first draw, made before a resumed epoch's generator
-        # state is restored (that state was saved after it), so it is the same either way.
-        perm = torch.randperm(len(self.y), generator=gen, device=self.device)
+        # The order is the epoch's first draw, made before a resumed epoch's generator state
+        # is restored (that state was saved after it), so it is the same either way.
+        perm = epoch_order(self.y, self.cfg.sampler, gen, self.quotas)
         if resume_state is not None:
             gen.set_state(resume_state)
         return self._slices(perm, gen, first)
@@ -139,7 +144,8 @@ class FileBatches(BatchSource):
         self.workers = default_workers() if cfg.num_workers is None else cfg.num_workers
         self.train_labels, self.test_labels = train_labels.astype(np.int64), test_labels.astype(np.int64)
         self.train = TrainBatches(train_files, train_labels, size=cfg.image_size, batch_size=cfg.batch_size,
-                                  seed=cfg.seed, flip=cfg.flip, device=device, workers=self.workers)
+                                  seed=cfg.seed, flip=cfg.flip, device=device, workers=self.workers,
+                                  sampler=cfg.sampler)
 
     def epoch(self, epoch, gen, first=0, resume_state=None):
         # The loader seeds its own draws by (seed, epoch, image); ``gen`` is only carried along,
@@ -172,3 +178,22 @@ def batch_source(train_images, train_labels: np.ndarray, test_images, test_label
     if not isinstance(train_images, ImageFiles):
         raise TypeError(f"training images must be a uint8 array or loader.ImageFiles, not {type(train_images)}")
     return FileBatches(train_images, train_labels, test_images, test_labels, cfg, device)
+
+
+def plain_batches(images, labels: np.ndarray, cfg: TrainConfig, device: torch.device,
+                  batch: int = 1024) -> Iterator[Batch]:
+    """Any split's images in order, unaugmented, read as the engine reads the test split:
+    uint8 ``(N, H, W, 3)`` arrays a batch at a time onto the device (the same bytes as
+    :meth:`ArrayBatches.test_batches`), or :class:`finetail.loader.ImageFiles` resized and
+    centre-cropped to ``cfg.image_size`` (:meth:`FileBatches.test_batches`)."""
+    y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    if isinstance(images, np.ndarray):
+        for i in range(0, len(y), batch):
+            x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch])).permute(0, 3, 1, 2).contiguous()
+            yield x.to(device), y[i : i + batch].to(device)
+        return
+    from ..loader import default_workers, eval_batches
+
+    workers = default_workers() if cfg.num_workers is None else cfg.num_workers
+    yield from eval_batches(images, np.asarray(labels, dtype=np.int64), size=cfg.image_size,
+                            batch_size=min(batch, 256), device=device, workers=workers)

@@ -9,7 +9,8 @@ the epoch's global loss/hit totals so far (``mid_totals``), so the rerun continu
 
 A checkpoint is resumed only when it was written for the same **resume key**
 (:func:`resume_key`): the recipe less its speed-only switches
-(:data:`~finetail.training.recipe.SPEED_ONLY`), the training-set class counts, the data's
+(:data:`~finetail.training.recipe.SPEED_ONLY`) and less the settings added later at their
+neutral values (:func:`~finetail.training.recipe.key_settings`), the training-set class counts, the data's
 digest (both splits), the initial weights' digest and the training code's digest
 (:func:`finetail.code.code_digest`); otherwise training starts afresh (and a finished run on
 changed data trains and evaluates again).
@@ -33,7 +34,7 @@ import torch
 
 from ..code import code_digest
 from ..fileio import atomic_write
-from .recipe import SPEED_ONLY, TrainConfig
+from .recipe import TrainConfig, key_settings
 
 __all__ = [
     "Checkpointer",
@@ -78,9 +79,9 @@ def digest_data(train_images, train_labels: np.ndarray, test_images, test_labels
 
 def resume_key(cfg: TrainConfig, train_counts: np.ndarray, init_digest: str | None, data: str | None) -> dict:
     """What a checkpoint must have been written for to be resumed: the recipe (less speed-only
-    switches), the data's bytes (both splits), the initial weights and the training code."""
-    settings = {k: v for k, v in asdict(cfg).items() if k not in SPEED_ONLY}
-    return {"cfg": settings, "train_counts": [int(c) for c in train_counts], "init": init_digest or "",
+    switches and added settings at their neutral values), the data's bytes (both splits), the
+    initial weights and the training code."""
+    return {"cfg": key_settings(cfg), "train_counts": [int(c) for c in train_counts], "init": init_digest or "",
             "data": data or "", "code": code_digest("train")}
 
 

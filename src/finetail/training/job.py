@@ -24,7 +24,8 @@ from typing import Any
 
 from ..fileio import file_sha256, log, write_json
 
-__all__ = ["add_train_args", "launch", "run_job", "train_argv"]
+__all__ = ["add_train_args", "holdout_of", "launch", "load_splits", "per_class_table", "run_job", "run_name",
+           "split_subset", "tracking_uri", "train_argv"]
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -104,7 +105,7 @@ def _tracks() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def _tracking_uri(a: argparse.Namespace) -> str:
+def tracking_uri(a: argparse.Namespace) -> str:
     """The job's tracking store: the flag, ``MLFLOW_TRACKING_URI``, the config's, else the study's SQLite file."""
     from ..layout import Layout
     from ..tracking import choose_tracking_uri
@@ -117,7 +118,7 @@ def _start_tracker(a: argparse.Namespace):
     from ..layout import Layout
     from ..tracking import TrackerProcess
 
-    return TrackerProcess(_tracking_uri(a), a.experiment, artifact_root=Layout.at(a.study_dir).artifacts())
+    return TrackerProcess(tracking_uri(a), a.experiment, artifact_root=Layout.at(a.study_dir).artifacts())
 
 
 @dataclass
@@ -141,11 +142,11 @@ class _Job:
         return self.inputs.get("init_model_sha256")
 
 
-def _run_name(rule: str, wildcards: dict) -> str:
+def run_name(rule: str, wildcards: dict) -> str:
     """The MLflow run name: the rule and its wildcards in the result folder's order, the seed
     as ``seed<S>`` (``pretrain:generic/seed0``); wildcards the rule's pattern lacks follow.
 
-    >>> _run_name("finetune", {"seed": "1", "source": "natural", "target": "cub200"})
+    >>> run_name("finetune", {"seed": "1", "source": "natural", "target": "cub200"})
     'finetune:natural/cub200/seed1'
     """
     from ..layout import TRAINING
@@ -160,29 +161,15 @@ def _load(a: argparse.Namespace) -> _Job:
     are checked against the digests their manifest recorded before anything is trained."""
     import torch
 
-    from ..manifest import load_array_split, read_manifest, verify_array_stores
     from ..tracking import config_digest
     from .checkpoint import job_key_digest
-    from .recipe import FEW_SHOT, MANY_SHOT, TrainConfig
+    from .recipe import TrainConfig
 
     spec = json.loads(a.spec)
-    shots, loss = spec.get("shots", {}), spec.get("loss", {"type": "softmax"})
-    cfg = TrainConfig.from_dict(
-        {**spec.get("recipe", {}), "loss": loss["type"], "beta": loss.get("beta", 0.0), "gamma": loss.get("gamma", 0.0),
-         "many_shot": shots.get("many", MANY_SHOT), "few_shot": shots.get("few", FEW_SHOT)}
-    )
-    manifest = Path(a.manifest)
-    inputs = {"manifest": str(manifest), "manifest_sha256": file_sha256(manifest)}
-    mdf = read_manifest(manifest)
-    if "store" in mdf.columns:  # array stores (small images) live on the device
-        load = load_array_split
-        # The stores' bytes, checked against the digests the manifest recorded when the
-        # dataset was written: a changed pixel stops the job here, and audit re-checks them.
-        for i, (store, sha) in enumerate(verify_array_stores(manifest, mdf).items()):
-            inputs.update({f"store.{i}": store, f"store.{i}_sha256": sha})
-    else:  # file manifests go through the loader
-        from ..loader import load_file_split as load
-    tr, te = load(manifest, "train"), load(manifest, "test")
+    cfg = TrainConfig.from_spec(spec)
+    tr, te, inputs = load_splits(Path(a.manifest))
+    if cfg.holdout > 0:  # the held-out slice (for a post-hoc tau) is not trained on
+        tr = split_subset(tr, ~holdout_of(tr.labels, cfg))
     init_backbone = normalisation = parent_run = None
     if a.init_model:
         init = torch.load(a.init_model, map_location="cpu", weights_only=True)
@@ -199,6 +186,47 @@ def _load(a: argparse.Namespace) -> _Job:
     num_classes = len(tr.class_names)
     key = job_key_digest(cfg, tr.labels, num_classes, inputs.get("init_model_sha256"), data)
     return _Job(spec, cfg, inputs, tr, te, num_classes, init_backbone, normalisation, parent_run, data, key)
+
+
+def load_splits(manifest: Path) -> tuple[Any, Any, dict[str, str]]:
+    """Both splits of a manifest and the flat inputs that name their bytes (the manifest and,
+    for array stores, each store with its sha256). Array stores are checked against the
+    digests their manifest recorded: a changed pixel stops the job here, and audit re-checks
+    them. File manifests go through the loader."""
+    from ..manifest import load_array_split, read_manifest, verify_array_stores
+
+    inputs = {"manifest": str(manifest), "manifest_sha256": file_sha256(manifest)}
+    mdf = read_manifest(manifest)
+    if "store" in mdf.columns:  # array stores (small images) live on the device
+        load = load_array_split
+        for i, (store, sha) in enumerate(verify_array_stores(manifest, mdf).items()):
+            inputs.update({f"store.{i}": store, f"store.{i}_sha256": sha})
+    else:
+        from ..loader import load_file_split as load
+    return load(manifest, "train"), load(manifest, "test"), inputs
+
+
+def holdout_of(train_labels, cfg):
+    """The recipe's held-out slice of a training split's labels (bool, True = held out):
+    :func:`~.sampling.holdout_mask` with the recipe's ``holdout`` and ``seed``."""
+    from .sampling import holdout_mask
+
+    return holdout_mask(train_labels, cfg.holdout, cfg.seed)
+
+
+def split_subset(split, keep):
+    """The rows ``keep`` (bool mask) of an array split (``manifest.ArraySplit``) or a file split
+    (``loader.FileSplit``), in order."""
+    import dataclasses
+
+    import numpy as np
+
+    keep = np.asarray(keep, dtype=bool)
+    if isinstance(split.images, np.ndarray):
+        images = split.images[keep]
+    else:
+        images = dataclasses.replace(split.images, paths=[p for p, k in zip(split.images.paths, keep, strict=True) if k])
+    return dataclasses.replace(split, images=images, labels=split.labels[keep])
 
 
 def _train(a: argparse.Namespace, job: _Job, dev, say, on_epoch=None, extra_state=None):
@@ -234,7 +262,7 @@ def _open_run(a: argparse.Namespace, job: _Job, say, tracker, dev) -> _Run:
     from .checkpoint import resume_extra
     from .recipe import precision
 
-    uri = _tracking_uri(a)
+    uri = tracking_uri(a)
     tracker.ready()  # fails fast, before training, if the server is down
     prev = resume_extra(a.checkpoint, job.cfg, job.train.labels, job.num_classes, job.init_digest, job.data)
     commit, dirty = git_commit(Path(__file__).parent)
@@ -249,8 +277,7 @@ def _open_run(a: argparse.Namespace, job: _Job, say, tracker, dev) -> _Run:
         resume_id, why = _recorded_run(run_file, job.job_key), "run record"
     if resume_id is None:
         resume_id, why = tracker.find_run(job.job_key, out_dir), "tracking store"
-    run_name = _run_name(a.rule, wildcards)
-    run_id = tracker.start(run_name, job.spec, tags, resume_run_id=resume_id)
+    run_id = tracker.start(run_name(a.rule, wildcards), job.spec, tags, resume_run_id=resume_id)
     write_json(RunFile(run_id, job.job_key, uri).to_json(), run_file)
     if resume_id == run_id:
         where = f" at epoch {prev['epoch'] + 1}" if prev else " (no checkpoint yet: training from the start)"
@@ -260,21 +287,22 @@ def _open_run(a: argparse.Namespace, job: _Job, say, tracker, dev) -> _Run:
     return _Run(tracker, run_id, uri, commit, wildcards)
 
 
-def _per_class_table(res, class_names: list[str], test_labels, shots: dict):
+def per_class_table(counts, per_class_acc: list, class_names: list[str], test_labels, shots: dict):
+    """``per_class.csv``: label, class name, training and test images, test accuracy and shot
+    group of every class (``counts``: the training images each class was trained on)."""
     import numpy as np
     import pandas as pd
 
     from ..metrics import shot_groups
     from .recipe import FEW_SHOT, MANY_SHOT
 
-    counts = res.train_counts
     return pd.DataFrame(
         {
             "label": np.arange(len(counts)),
             "class_name": class_names,
             "train_count": counts,
             "test_count": np.bincount(test_labels, minlength=len(counts))[: len(counts)],
-            "accuracy": res.metrics["per_class_acc"],
+            "accuracy": per_class_acc,
             "shot": shot_groups(counts, shots.get("many", MANY_SHOT), shots.get("few", FEW_SHOT)),
         }
     )
@@ -293,8 +321,8 @@ def _write_results(a: argparse.Namespace, job: _Job, run: _Run, res, wall: float
 
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _per_class_table(res, job.train.class_names, job.test.labels, job.spec.get("shots", {})).to_csv(
-        out / "per_class.csv", index=False)
+    per_class_table(res.train_counts, res.metrics["per_class_acc"], job.train.class_names, job.test.labels,
+                    job.spec.get("shots", {})).to_csv(out / "per_class.csv", index=False)
     hist = [{k: v for k, v in row.items() if k != "eval"} for row in res.history]
     pd.DataFrame(hist).to_csv(out / "history.csv", index=False)
     final = {k: v for k, v in res.metrics.items() if k != "per_class_acc"}

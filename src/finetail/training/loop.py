@@ -18,6 +18,13 @@ last partial batch smaller than W is dropped. Only rank 0 writes checkpoints and
 ``on_epoch``; every rank loads the checkpoint on resume; rank 0 evaluates and broadcasts the
 metrics; a SIGTERM seen by any rank stops all of them at the same step.
 
+The loss is :func:`finetail.losses.build_loss`'s for the recipe, on the training counts (at
+least 1 each). With ``drw_epoch`` (deferred re-weighting) each epoch first sets the loss's
+class weights to :func:`finetail.losses.drw_weights` of that epoch, so a resumed epoch is
+weighted as an uninterrupted one. Such a loss is a weighted mean over its batch; under DDP
+each rank's is over its own slice, so the averaged gradient equals the full batch's only when
+the slices' weight sums are proportional to their sizes (close, not exact).
+
 With ``compile`` the training steps run a ``torch.compile``-d module (on CUDA with
 ``cuda_graphs``: mode ``reduce-overhead``); evaluation and checkpoints use the plain module.
 
@@ -38,15 +45,16 @@ from torch import nn
 from .. import distributed
 from ..errors import NonFiniteError
 from ..features import state_digest
-from ..losses import ClassBalancedLoss
+from ..losses import build_loss, drw_weights
 from ..metrics import classification_metrics, expected_calibration_error
 from ..models import Classifier, build_model, init_head_bias, param_groups
 from .batches import BatchSource, batch_source, normalisation_tensors
 from .checkpoint import Checkpointer, MidEpoch, Resumed, digest_data, resume_key
 from .optim import sgd
-from .recipe import DIV128_NORMALISATION, TrainConfig, lr_at, precision
+from .recipe import DIV128_NORMALISATION, SOFTMAX_LOSSES, TrainConfig, lr_at, precision
 
-__all__ = ["Preempted", "TrainResult", "evaluate", "predict", "train", "train_one_epoch"]
+__all__ = ["Preempted", "TrainResult", "confidence", "eval_logits", "evaluate", "predict", "score", "train",
+           "train_one_epoch"]
 
 
 class Preempted(RuntimeError):
@@ -79,6 +87,7 @@ class _Run:
     net: nn.Module  # what the training steps call: the model, its DDP wrapper, or compiled
     opt: torch.optim.Optimizer
     loss_fn: nn.Module
+    counts: np.ndarray  # (C,) training images per class, at least 1 (what the loss is built on)
     data: BatchSource
     mean: torch.Tensor
     std: torch.Tensor
@@ -107,41 +116,53 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _confidence(logits: torch.Tensor, top1: torch.Tensor, loss: str) -> torch.Tensor:
+def confidence(logits: torch.Tensor, top1: torch.Tensor, loss: str) -> torch.Tensor:
     """The probability the loss's own model gives the predicted class ``top1``: its softmax
-    probability for the softmax loss; for sigmoid and focal losses, which train one
-    independent sigmoid per class (one-vs-rest), the sigmoid of its logit."""
+    probability for the softmax losses (:data:`~.recipe.SOFTMAX_LOSSES`); for sigmoid and
+    focal losses, which train one independent sigmoid per class (one-vs-rest), the sigmoid of
+    its logit. ``logits`` are those of :func:`eval_logits`."""
     z = logits.gather(1, top1[:, None])[:, 0]
-    if loss == "softmax":
+    if loss in SOFTMAX_LOSSES:
         return torch.exp(z - torch.logsumexp(logits, dim=1))
     return torch.sigmoid(z)
+
+
+def eval_logits(logits: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """The logits a trained model predicts with, from its head's output: LDAM's probability
+    model is ``softmax(scale * z)`` of the cosines ``z``; every other loss's is the plain
+    output (the balanced-softmax and logit-adjusted shifts are training-only)."""
+    return logits * cfg.scale if cfg.loss == "ldam" else logits
 
 
 @torch.no_grad()
 def predict(model: nn.Module, data: BatchSource, mean, std, cfg: TrainConfig, batch: int = 1024,
             k: int = 5) -> tuple[np.ndarray, np.ndarray]:
     """Top-k predicted labels of the test split, best first, ``(N, min(k, C))``, and the
-    confidence of the first, ``(N,)`` float64 (see :func:`_confidence`)."""
+    confidence of the first, ``(N,)`` float64 (see :func:`confidence`)."""
     model.eval()
     cuda = data.device.type == "cuda"
     out, conf = [], []
     for x, _ in data.test_batches(batch):
         xb = _normalise(x, mean, std, cuda and cfg.channels_last)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision(cfg, data.device.type) == "bf16"):
-            logits = model(xb).float()
+            logits = eval_logits(model(xb).float(), cfg)
         top = logits.topk(min(k, logits.shape[1]), dim=1).indices
         out.append(top)
-        conf.append(_confidence(logits, top[:, 0], cfg.loss))
+        conf.append(confidence(logits, top[:, 0], cfg.loss))
     return torch.cat(out).cpu().numpy(), torch.cat(conf).double().cpu().numpy()
 
 
 def evaluate(model, data: BatchSource, mean, std, cfg: TrainConfig, train_counts: np.ndarray) -> dict:
-    """:func:`finetail.metrics.classification_metrics` of the test split, plus ``top5_error``
-    (``None`` with fewer than 5 classes) and ``ece``
-    (:func:`finetail.metrics.expected_calibration_error`, 15 bins, of the top-1 prediction's
-    confidence under the loss's probability model: softmax, or per-class sigmoid)."""
+    """:func:`score` of the model's predictions on the test split (:func:`predict`)."""
     topk, conf = predict(model, data, mean, std, cfg)
-    labels = data.test_labels
+    return score(topk, conf, data.test_labels, train_counts, cfg)
+
+
+def score(topk: np.ndarray, conf: np.ndarray, labels: np.ndarray, train_counts: np.ndarray, cfg: TrainConfig) -> dict:
+    """:func:`finetail.metrics.classification_metrics` of top-k predictions ``(N, k)`` (best
+    first), plus ``top5_error`` (``None`` with fewer than 5 classes) and ``ece``
+    (:func:`finetail.metrics.expected_calibration_error`, 15 bins, of the top-1 prediction's
+    confidence ``conf`` (N,) under the loss's probability model: softmax, or per-class sigmoid)."""
     out = classification_metrics(topk[:, 0], labels, train_counts, cfg.many_shot, cfg.few_shot)
     out["top5_error"] = float(1.0 - (topk == labels[:, None]).any(axis=1).mean()) if topk.shape[1] >= 5 else None
     # Diverged weights give NaN confidences: ECE is NaN then, and the engine's non-finite
@@ -189,6 +210,8 @@ def train_one_epoch(r: _Run, epoch: int, n_train: int, history: list[dict], extr
     """Train epoch ``epoch`` (from ``mid`` if it was interrupted); return its history row
     (global training loss and accuracy, last lr, images/s, rank 0's share of time waiting for data)."""
     cfg = r.cfg
+    if cfg.drw_epoch is not None:  # deferred re-weighting: this epoch's weights, a function of the epoch
+        r.loss_fn.set_weight(drw_weights(r.counts, epoch, cfg.drw_epoch, cfg.beta))
     gen = torch.Generator(device=r.dev).manual_seed(cfg.seed * 1_000_003 + epoch)
     r.net.train()
     if cfg.linear_probe:
@@ -306,7 +329,7 @@ def _conv_precision(cfg: TrainConfig, device_type: str) -> None:
 
 def _model(cfg: TrainConfig, num_classes: int, init_backbone: dict | None, dev: torch.device) -> tuple[Classifier, str]:
     """The model on ``dev``, from ``init_backbone`` if given (new head), and its backbone's digest."""
-    model: Classifier = build_model(cfg.model, num_classes, cfg.width, cfg.weights, cfg.shortcut, cfg.init)
+    model: Classifier = build_model(cfg.model, num_classes, cfg.width, cfg.weights, cfg.shortcut, cfg.init, cfg.head)
     if init_backbone is not None:
         model.backbone.load_state_dict(init_backbone)
     start_backbone = state_digest(model.backbone.state_dict())
@@ -391,8 +414,9 @@ def train(
 
     _seed_all(cfg.seed)
     model, start_backbone = _model(cfg, num_classes, init_backbone, dev)
-    loss_fn = ClassBalancedLoss(np.maximum(train_counts, 1), cfg.loss, cfg.beta, cfg.gamma).to(dev)
-    opt = sgd(param_groups(model, cfg.weight_decay, decay_head_bias=cfg.loss == "softmax"),
+    counts = np.maximum(train_counts, 1)
+    loss_fn = build_loss(cfg, counts).to(dev)
+    opt = sgd(param_groups(model, cfg.weight_decay, decay_head_bias=cfg.loss in SOFTMAX_LOSSES),
               lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     data = batch_source(train_images, train_labels, test_images, test_labels, cfg, dev, rank, world)
     if normalisation is not None:
@@ -403,7 +427,7 @@ def train(
         mean, std = data.default_normalisation()
     start = ckpt.restore(model, opt, extra_state or {})
     model, net = _wrap(model, cfg, dev, world)
-    r = _Run(cfg, model, net, opt, loss_fn, data, mean, std, ckpt, dev, world, main,
+    r = _Run(cfg, model, net, opt, loss_fn, counts, data, mean, std, ckpt, dev, world, main,
              distributed.steps_per_epoch(len(train_labels), cfg.batch_size, world), log)
     with ckpt.watching_sigterm():
         metrics = _epochs(r, start, train_counts, on_epoch, progress)

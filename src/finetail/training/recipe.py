@@ -6,28 +6,65 @@ else that only reads or validates a recipe stays cheap to import.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, NamedTuple
 
 __all__ = [
+    "ADDED_SETTINGS",
     "CBLOSS_CIFAR_RECIPE",
+    "CB_LOSS_TYPES",
     "DIV128_NORMALISATION",
+    "DRW_BETA",
     "FEW_SHOT",
     "INITS",
     "INPUT_NORMS",
+    "LOSS_KEYS",
     "LOSS_TYPES",
     "MANY_SHOT",
     "PAPER_RECIPES",
+    "POSTHOC_METHODS",
+    "SAMPLERS",
     "SHORTCUTS",
+    "SOFTMAX_LOSSES",
     "SPEED_ONLY",
     "PaperMatch",
     "TrainConfig",
+    "key_settings",
     "lr_at",
     "paper_recipe",
     "precision",
 ]
 
-LOSS_TYPES = ("softmax", "sigmoid", "focal")
+# The losses of the class-balanced loss paper (finetail.losses.ClassBalancedLoss).
+CB_LOSS_TYPES = ("softmax", "sigmoid", "focal")
+# Every loss the engine trains with: the class-balanced ones, then the later long-tail
+# methods (LDAM, Cao et al. 2019; balanced softmax, Ren et al. 2020; logit-adjusted, Menon et
+# al. 2021). See finetail.losses.
+LOSS_TYPES = (*CB_LOSS_TYPES, "ldam", "balanced_softmax", "logit_adjusted")
+# Losses whose model of the class probabilities is a softmax over the logits (the others,
+# sigmoid and focal, train one sigmoid per class).
+SOFTMAX_LOSSES = ("softmax", "ldam", "balanced_softmax", "logit_adjusted")
+# The keys a loss setting ({"type": ..., ...}, the config's cbloss.losses) may carry besides
+# its type, by type. beta and gamma at 0 are accepted by every type (the schema's defaults).
+LOSS_KEYS: dict[str, tuple[str, ...]] = {
+    "softmax": ("beta", "drw_epoch"),
+    "sigmoid": ("beta",),
+    "focal": ("beta", "gamma"),
+    "ldam": ("max_margin", "scale", "drw_epoch", "beta"),
+    "balanced_softmax": (),
+    "logit_adjusted": ("tau",),
+}
+# The beta of deferred re-weighting's class-balanced weights when a setting gives none
+# (Cao et al.'s LDAM-DRW).
+DRW_BETA = 0.9999
+# How an epoch's images are drawn (finetail.training.sampling): "instance" = a permutation
+# of the training set; "sqrt" = class j with probability proportional to sqrt(n_j), then an
+# image of it; "class_balanced" = every class equally likely, then an image of it.
+SAMPLERS = ("instance", "sqrt", "class_balanced")
+# Post-hoc corrections of a trained softmax model (finetail.posthoc): Kang et al.'s
+# tau-normalised classifier, Menon et al.'s logit adjustment.
+POSTHOC_METHODS = ("tau_norm", "logit_adjust")
 
 # Choices where the CB-loss reference code (github.com/richardaecn/class-balanced-loss, src/,
 # TensorFlow) differs from ours; ours first (the default), the reference's second.
@@ -82,9 +119,15 @@ class TrainConfig:
     eval_every: int = 10  # evaluate every N epochs (and after the last)
     budget_images: int | None = None  # if set: rescale epochs, milestones, warm-up, eval to see ~this many images
     linear_probe: bool = False  # train the head only (frozen backbone, BN in eval mode)
-    loss: str = "softmax"  # softmax | sigmoid | focal
-    beta: float = 0.0  # class-balanced beta, 0 = unweighted
+    loss: str = "softmax"  # one of LOSS_TYPES
+    beta: float = 0.0  # class-balanced beta, 0 = unweighted (with drw_epoch: the deferred weights' beta)
     gamma: float = 0.0  # focal gamma
+    max_margin: float = 0.5  # LDAM: the largest class margin (of the rarest class), in cosine units
+    scale: float = 30.0  # LDAM: the logits the softmax sees are scale * cosine
+    tau: float = 1.0  # logit-adjusted loss: the weight of the log prior
+    drw_epoch: int | None = None  # softmax, LDAM: 0-based epoch from which class-balanced weights apply (None: never)
+    sampler: str = "instance"  # instance | sqrt | class_balanced (SAMPLERS)
+    holdout: float = 0.0  # fraction of each class's training images kept out of training (post-hoc tau choice)
     many_shot: int = MANY_SHOT  # classes with > many_shot training images are many-shot
     few_shot: int = FEW_SHOT  # classes with < few_shot training images are few-shot
     seed: int = 0
@@ -95,6 +138,37 @@ class TrainConfig:
     num_workers: int | None = None  # file manifests: loader processes per rank (None = min(8, CPUs per rank))
     compile: bool = False  # torch.compile the training forward/backward (inductor; needs a C compiler on the CPU)
     cuda_graphs: bool = False  # with compile on CUDA: mode "reduce-overhead" (CUDA graphs); ignored on the CPU
+
+    @property
+    def head(self) -> str:
+        """The classifier head the loss needs: ``"normed"`` (cosine, no bias) for LDAM, else
+        ``"linear"`` (see :func:`finetail.models.build_model`)."""
+        return "normed" if self.loss == "ldam" else "linear"
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> TrainConfig:
+        """The recipe of a training job's spec ``{"recipe": {...}, "loss": {"type": ..., ...},
+        "shots": {"many", "few"}}`` (``finetail train --spec``). A loss setting carries the keys
+        :data:`LOSS_KEYS` lists for its type (``beta`` and ``gamma`` at 0 go with any type);
+        a DRW setting without ``beta`` gets :data:`DRW_BETA`.
+
+        >>> cfg = TrainConfig.from_spec({"loss": {"type": "ldam", "drw_epoch": 160}})
+        >>> cfg.loss, cfg.drw_epoch, cfg.beta, cfg.head
+        ('ldam', 160, 0.9999, 'normed')
+        """
+        loss = dict(spec.get("loss", {"type": "softmax"}))
+        kind = loss.pop("type", None)
+        if kind not in LOSS_KEYS:
+            raise ValueError(f"loss type must be one of {LOSS_TYPES}, got {kind!r}")
+        for key, value in loss.items():
+            if key not in LOSS_KEYS[kind] and not (key in ("beta", "gamma") and value == 0):
+                allowed = ", ".join(LOSS_KEYS[kind]) or "nothing besides its type"
+                raise ValueError(f"loss {kind!r} takes no {key!r} (it takes {allowed})")
+        if loss.get("drw_epoch") is not None and "beta" not in loss:
+            loss["beta"] = DRW_BETA
+        shots = spec.get("shots", {})
+        return cls.from_dict({**spec.get("recipe", {}), "loss": kind, **loss,
+                              "many_shot": shots.get("many", MANY_SHOT), "few_shot": shots.get("few", FEW_SHOT)})
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -120,6 +194,7 @@ class TrainConfig:
             milestones=[round(m * f) for m in self.milestones],
             warmup_epochs=self.warmup_epochs * f,
             eval_every=max(1, round(self.eval_every * f)),
+            drw_epoch=None if self.drw_epoch is None else round(self.drw_epoch * f),
             budget_images=None,
         )
 
@@ -138,11 +213,73 @@ class TrainConfig:
                 if getattr(self, name) != default:
                     raise ValueError(f"{name}: {getattr(self, name)!r} applies to the CIFAR ResNets only, "
                                      f"not {self.model!r}; leave it at {default!r}")
+        self._validate_loss()
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if not 0.0 <= self.holdout < 1.0:
+            raise ValueError(f"holdout must be in [0, 1), got {self.holdout}")
         if self.cuda_graphs and not self.compile:
             raise ValueError("cuda_graphs needs compile: true (CUDA graphs come from torch.compile)")
         for name in ("epochs", "batch_size", "eval_every", "image_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+    def _validate_loss(self) -> None:
+        """Each loss setting applies to the losses that use it; a value it does not use is an
+        error, not ignored."""
+        loss = self.loss
+        if not 0.0 <= self.beta < 1.0:
+            raise ValueError(f"beta must be in [0, 1), got {self.beta}")
+        if self.gamma < 0:
+            raise ValueError(f"gamma must be >= 0, got {self.gamma}")
+        if self.gamma != 0 and loss != "focal":
+            raise ValueError(f"gamma={self.gamma} only applies to the focal loss, not {loss!r}")
+        if self.beta != 0 and loss in ("balanced_softmax", "logit_adjusted"):
+            raise ValueError(f"beta={self.beta} does not apply to the {loss} loss (its prior already balances)")
+        if self.drw_epoch is not None:
+            if loss not in ("softmax", "ldam"):
+                raise ValueError(f"drw_epoch applies to the softmax and LDAM losses, not {loss!r}")
+            if self.drw_epoch < 0:
+                raise ValueError(f"drw_epoch must be >= 0, got {self.drw_epoch}")
+            if self.beta == 0:
+                raise ValueError(f"drw_epoch={self.drw_epoch} with beta 0 re-weights nothing (every weight is 1); "
+                                 f"give the deferred weights' beta ({DRW_BETA} in Cao et al.)")
+        elif loss == "ldam" and self.beta != 0:
+            raise ValueError("beta of the LDAM loss is the deferred weights' beta: give drw_epoch too "
+                             "(drw_epoch: 0 weights from the first epoch)")
+        if loss == "ldam" and not (self.max_margin > 0 and self.scale > 0):
+            raise ValueError(f"LDAM needs max_margin > 0 and scale > 0, got {self.max_margin} and {self.scale}")
+        for name in ("max_margin", "scale", "tau"):
+            own = {"max_margin": "ldam", "scale": "ldam", "tau": "logit_adjusted"}[name]
+            if loss != own and getattr(self, name) != ADDED_SETTINGS[name]:
+                raise ValueError(f"{name} applies to the {own} loss only, not {loss!r}")
+        if not math.isfinite(self.tau):
+            raise ValueError(f"tau must be finite, got {self.tau}")
+
+
+# Settings added after the first results were recorded, with the value that leaves training
+# as it was. At that value a setting is left out of the resume key (key_settings), so every
+# earlier recipe keeps its key and its checkpoints.
+ADDED_SETTINGS: dict[str, Any] = {
+    "max_margin": 0.5,
+    "scale": 30.0,
+    "tau": 1.0,
+    "drw_epoch": None,
+    "sampler": "instance",
+    "holdout": 0.0,
+}
+
+
+def key_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The recipe as a resume key holds it: every setting but the speed-only switches
+    (:data:`SPEED_ONLY`) and the :data:`ADDED_SETTINGS` at their neutral values.
+
+    >>> sorted(set(asdict(TrainConfig())) - set(key_settings(TrainConfig())))[:3]
+    ['compile', 'cuda_graphs', 'drw_epoch']
+    """
+    return {k: v for k, v in asdict(cfg).items()
+            if k not in SPEED_ONLY and not (k in ADDED_SETTINGS and v == ADDED_SETTINGS[k])}
 
 
 def lr_at(cfg: TrainConfig, epoch: int, it: int, iters_per_epoch: int) -> float:

@@ -1,0 +1,240 @@
+"""``finetail posthoc``: one post-hoc method on one trained cell, recorded as a run of its own.
+
+Reads the cell's ``model.pt`` (``finetail train --save-model``), its ``metrics.json`` and its
+manifest; checks that they belong together (the model's run is the record's run, the model's
+and the manifest's sha256 are those the record holds); applies ``tau_norm`` or
+``logit_adjust`` (:mod:`finetail.posthoc`) with a given tau or one chosen on the cell's
+held-out training images (``--tau auto``; the cell's recipe must have ``holdout`` > 0); and
+evaluates on the test split with the training jobs' metrics. It writes, in ``--out-dir``:
+
+- ``per_class.csv`` (as a training job's),
+- ``tau.csv`` with ``--tau auto``: every tau of the grid and its held-out balanced accuracy,
+- ``metrics.json`` last (a :class:`~finetail.record.MetricsRecord`: ``final`` holds the
+  metrics, ``parent_run_id`` the cell's run, ``posthoc`` the method and the tau with how it
+  was chosen, ``inputs`` the model, the cell's record, the manifest and stores with sha256),
+
+and logs one MLflow run, a child of the cell's run (``mlflow.parentRunId``), tagged like a
+training job's. A rerun of the same job (same inputs, settings and code) continues its run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+from .fileio import file_sha256, log, write_json
+
+__all__ = ["add_posthoc_args", "evaluate_cell", "launch", "load_cell", "parse_tau_grid", "posthoc_spec"]
+
+
+def add_posthoc_args(p: argparse.ArgumentParser) -> None:
+    from .training.recipe import POSTHOC_METHODS as METHODS  # torch-free: the parser is built for every command
+
+    p.add_argument("--manifest", required=True, help="the cell's manifest (train and test splits)")
+    p.add_argument("--model", required=True, help="the cell's model.pt (finetail train --save-model)")
+    p.add_argument("--cell-metrics", required=True, help="the cell's metrics.json (its run id, spec and inputs)")
+    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--tau", required=True,
+                   help="a number, or 'auto': the grid's best balanced accuracy on the cell's held-out training "
+                        "images (recipe holdout > 0)")
+    p.add_argument("--tau-grid", default="0:2:0.1", help="--tau auto: start:stop:step, both ends included")
+    p.add_argument("--out-dir", required=True, help="writes metrics.json, per_class.csv (and tau.csv)")
+    p.add_argument("--study-dir", required=True, help="results/<study>: holds the default MLflow store")
+    p.add_argument("--rule", default="posthoc", help="Snakemake rule name, for the run's tags")
+    p.add_argument("--wildcards", default="{}", help="JSON of the job's wildcards, for the run's tags")
+    p.add_argument("--experiment", default="finetail", help="MLflow experiment name")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow URI, overriding everything else (then MLFLOW_TRACKING_URI, then "
+                        "--config-tracking-uri, then <study-dir>/mlflow.db)")
+    p.add_argument("--config-tracking-uri", default=None, help="the study config's tracking.uri")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--device", default=os.environ.get("FINETAIL_DEVICE", "auto"), help="auto, cpu, cuda, cuda:1...")
+
+
+def parse_tau_grid(text: str) -> list[float]:
+    """``"start:stop:step"`` as the list of taus it names, both ends included, each rounded to
+    10 decimals (so 0.1 steps read 0.3, not 0.30000000000000004).
+
+    >>> parse_tau_grid("0:1:0.25")
+    [0.0, 0.25, 0.5, 0.75, 1.0]
+    """
+    try:
+        start, stop, step = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise ValueError(f"a tau grid is start:stop:step, e.g. 0:2:0.1; got {text!r}") from None
+    if not (step > 0 and stop >= start and all(map(math.isfinite, (start, stop, step)))):
+        raise ValueError(f"a tau grid needs step > 0 and stop >= start, got {text!r}")
+    n = math.floor((stop - start) / step + 1e-9)
+    return [round(start + i * step, 10) for i in range(n + 1)]
+
+
+
+def posthoc_spec(a: argparse.Namespace) -> dict:
+    """The job's settings, as its run's params and its config digest hold them."""
+    if a.tau == "auto":
+        return {"method": a.method, "tau": "auto", "tau_grid": parse_tau_grid(a.tau_grid)}
+    try:
+        tau = float(a.tau)
+    except ValueError:
+        raise ValueError(f"--tau must be a number or 'auto', got {a.tau!r}") from None
+    return {"method": a.method, "tau": tau}
+
+
+def launch(a: argparse.Namespace) -> None:
+    """``finetail posthoc``. The tracker is forked first, before torch is imported, as
+    ``finetail train``'s is."""
+    from .layout import Layout
+    from .tracking import TrackerProcess
+    from .training.job import tracking_uri
+
+    spec = posthoc_spec(a)
+    with TrackerProcess(tracking_uri(a), a.experiment, artifact_root=Layout.at(a.study_dir).artifacts()) as tracker:
+        _run(a, spec, tracker)
+
+
+def load_cell(a: argparse.Namespace):
+    """The cell's record, recipe, model and both splits, after checking that they belong together."""
+    import torch
+
+    from .errors import UserError
+    from .models import build_model
+    from .record import MetricsRecord
+    from .training.job import load_splits
+    from .training.recipe import TrainConfig
+
+    record = MetricsRecord.read(a.cell_metrics)
+    if not record.run_id or record.config is None:
+        raise UserError(f"{a.cell_metrics} names no run or spec: not a training job's metrics.json")
+    cfg = TrainConfig.from_spec(record.config)
+    model_sha = file_sha256(a.model)
+    if record.model_sha256 and record.model_sha256 != model_sha:
+        raise UserError(f"{a.model} is not the model {a.cell_metrics} recorded (sha256 differs)")
+    state = torch.load(a.model, map_location="cpu", weights_only=True)
+    if state.get("run_id") and state["run_id"] != record.run_id:
+        raise UserError(f"{a.model} was written by run {state['run_id']}, {a.cell_metrics} by run {record.run_id}")
+    tr, te, inputs = load_splits(Path(a.manifest))
+    if inputs["manifest_sha256"] != (record.inputs or {}).get("manifest_sha256"):
+        raise UserError(f"{a.manifest} is not the manifest the cell trained on (sha256 differs from its record's)")
+    num_classes = int(state["model"]["head.weight"].shape[0])
+    model = build_model(cfg.model, num_classes, cfg.width, None, cfg.shortcut, cfg.init, cfg.head)
+    model.load_state_dict(state["model"])
+    inputs.update(model=str(a.model), model_sha256=model_sha, cell_metrics=str(a.cell_metrics),
+                  cell_metrics_sha256=file_sha256(a.cell_metrics))
+    return record, cfg, model, json.loads(state["normalisation"]), tr, te, inputs
+
+
+def evaluate_cell(a: argparse.Namespace, spec: dict, dev) -> dict:
+    """Features once, then the method at the chosen tau: the job's numbers and what they came from."""
+    import numpy as np
+    import torch
+
+    from .errors import UserError
+    from .features import state_digest
+    from .posthoc import TauChoice, adjusted_logits, check_method, choose_tau, extract_features
+    from .training.batches import normalisation_tensors, plain_batches
+    from .training.job import holdout_of, split_subset
+    from .training.loop import confidence, score
+    from .training.recipe import precision
+
+    record, cfg, model, norm, tr, te, inputs = load_cell(a)
+    check_method(a.method, cfg)
+    model.to(dev)
+    mean, std = normalisation_tensors(norm, dev)
+    held = holdout_of(tr.labels, cfg)  # the slice the cell did not train on (none without holdout)
+    trained = split_subset(tr, ~held)
+    counts = np.bincount(trained.labels, minlength=len(tr.class_names))[: len(tr.class_names)]
+    prior = np.maximum(counts, 1)
+    if spec["tau"] == "auto":
+        if not held.any():
+            raise UserError(f"--tau auto chooses tau on training images the cell never saw, and this cell trained "
+                            f"on all of them (recipe holdout {cfg.holdout}); train it with holdout > 0, or give "
+                            "--tau <number>")
+        hold = split_subset(tr, held)
+        hf, hy = extract_features(model.backbone, plain_batches(hold.images, hold.labels, cfg, dev), mean, std, cfg,
+                                  dev)
+        choice = choose_tau(lambda t: adjusted_logits(model, hf, a.method, t, prior, cfg), hy, counts,
+                            spec["tau_grid"])
+    else:
+        choice = TauChoice(spec["tau"], "given")
+    feats, labels = extract_features(model.backbone, plain_batches(te.images, te.labels, cfg, dev), mean, std, cfg,
+                                     dev)
+    logits = adjusted_logits(model, feats, a.method, choice.tau, prior, cfg)
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    conf = confidence(logits, top[:, 0], cfg.loss).double().cpu().numpy()
+    metrics = score(top.cpu().numpy(), conf, labels, counts, cfg)
+    return {"record": record, "cfg": cfg, "choice": choice, "metrics": metrics, "inputs": inputs, "counts": counts,
+            "class_names": tr.class_names, "test_labels": labels, "num_train": len(trained.labels),
+            "backbone": state_digest(model.backbone.state_dict()), "precision": precision(cfg, dev.type),
+            "torch": torch.__version__}
+
+
+def _job_key(spec: dict, inputs: dict) -> str:
+    """What makes two posthoc jobs the same job: settings, input bytes, code."""
+    from .code import code_digest
+    from .tracking import config_digest
+
+    digests = {k: v for k, v in inputs.items() if k.endswith("_sha256")}
+    return config_digest({"spec": spec, "inputs": digests, "code": code_digest("posthoc")})
+
+
+def _run(a: argparse.Namespace, spec: dict, tracker) -> None:
+    import torch
+
+    from . import distributed
+    from .record import METRICS_JSON, FileRef, MetricsRecord, final_metrics, job_tags, output_tags
+    from .tracking import config_digest, git_commit
+    from .training.job import per_class_table, run_name
+
+    torch.set_num_threads(a.threads)
+    out = Path(a.out_dir)
+    (out / METRICS_JSON).unlink(missing_ok=True)  # no result of an earlier attempt outlives a failed one
+    tracker.ready()  # fails fast, before any work, if the server is down
+    dev = distributed.init(a.device)
+    t0 = time.perf_counter()
+    res = evaluate_cell(a, spec, dev)
+    record, choice, final = res["record"], res["choice"], dict(res["metrics"])
+    per_class = final.pop("per_class_acc")
+    wildcards = json.loads(a.wildcards)
+    commit, dirty = git_commit(Path(__file__).parent)
+    key, out_dir = _job_key(spec, res["inputs"]), str(out.resolve())
+    tags = job_tags(a.rule, wildcards, git_commit=commit, git_dirty=dirty, config_digest=config_digest(spec),
+                    job_key=key, output_dir=out_dir, world_size=1, inputs=res["inputs"], parent_run=record.run_id,
+                    precision=res["precision"])
+    run_id = tracker.start(run_name(a.rule, wildcards), spec, tags, resume_run_id=tracker.find_run(key, out_dir))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        written = {"per_class.csv": out / "per_class.csv"}
+        per_class_table(res["counts"], per_class, res["class_names"], res["test_labels"],
+                        (record.config or {}).get("shots", {})).to_csv(written["per_class.csv"], index=False)
+        if choice.source == "holdout":
+            import pandas as pd
+
+            written["tau.csv"] = out / "tau.csv"
+            pd.DataFrame({"tau": choice.grid, "holdout_balanced_acc": choice.balanced_acc}).to_csv(
+                written["tau.csv"], index=False)
+        metrics = MetricsRecord(
+            rule=a.rule, wildcards=wildcards, run_id=run_id, tracking_uri=tracker.uri, config=spec,
+            config_digest=config_digest(spec), inputs=res["inputs"], parent_run_id=record.run_id,
+            start_backbone_sha256=res["backbone"], git_commit=commit, num_classes=len(res["counts"]),
+            num_train=res["num_train"], final=final, device=str(dev), precision=res["precision"], world_size=1,
+            torch=res["torch"], wall_s=round(time.perf_counter() - t0, 2),
+            extra={"posthoc": {"method": a.method, **choice.to_json()}},
+        )
+        partial = out / (METRICS_JSON + ".partial")
+        write_json(metrics.to_json(), partial)
+        written = {METRICS_JSON: partial, **written}
+        tracker.log_metrics({**final_metrics(final), "posthoc_tau": choice.tau})
+        tracker.log_tags({"finetail.posthoc.tau_source": choice.source,
+                          **output_tags(FileRef(n, str(out / n), file_sha256(p)) for n, p in written.items())})
+        tracker.log_artifacts(list(written.values()))
+        tracker.end("FINISHED")
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    os.replace(partial, out / METRICS_JSON)
+    log(f"{a.method} at tau {choice.tau:g} ({choice.source}): top-1 error {100 * final['top1_error']:.2f}%, "
+        f"balanced accuracy {100 * final['balanced_acc']:.2f}% -> {out / METRICS_JSON}")
