@@ -28,11 +28,13 @@ wildcard_constraints:
     target=alternation(TARGETS) if TR else "^$",
     fdataset=alternation(ALL_SOURCES + TARGETS) if TR else "^$",
     seed=r"\d+",
+    method=alternation(POSTHOC) if POSTHOC else "^$",
 
 
 include: "workflow/rules/datasets.smk"
 include: "workflow/rules/longtail.smk"
 include: "workflow/rules/training.smk"
+include: "workflow/rules/posthoc.smk"
 include: "workflow/rules/similarity.smk"
 include: "workflow/rules/transfer.smk"
 include: "workflow/rules/report.smk"

@@ -120,6 +120,40 @@ def _check_names(config: dict) -> None:
             raise ConfigError(_not_allowed(where, what, value, pattern))
 
 
+def _check_losses(section: str, grid: dict) -> None:
+    """Each loss setting with the grid's recipe, as its training job will read it: a key its
+    type does not take (gamma on softmax, tau on LDAM), or DRW without a beta, fails here,
+    naming the setting, rather than when its job starts."""
+    from .training.recipe import TrainConfig
+
+    for key, loss in grid["losses"].items():
+        if loss["type"] != "focal" and loss.get("gamma", 0):
+            raise ConfigError(f"{section}.losses.{key}: gamma applies to the focal loss only")
+        try:
+            TrainConfig.from_spec({"recipe": grid["recipe"], "loss": loss})
+        except ValueError as e:
+            raise ConfigError(f"{section}.losses.{key}: {e}") from None
+
+
+def _check_posthoc(cb: dict) -> None:
+    from .training.recipe import SOFTMAX_LOSSES
+
+    for name, ph in cb.get("posthoc", {}).items():
+        for loss in ph["losses"]:
+            if loss not in cb["losses"]:
+                raise ConfigError(f"cbloss.posthoc.{name}.losses names {loss!r}, which is not one of "
+                                  f"cbloss.losses: {sorted(cb['losses'])}")
+            if cb["losses"][loss]["type"] not in SOFTMAX_LOSSES:
+                raise ConfigError(f"cbloss.posthoc.{name}: {loss!r} is a {cb['losses'][loss]['type']} loss; "
+                                  f"post-hoc corrections take softmax-type losses ({', '.join(SOFTMAX_LOSSES)})")
+            if ph["method"] == "tau_norm" and cb["losses"][loss]["type"] == "ldam":
+                raise ConfigError(f"cbloss.posthoc.{name}: tau_norm on the LDAM cells of {loss!r} changes nothing "
+                                  "(their normalised head divides by the row norms already); use logit_adjust")
+        if ph["tau"] == "auto" and not cb["recipe"].get("holdout"):
+            raise ConfigError(f"cbloss.posthoc.{name}: tau auto is chosen on held-out training images; "
+                              "set cbloss.recipe.holdout (e.g. 0.1) so the cells keep some out of training")
+
+
 def check_config(config: dict) -> None:
     """Cross-field checks: every name is safe as a path part, every dataset a stage names is
     declared, and so on."""
@@ -133,17 +167,14 @@ def check_config(config: dict) -> None:
         r = cb["recipe"]
         if len(r.get("milestones", [])) != len(r.get("lr_factors", [])):
             raise ConfigError("cbloss.recipe: milestones and lr_factors must have the same length")
-        for key, loss in cb["losses"].items():
-            if loss["type"] != "focal" and loss.get("gamma", 0):
-                raise ConfigError(f"cbloss.losses.{key}: gamma applies to the focal loss only")
+        _check_losses("cbloss", cb)
+        _check_posthoc(cb)
     nat = config.get("cbloss_natural")
     if nat:
         for name in nat["datasets"]:
             if name not in datasets:
                 raise ConfigError(f"cbloss_natural.datasets names {name!r}, which is not declared under datasets")
-        for key, loss in nat["losses"].items():
-            if loss["type"] != "focal" and loss.get("gamma", 0):
-                raise ConfigError(f"cbloss_natural.losses.{key}: gamma applies to the focal loss only")
+        _check_losses("cbloss_natural", nat)
     tr = config.get("transfer")
     if tr:
         _check_transfer(tr, datasets)

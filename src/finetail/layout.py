@@ -12,8 +12,10 @@ unchanged); Python callers wrap them in :class:`pathlib.Path`.
       longtail/<dataset>_if<IF>/ manifest.parquet, counts.csv
       cbloss/<dataset>/if<IF>/<loss>/seed<S>/           one training job's results:
       cbloss_natural/<dataset>/<model>/<loss>/seed<S>/  metrics.json, per_class.csv,
-      pretrain/<source>/seed<S>/                        history.csv (pretrain: model.pt)
-      finetune/<source>/<target>/seed<S>/
+      pretrain/<source>/seed<S>/                        history.csv (cbloss, pretrain:
+      finetune/<source>/<target>/seed<S>/               model.pt)
+      posthoc/<dataset>/if<IF>/<loss>/<method>/seed<S>/ a post-hoc correction of a cbloss
+                                                        cell: metrics.json, per_class.csv
       checkpoints/<training folder>/  last.pt, run.json
       sources/<source>/         manifest.parquet, classes.csv (pooled datasets)
       features/<model>/<dataset>.npz
@@ -42,6 +44,9 @@ TRAINING: dict[str, str] = {
     "cbloss_natural": "cbloss_natural/{dataset}/{model}/{loss}/seed{seed}",
     "pretrain": "pretrain/{source}/seed{seed}",
     "finetune": "finetune/{source}/{target}/seed{seed}",
+    # not training: a post-hoc correction of a trained cbloss cell (finetail.posthoc), one job
+    # and one run each too, with the same metrics.json
+    "posthoc": "posthoc/{dataset}/if{imbalance}/{loss}/{method}/seed{seed}",
 }
 
 _DATASETS = "datasets"

@@ -132,6 +132,25 @@ def get_cbloss_metrics():
     )
 
 
+# Post-hoc corrections (posthoc.smk): name -> {method, tau, losses}; one job per corrected cell.
+POSTHOC = (CB or {}).get("posthoc", {})
+POSTHOC_WILDCARDS = {w: f"{{{w}}}" for w in ("dataset", "imbalance", "loss", "method", "seed")}
+
+
+def get_posthoc_metrics():
+    """Every post-hoc job's metrics.json: each correction on each cell of the losses it names."""
+    if not CB:
+        return []
+    return [
+        L.train("posthoc", dataset=ds, imbalance=imbalance_tag(imb), loss=loss, method=name, seed=seed)
+        for name, ph in POSTHOC.items()
+        for ds in CB["datasets"]
+        for imb in CB["imbalance"]
+        for loss in ph["losses"]
+        for seed in CB["seeds"]
+    ]
+
+
 # ---------------------------------------------------------------- transfer half
 TR = config.get("transfer")
 SEL = (TR or {}).get("selection")

@@ -12,6 +12,7 @@ report: "../report/workflow.rst"
 rule report:
     input:
         cbloss=get_cbloss_metrics(),
+        posthoc=get_posthoc_metrics(),
         cbloss_natural=get_cbloss_natural_metrics(),
         finetune=get_transfer_metrics(),
         pretrain=get_pretrain_metrics() if TR else [],
@@ -35,7 +36,13 @@ rule report:
             }
         ),
         # every training run behind the report, for its provenance table
-        metrics=lambda wildcards, input: [*input.cbloss, *input.cbloss_natural, *input.pretrain, *input.finetune],
+        metrics=lambda wildcards, input: [
+            *input.cbloss,
+            *input.posthoc,
+            *input.cbloss_natural,
+            *input.pretrain,
+            *input.finetune,
+        ],
         experiment=EXPERIMENT,
         out_dir=lambda wildcards, output: os.path.dirname(output.summary_md),
         results=lambda wildcards: L.root,

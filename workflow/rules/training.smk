@@ -10,9 +10,12 @@ rule cbloss:
     input:
         manifest=L.longtail("{dataset}", "{imbalance}"),
     output:
-        **training_outputs("cbloss", "dataset", "imbalance", "loss", "seed"),
+        # model.pt: what a post-hoc correction (posthoc.smk) reads, so adding one retrains nothing
+        **training_outputs("cbloss", "dataset", "imbalance", "loss", "seed", model=True),
     params:
-        **training_params("cbloss", get_cbloss_spec),
+        **training_params(
+            "cbloss", get_cbloss_spec, save_model=lambda wildcards, output: ["--save-model", output.model]
+        ),
     conda:
         "../../envs/finetail.yaml"
     log:
