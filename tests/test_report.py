@@ -4,12 +4,17 @@ import json
 import math
 import os
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from finetail.report import (
     BEST_CB,
+    baseline_loss,
     cbloss_frame,
+    is_class_balanced,
+    methods_markdown,
+    methods_table,
     cbloss_table,
     cbloss_table_markdown,
     paired_table,
@@ -154,3 +159,43 @@ def test_an_absent_metric_is_told_apart_from_a_nan_one(tmp_path):
     _write_cbloss_runs(tmp_path, [{"top1_error": 0.3, "few_acc": 0.5}, {"top1_error": 0.32, "few_acc": None}])
     with pytest.raises(ValueError, match="few_acc .* absent from 1 of its 2 runs"):
         shots_table(cbloss_frame(tmp_path, {**CELL, "seeds": [0, 1]}))
+
+
+METHOD_LOSSES = {
+    "softmax": {"type": "softmax"},
+    "ldam_drw": {"type": "ldam", "max_margin": 0.5, "scale": 30, "drw_epoch": 160, "beta": 0.9999},
+    "ldam_drw_early": {"type": "ldam", "max_margin": 0.5, "scale": 30, "drw_epoch": 100, "beta": 0.9999},
+    "balanced_softmax": {"type": "balanced_softmax"},
+}
+METHOD_CB = {"losses": METHOD_LOSSES, "posthoc": {"tn": {"method": "tau_norm", "tau": 1.0, "losses": ["softmax"]}}}
+
+
+def _method_shots(dataset="cifar10"):
+    rows = []
+    for loss, err in [("softmax", 30.0), ("ldam_drw", 24.0), ("ldam_drw_early", 25.0), ("balanced_softmax", 23.0),
+                      ("softmax+tn", 27.0)]:
+        for seed in range(3):
+            rows.append({"dataset": dataset, "imbalance": 100.0, "loss": loss, "setting": loss, "seed": seed,
+                         "top1_error": err + seed, "balanced_acc": 100 - err, "many_acc": 90.0, "medium_acc": 70.0,
+                         "few_acc": np.nan, "ece": 5.0})
+    return shots_table(pd.DataFrame(rows))
+
+
+def test_published_followup_numbers_land_only_on_their_own_method_and_recipe():
+    m = methods_table(_method_shots(), METHOD_CB, {"cifar10": True}).set_index("loss")
+    assert m.loc["ldam_drw", "published_error"] == pytest.approx(22.97)  # Cao et al., CIFAR-10-LT IF 100
+    assert m.loc["balanced_softmax", "published_error"] == pytest.approx(22.46)
+    assert m.loc["softmax+tn", "published_error"] == pytest.approx(27.30)  # tau-norm of a plain softmax cell
+    assert np.isnan(m.loc["ldam_drw_early", "published_error"])  # DRW at another epoch: not the paper's setting
+    assert np.isnan(m.loc["softmax", "published_error"])
+    reduced = methods_table(_method_shots(), METHOD_CB, {"cifar10": False})
+    assert reduced["published_error"].isna().all()  # a reduced recipe gets no published number
+    md = methods_markdown(m.reset_index())
+    assert "IF 100 published err" in md and "90.00 ± 0.00 / 70.00 ± 0.00 / —" in md
+
+
+def test_ldam_drw_is_not_a_class_balanced_loss_for_the_best_cb_row_or_the_baseline():
+    assert not is_class_balanced(METHOD_LOSSES["ldam_drw"])
+    assert is_class_balanced({"type": "focal", "beta": 0.999, "gamma": 1.0})
+    assert not is_class_balanced({"type": "softmax", "beta": 0.9999, "drw_epoch": 160})  # CE-DRW
+    assert baseline_loss({"losses": {"drw": {"type": "softmax", "beta": 0.9999, "drw_epoch": 8}, **METHOD_LOSSES}}) == "softmax"

@@ -133,7 +133,7 @@ def test_finish_report_by_hand_finds_every_run_and_writes_the_views(tmp_path, mo
     out = res / "report"
     out.mkdir(parents=True)
     pd.DataFrame({"loss": ["softmax", "<b>x</b>"], "if10": [1.5, 2.0]}).to_csv(out / "cbloss_table.csv", index=False)
-    for name in ("cbloss_cells.csv", "cbloss_shots.csv", "cbloss_paired.csv", "summary.md"):
+    for name in ("cbloss_cells.csv", "cbloss_shots.csv", "cbloss_paired.csv", "cbloss_methods.csv", "summary.md"):
         (out / name).write_text("a,b\n1,2\n" if name.endswith(".csv") else "# report\n")
     written = finish_report(out, {"cbloss": {"x": 1}}, res, None, "finetail-s")
     assert pd.read_csv(out / "provenance.csv")["run_id"].tolist() == ["r1", "r2"]  # every metrics.json found

@@ -18,7 +18,7 @@ from .fileio import atomic_write
 from .layout import Layout
 from .record import MetricsRecord
 from .stats import format_mean_std, paired_difference, summarize
-from .training.recipe import paper_recipe
+from .training.recipe import CB_LOSS_TYPES, paper_recipe
 
 __all__ = ["build_report", "cbloss_frame", "cbloss_table", "paired_table", "paper_table", "similarity_network_label",
            "to_markdown", "transfer_frame"]
@@ -49,15 +49,38 @@ def to_markdown(df: pd.DataFrame, floatfmt: str = "{:.2f}") -> str:
     return "\n".join(lines) + "\n"
 
 
+def is_class_balanced(spec: dict) -> bool:
+    """A class-balanced loss of Cui et al. (softmax, sigmoid or focal with β > 0 from the
+    first epoch): not LDAM, not the DRW settings, whose β switches on late."""
+    return spec["type"] in CB_LOSS_TYPES and bool(spec.get("beta", 0.0)) and spec.get("drw_epoch") is None
+
+
 def _loss_label(spec: dict) -> str:
     t, beta, gamma = spec["type"], spec.get("beta", 0.0), spec.get("gamma", 0.0)
+    drw = f"-DRW (β={beta:g} from epoch {spec['drw_epoch']})" if spec.get("drw_epoch") is not None else ""
+    if t == "ldam":
+        return f"LDAM m={spec.get('max_margin', 0.5):g} s={spec.get('scale', 30.0):g}{drw}"
+    if t == "balanced_softmax":
+        return "balanced softmax"
+    if t == "logit_adjusted":
+        return f"logit-adjusted loss τ={spec.get('tau', 1.0):g}"
     s = t if t != "focal" else f"focal γ={gamma:g}"
+    if drw:
+        return s + drw
     return s if not beta else f"CB {s} β={beta:g}"
+
+
+POSTHOC_LABELS = {"tau_norm": "τ-norm", "logit_adjust": "post-hoc logit adjustment"}
+
+
+def _posthoc_label(base: dict, ph: dict) -> str:
+    how = "chosen on held-out training images" if ph["tau"] == "auto" else f"τ={float(ph['tau']):g}, given"
+    return f"{_loss_label(base)} + {POSTHOC_LABELS[ph['method']]} ({how})"
 
 
 def _paper_row(spec: dict) -> str | None:
     """The row of the paper's Table 2 that an unweighted loss is (CB rows: see _paper_best)."""
-    if spec.get("beta", 0.0):
+    if spec.get("beta", 0.0) or spec["type"] not in CB_LOSS_TYPES or spec.get("drw_epoch") is not None:
         return None
     if spec["type"] == "focal":
         return f"focal_g{spec.get('gamma', 0.0):.1f}"
@@ -98,7 +121,36 @@ def cbloss_frame(results: Path, cb: dict) -> pd.DataFrame:
                             "run_id": m.run_id, "git_commit": m.git_commit, "wall_s": m.wall_s,
                         }
                     )
+    rows += _posthoc_rows(layout, cb)
     return pd.DataFrame(rows)
+
+
+def _posthoc_rows(layout: Layout, cb: dict) -> list[dict]:
+    """One row per post-hoc job (cbloss.posthoc): loss ``<loss>+<name>``, the corrected cell's
+    settings, its metrics, and the τ it used (``tau``) and how it was chosen (``tau_source``)."""
+    rows = []
+    for name, ph in (cb.get("posthoc") or {}).items():
+        for ds in cb["datasets"]:
+            for imb in cb["imbalance"]:
+                for loss in ph["losses"]:
+                    spec = cb["losses"][loss]
+                    for seed in cb.get("seeds", [0]):
+                        path = Path(layout.train("posthoc", dataset=ds, imbalance=imb, loss=loss, method=name, seed=seed))
+                        if not path.exists():
+                            raise FileNotFoundError(f"{path} is missing: run the posthoc job for this cell and seed first")
+                        m = MetricsRecord.read(path)
+                        f, how = m.final or {}, m.extra.get("posthoc", {})
+                        rows.append(
+                            {
+                                "dataset": ds, "imbalance": float(imb), "loss": f"{loss}+{name}",
+                                "setting": _posthoc_label(spec, ph), "type": spec["type"],
+                                "beta": spec.get("beta", 0.0), "gamma": spec.get("gamma", 0.0), "seed": int(seed),
+                                **{k: _pct(f.get(k), path, k) for k in SHOT_METRICS},
+                                "run_id": m.run_id, "git_commit": m.git_commit, "wall_s": m.wall_s,
+                                "tau": how.get("tau"), "tau_source": how.get("source"),
+                            }
+                        )
+    return rows
 
 
 def _pct(v, path: Path | str, key: str) -> float:
@@ -134,7 +186,7 @@ def _best_cb(df: pd.DataFrame, cb: dict) -> pd.DataFrame:
     """The paper's way: per (dataset, imbalance), the class-balanced loss with the lowest mean
     top-1 error over the grid's β and loss settings, chosen on the test set. Its runs, with
     ``loss = best_cb`` and ``choice`` naming the loss chosen."""
-    cbs = [n for n, spec in cb["losses"].items() if spec.get("beta", 0.0)]
+    cbs = [n for n, spec in cb["losses"].items() if is_class_balanced(spec)]
     out = []
     for _, g in df[df["loss"].isin(cbs)].groupby(["dataset", "imbalance"], sort=False):
         means = g.groupby("loss", sort=False)["top1_error"].mean()
@@ -177,7 +229,7 @@ def _paper_value(paper: pd.DataFrame, best: pd.DataFrame, ds: str, loss: str, sp
         key = "class_balanced_best"
     elif spec is None:
         return np.nan
-    elif spec.get("beta", 0.0):
+    elif is_class_balanced(spec):
         hit = best[(best["dataset"] == ds) & (best["imbalance"] == float(col[2:]))]
         if not len(hit) or not _same_setting(spec, hit.iloc[0]):
             return np.nan
@@ -217,6 +269,97 @@ def shots_table(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def _followup_key(loss: str, cb: dict) -> str | None:
+    """The row of the published follow-ups (``reference/longtail_followups.csv``) that our
+    setting ``loss`` is, with that paper's parameters; None when it is none of them."""
+    base, _, ph = loss.partition("+")
+    spec = cb["losses"].get(base)
+    if spec is None:
+        return None
+    if ph:
+        plain = spec["type"] == "softmax" and not spec.get("beta", 0.0) and spec.get("drw_epoch") is None
+        return "tau_norm" if plain and cb["posthoc"][ph]["method"] == "tau_norm" else None
+    if (spec["type"] == "ldam" and spec.get("drw_epoch") == 160 and np.isclose(spec.get("beta", 0.0), 0.9999)
+            and spec.get("max_margin", 0.5) == 0.5 and spec.get("scale", 30.0) == 30.0):
+        return "ldam_drw"
+    if spec["type"] == "balanced_softmax":
+        return "balanced_softmax"
+    if spec["type"] == "logit_adjusted" and spec.get("tau", 1.0) == 1.0:
+        return "logit_adjustment_loss"
+    return None
+
+
+METHOD_METRICS = ("top1_error", "balanced_acc", "many_acc", "medium_acc", "few_acc")
+
+
+def methods_table(shots: pd.DataFrame, cb: dict, paper_ok: dict[str, bool]) -> pd.DataFrame:
+    """The long-tail methods side by side: per (dataset, imbalance, setting) the mean, std and
+    n of top-1 error, balanced accuracy and many/medium/few-shot accuracy (%), and the
+    published top-1 error (``published_error``, ``published_source``) only where the dataset is
+    the paper's (CIFAR-LT), our recipe is the paper's, and the row is that paper's method with
+    its parameters (``reference/longtail_followups.csv``)."""
+    pub = paper_table("longtail_followups")
+    keep = ["dataset", "imbalance", "loss", "setting"]
+    keep += [f"{m}_{k}" for m in METHOD_METRICS for k in ("mean", "std", "n")]
+    out = shots[keep].copy()
+    errors, sources = [], []
+    for ds, imb, loss in zip(out["dataset"], out["imbalance"], out["loss"], strict=True):
+        key = _followup_key(loss, cb) if paper_ok.get(ds) else None
+        hit = pub[(pub["dataset"] == ds) & (pub["imbalance"] == imb) & (pub["method"] == key)] if key else pub.iloc[0:0]
+        errors.append(float(hit["error"].iloc[0]) if len(hit) else np.nan)
+        sources.append(hit["source"].iloc[0] if len(hit) else None)
+    out["published_error"], out["published_source"] = errors, sources
+    return out
+
+
+def methods_markdown(methods: pd.DataFrame) -> str:
+    """One table per dataset: rows = methods, per imbalance factor top-1 error, balanced
+    accuracy and many / medium / few-shot accuracy (mean ± std; — where no class is in that group)."""
+    parts = []
+    for ds, g in methods.groupby("dataset", sort=False):
+        md = pd.DataFrame({"setting": list(dict.fromkeys(g["setting"]))})
+        for imb, h in g.groupby("imbalance", sort=True):
+            h = h.set_index("setting").reindex(md["setting"])
+            cell = lambda m, h=h: [format_mean_std(a, b) if n else "—"  # noqa: E731
+                                   for a, b, n in zip(h[f"{m}_mean"], h[f"{m}_std"], h[f"{m}_n"], strict=True)]
+            md[f"IF {imb:g} top-1 err"] = cell("top1_error")
+            md[f"IF {imb:g} balanced acc"] = cell("balanced_acc")
+            md[f"IF {imb:g} many / medium / few"] = [" / ".join(t) for t in zip(cell("many_acc"), cell("medium_acc"),
+                                                                              cell("few_acc"), strict=True)]
+            if h["published_error"].notna().any():
+                md[f"IF {imb:g} published err"] = [f"{v:.2f}" if pd.notna(v) else "—" for v in h["published_error"]]
+        parts.append(f"\n**{ds}**\n\n" + to_markdown(md))
+    return "".join(parts)
+
+
+def _plot_few_vs_many(methods: pd.DataFrame, path: Path) -> None:
+    """Few-shot vs many-shot accuracy per method (mean ± std over seeds), one panel per
+    (dataset, imbalance factor) that has both groups."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(k, g) for k, g in methods.groupby(["dataset", "imbalance"], sort=False)
+              if g["few_acc_n"].gt(0).any() and g["many_acc_n"].gt(0).any()]
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5.2 * max(1, len(panels)), 4.2), squeeze=False)
+    for ax, ((ds, imb), g) in zip(axes[0], panels, strict=False):
+        for _, r in g.iterrows():
+            ax.errorbar(r["many_acc_mean"], r["few_acc_mean"], xerr=np.nan_to_num(r["many_acc_std"]),
+                        yerr=np.nan_to_num(r["few_acc_std"]), marker="o", capsize=3, ls="none", label=r["setting"])
+        ax.set_xlabel("many-shot accuracy (%)")
+        ax.set_ylabel("few-shot accuracy (%)")
+        ax.set_title(f"{ds}, imbalance {imb:g}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    if not panels:
+        axes[0][0].text(0.5, 0.5, "no imbalance factor with both many- and few-shot classes", ha="center")
+        axes[0][0].set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _shots_markdown(shots: pd.DataFrame) -> str:
     md = shots[["dataset", "imbalance", "setting"]].copy()
     md["imbalance"] = [f"{v:g}" for v in md["imbalance"]]
@@ -234,7 +377,8 @@ PAIRED_COLUMNS = ["dataset", "imbalance", "loss", "setting", "baseline", "metric
 
 def baseline_loss(cb: dict) -> str | None:
     """The baseline of the paired comparisons: the first unweighted softmax loss of the grid."""
-    return next((n for n, s in cb["losses"].items() if s["type"] == "softmax" and not s.get("beta", 0.0)), None)
+    return next((n for n, s in cb["losses"].items()
+                 if s["type"] == "softmax" and not s.get("beta", 0.0) and s.get("drw_epoch") is None), None)
 
 
 def paired_table(df: pd.DataFrame, baseline: str) -> pd.DataFrame:
@@ -263,7 +407,7 @@ def _cb_claim(paired: pd.DataFrame, cb: dict) -> list[str]:
     accuracy at the highest imbalance factor, beyond seed noise."""
     if paired.empty:
         return ["- Class-balanced weighting vs softmax: no paired comparison (no unweighted softmax baseline).\n"]
-    cbs = {n for n, s in cb["losses"].items() if s.get("beta", 0.0)}
+    cbs = {n for n, s in cb["losses"].items() if is_class_balanced(s)}
     lines = []
     for ds, g in paired[(paired["metric"] == "few_acc") & paired["loss"].isin(cbs)].groupby("dataset", sort=False):
         top = g[g["imbalance"] == g["imbalance"].max()]
@@ -672,10 +816,14 @@ def _cbloss_section(results: Path, spec: dict, out: Path, paper_ok: dict[str, bo
     base = baseline_loss(cb)
     paired = paired_table(df, base) if base else pd.DataFrame(columns=PAIRED_COLUMNS)
     paired.to_csv(out / "cbloss_paired.csv", index=False)
+    methods = methods_table(shots, cb, followups_comparable(spec))
+    methods.to_csv(out / "cbloss_methods.csv", index=False)
     _plot_error_vs_if(df, out / "cbloss_error_vs_if.png")
-    _plot_per_class(results, df, out / "cbloss_per_class.png")
+    _plot_per_class(results, df[~df["loss"].str.contains("+", regex=False)], out / "cbloss_per_class.png")
+    _plot_few_vs_many(methods, out / "cbloss_few_vs_many.png")
     files = [out / n for n in ("cbloss_cells.csv", "cbloss_table.csv", "cbloss_table.md", "cbloss_shots.csv",
-                               "cbloss_shots.md", "cbloss_paired.csv", "cbloss_error_vs_if.png", "cbloss_per_class.png")]
+                               "cbloss_shots.md", "cbloss_paired.csv", "cbloss_methods.csv", "cbloss_error_vs_if.png",
+                               "cbloss_per_class.png", "cbloss_few_vs_many.png")]
     claims = _cb_claim(paired, cb)
     pm = paired.copy()
     if len(pm):
@@ -690,6 +838,15 @@ def _cbloss_section(results: Path, spec: dict, out: Path, paper_ok: dict[str, bo
         "chosen on the test set, as the paper chose its best setting.\n",
         _paper_note(paper_ok, spec),
         md,
+        "\n## Long-tail methods side by side (%)\n",
+        "The class-balanced losses beside the later methods (LDAM-DRW, balanced softmax, logit adjustment; "
+        "post-hoc corrections of a trained cell, `+`, no retraining; README: \"Long-tail methods\"), on the same "
+        "subsets, seeds and recipe; mean ± std over seeds. Published numbers "
+        "(`reference/longtail_followups.csv`) stand beside a row only where the data is CIFAR-LT, the recipe is the "
+        "papers' and the row is that paper's method with its parameters"
+        + ("." if methods["published_error"].notna().any() else "; here none is.") + "\n",
+        methods_markdown(methods),
+        "\n![few-shot vs many-shot accuracy](cbloss_few_vs_many.png)\n",
         "\n## Many / medium / few-shot accuracy and calibration (%)\n",
         "Mean ± std over seeds; `ece`: expected calibration error, 15 bins.\n",
         shots_md,
@@ -720,6 +877,14 @@ def paper_reasons(spec: dict) -> str:
     if match.is_paper:
         return "the paper's recipe on CIFAR; see the columns."
     return "reduced recipe: not comparable (" + match.reason() + ")."
+
+
+def followups_comparable(spec: dict) -> dict[str, bool]:
+    """Per cbloss dataset: whether the later long-tail papers' published numbers may stand
+    beside ours (CIFAR, trained with their recipe, ``LONGTAIL_CIFAR_RECIPE``)."""
+    cb = spec.get("cbloss") or {}
+    same = paper_recipe(cb.get("recipe", {}), "longtail_cifar").is_paper
+    return {d: same and d in PAPER_CIFAR for d in cb.get("datasets", [])}
 
 
 def paper_comparable(spec: dict) -> dict[str, bool]:

@@ -22,6 +22,7 @@ __all__ = [
     "LOSS_KEYS",
     "LOSS_TYPES",
     "MANY_SHOT",
+    "LONGTAIL_CIFAR_RECIPE",
     "PAPER_RECIPES",
     "POSTHOC_METHODS",
     "SAMPLERS",
@@ -339,7 +340,21 @@ CBLOSS_CIFAR_RECIPE: dict[str, Any] = {
     "amp": False,
 }
 
-PAPER_RECIPES: dict[str, dict[str, Any]] = {"cbloss_cifar": CBLOSS_CIFAR_RECIPE}
+# The later long-tail papers' CIFAR-LT recipe (Cao et al. 2019's LDAM-DRW code, which Ren et
+# al. 2020, Menon et al. 2021 and the BagofTricks-LT reproductions reuse): the CB paper's
+# schedule in PyTorch, with its defaults where the CB reference code differs (option-A
+# subsampling shortcut, He-normal convolutions, inputs normalised by the training set's mean
+# and std), every image of the training set, drawn as a shuffle.
+LONGTAIL_CIFAR_RECIPE: dict[str, Any] = {
+    **CBLOSS_CIFAR_RECIPE,
+    "shortcut": "subsample",
+    "init": "kaiming",
+    "input_norm": "dataset",
+    "sampler": "instance",
+    "holdout": 0.0,
+}
+
+PAPER_RECIPES: dict[str, dict[str, Any]] = {"cbloss_cifar": CBLOSS_CIFAR_RECIPE, "longtail_cifar": LONGTAIL_CIFAR_RECIPE}
 
 
 class PaperMatch(NamedTuple):
