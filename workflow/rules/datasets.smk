@@ -18,6 +18,7 @@ rule generate_world:
         "../../envs/finetail.yaml"
     log:
         L.log("generate_world", "{dataset}"),
+    priority: 4  # seconds of work that every stage waits for: first (the greedy scheduler keeps to priorities)
     resources:
         mem_mb=2000,
         runtime=10,

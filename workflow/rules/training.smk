@@ -51,6 +51,8 @@ use rule cbloss as cbloss_natural with:
 
 
 use rule cbloss as pretrain with:
+    wildcard_constraints:
+        source=alternation(ALL_SOURCES) if TR else "^$",
     input:
         manifest=L.source("{source}"),
     output:
@@ -66,6 +68,15 @@ use rule cbloss as pretrain with:
         gpu=1,
         mem_mb=4000,
         runtime=720,
+
+
+# The feature network (transfer.features.networks, e.g. probe) is pretrained like a source,
+# but heads the transfer half's critical path (features -> selection -> the selected source's
+# pretraining -> its fine-tunes): its own rule, so it runs before the ranked sources' pretraining.
+use rule pretrain as feature_network with:
+    wildcard_constraints:
+        source=alternation(FEATURE_NETWORKS) if FEATURE_NETWORKS else "^$",
+    priority: 3
 
 
 use rule cbloss as finetune with:
