@@ -1,6 +1,6 @@
 """The later long-tail methods in the real Snakemake DAG: LDAM-DRW and balanced softmax cells,
-post-hoc tau-normalisation nested under its cell's run, the methods table, and a post-hoc
-correction added to a finished study planning no retraining."""
+post-hoc tau-normalisation and cRT nested under their cell's run, the methods table, and a
+post-hoc correction added to a finished study planning no retraining."""
 
 import json
 import subprocess
@@ -30,7 +30,10 @@ STUDY = {
             "ldam_drw": {"type": "ldam", "max_margin": 0.5, "scale": 30, "drw_epoch": 2, "beta": 0.999},
             "balanced_softmax": {"type": "balanced_softmax"},
         },
-        "posthoc": {"tau_norm": {"method": "tau_norm", "tau": 1.0, "losses": ["softmax"]}},
+        "posthoc": {
+            "tau_norm": {"method": "tau_norm", "tau": 1.0, "losses": ["softmax"]},
+            "crt": {"method": "crt", "losses": ["softmax"], "recipe": {"epochs": 2, "milestones": [1], "eval_every": 2}},
+        },
         "recipe": RECIPE,
     },
     "shots": {"many": 30, "few": 10},
@@ -69,6 +72,10 @@ def test_methods_run_and_post_hoc_jobs_nest_under_their_cells(study):
         assert ph["parent_run_id"] == cell["run_id"] and ph["run_id"] != cell["run_id"]
         assert ph["posthoc"]["method"] == "tau_norm" and ph["posthoc"]["tau"] == 1.0
         assert 0.0 <= ph["final"]["top1_error"] <= 1.0
+        crt = json.loads((res / f"posthoc/gen10/if10/softmax/crt/seed{seed}/metrics.json").read_text())
+        assert crt["parent_run_id"] == cell["run_id"] and crt["epochs"] == 2
+        assert crt["config"]["recipe"]["linear_probe"] and crt["config"]["recipe"]["sampler"] == "class_balanced"
+        assert crt["config"]["recipe"]["seed"] == seed and crt["config"]["loss"] == {"type": "softmax"}
         ldam = json.loads((res / f"cbloss/gen10/if10/ldam_drw/seed{seed}/metrics.json").read_text())
         assert ldam["config"]["loss"]["type"] == "ldam" and ldam["config"]["loss"]["drw_epoch"] == 2
     client = MlflowClient(f"sqlite:///{res / 'mlflow.db'}")
@@ -76,7 +83,7 @@ def test_methods_run_and_post_hoc_jobs_nest_under_their_cells(study):
     by_rule = {}
     for run in runs:
         by_rule.setdefault(run.data.tags["finetail.rule"], []).append(run)
-    assert {k: len(v) for k, v in by_rule.items()} == {"cbloss": 6, "posthoc": 2}
+    assert {k: len(v) for k, v in by_rule.items()} == {"cbloss": 6, "posthoc": 4}  # tau-norm and cRT
     cell_ids = {r.data.tags["finetail.wildcard.seed"]: r.info.run_id for r in by_rule["cbloss"]
                 if r.data.tags["finetail.wildcard.loss"] == "softmax"}
     for run in by_rule["posthoc"]:
@@ -87,12 +94,14 @@ def test_methods_run_and_post_hoc_jobs_nest_under_their_cells(study):
 def test_the_report_sets_the_methods_side_by_side(study):
     rep = study / "results" / "methods" / "report"
     methods = pd.read_csv(rep / "cbloss_methods.csv").set_index("loss")
-    assert sorted(methods.index) == ["balanced_softmax", "ldam_drw", "softmax", "softmax+tau_norm"]
+    assert sorted(methods.index) == ["balanced_softmax", "ldam_drw", "softmax", "softmax+crt", "softmax+tau_norm"]
+    assert "cRT" in methods.loc["softmax+crt", "setting"]
     assert (methods["top1_error_n"] == 2).all() and methods["published_error"].isna().all()  # not CIFAR
     assert "τ-norm (τ=1, given)" in methods.loc["softmax+tau_norm", "setting"]
     cells = pd.read_csv(rep / "cbloss_cells.csv")
     ph = cells[cells["loss"] == "softmax+tau_norm"]
     assert len(ph) == 2 and set(ph["tau_source"]) == {"given"}
+    assert cells[cells["loss"] == "softmax+crt"]["tau"].isna().all()
     table = pd.read_csv(rep / "cbloss_table.csv").set_index("loss")
     assert "best_cb" not in table.index  # LDAM-DRW's beta is DRW's, not a class-balanced loss of the grid
     assert (rep / "cbloss_few_vs_many.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -107,6 +116,13 @@ def test_adding_a_post_hoc_correction_retrains_nothing(study):
     r = snakemake(study, cfg, "-n")
     assert r.returncode == 0, r.stderr[-2000:]
     assert planned(r) == {"posthoc": 4, "report": 1, "all": 1}  # 2 losses x 2 seeds, and the report
+
+
+def test_a_crt_with_a_tau_is_refused_naming_the_setting(tmp_path):
+    cfg = json.loads(json.dumps(STUDY))
+    cfg["cbloss"]["posthoc"]["crt"]["tau"] = 1.0
+    r = snakemake(tmp_path, cfg, "-n")
+    assert r.returncode != 0 and "cbloss.posthoc.crt: cRT retrains the head and takes no tau" in r.stdout + r.stderr
 
 
 def test_tau_auto_without_held_out_images_is_refused_naming_the_setting(tmp_path):
@@ -127,4 +143,4 @@ def test_the_cifar_methods_study_plans_with_the_papers_recipe(tmp_path):
                         "--configfile", str(path), "-n", "--cores", "1"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     jobs = planned(r)
-    assert jobs["cbloss"] == 7 * 2 * 2 * 3 and jobs["posthoc"] == 2 * 2 * 2 * 3
+    assert jobs["cbloss"] == 7 * 2 * 2 * 3 and jobs["posthoc"] == 2 * 2 * 2 * 3 and jobs["crt"] == 2 * 2 * 3

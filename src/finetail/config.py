@@ -136,9 +136,20 @@ def _check_losses(section: str, grid: dict) -> None:
 
 
 def _check_posthoc(cb: dict) -> None:
-    from .training.recipe import SOFTMAX_LOSSES
+    from .training.recipe import SOFTMAX_LOSSES, TrainConfig
 
     for name, ph in cb.get("posthoc", {}).items():
+        if ph["method"] == "crt":
+            if "tau" in ph:
+                raise ConfigError(f"cbloss.posthoc.{name}: cRT retrains the head and takes no tau (give it a recipe)")
+            try:
+                TrainConfig.from_dict({**cb["recipe"], **ph.get("recipe", {})})
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"cbloss.posthoc.{name}.recipe: {e}") from None
+        elif "tau" not in ph:
+            raise ConfigError(f"cbloss.posthoc.{name}: {ph['method']} needs a tau (a number, or auto)")
+        elif "recipe" in ph:
+            raise ConfigError(f"cbloss.posthoc.{name}: {ph['method']} retrains nothing and takes no recipe")
         for loss in ph["losses"]:
             if loss not in cb["losses"]:
                 raise ConfigError(f"cbloss.posthoc.{name}.losses names {loss!r}, which is not one of "
@@ -149,7 +160,7 @@ def _check_posthoc(cb: dict) -> None:
             if ph["method"] == "tau_norm" and cb["losses"][loss]["type"] == "ldam":
                 raise ConfigError(f"cbloss.posthoc.{name}: tau_norm on the LDAM cells of {loss!r} changes nothing "
                                   "(their normalised head divides by the row norms already); use logit_adjust")
-        if ph["tau"] == "auto" and not cb["recipe"].get("holdout"):
+        if ph.get("tau") == "auto" and not cb["recipe"].get("holdout"):
             raise ConfigError(f"cbloss.posthoc.{name}: tau auto is chosen on held-out training images; "
                               "set cbloss.recipe.holdout (e.g. 0.1) so the cells keep some out of training")
 

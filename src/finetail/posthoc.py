@@ -35,7 +35,7 @@ import torch
 from .errors import UserError
 from .losses import log_prior
 from .metrics import classification_metrics
-from .training.recipe import POSTHOC_METHODS, SOFTMAX_LOSSES, TrainConfig, precision
+from .training.recipe import POSTHOC_METHODS, SOFTMAX_LOSSES, TrainConfig, crt_spec, precision
 
 __all__ = [
     "METHODS",
@@ -196,20 +196,3 @@ def check_method(method: str, cfg: TrainConfig) -> None:
                         "normalises them itself, so every tau gives the same model (use logit_adjust)")
 
 
-def crt_spec(cell_spec: dict, **recipe) -> dict:
-    """The ``finetail train --spec`` of a cRT job for a cell: the cell's network, image size,
-    held-out slice and seed, a new linear head trained on the frozen backbone
-    (``linear_probe``) with class-balanced sampling and the softmax loss; ``recipe`` overrides
-    or adds any recipe setting (the schedule: epochs, lr, milestones, ...; unset ones keep the
-    cell's). Run it with ``--init-model <cell>/model.pt``: the job then records the cell's run
-    as its parent, and its backbone digest (``start_backbone_sha256``) is the cell's.
-
-    >>> spec = crt_spec({"recipe": {"model": "resnet32", "epochs": 200}, "loss": {"type": "ldam"}}, epochs=10)
-    >>> spec["recipe"], spec["loss"]
-    ({'model': 'resnet32', 'epochs': 10, 'linear_probe': True, 'sampler': 'class_balanced'}, {'type': 'softmax'})
-    """
-    base = {k: v for k, v in cell_spec.get("recipe", {}).items() if k != "weights"}  # the backbone is loaded
-    out = {"recipe": {**base, **recipe, "linear_probe": True, "sampler": "class_balanced"}, "loss": {"type": "softmax"}}
-    if "shots" in cell_spec:
-        out["shots"] = cell_spec["shots"]
-    return out

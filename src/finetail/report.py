@@ -70,10 +70,14 @@ def _loss_label(spec: dict) -> str:
     return s if not beta else f"CB {s} β={beta:g}"
 
 
-POSTHOC_LABELS = {"tau_norm": "τ-norm", "logit_adjust": "post-hoc logit adjustment"}
+POSTHOC_LABELS = {"tau_norm": "τ-norm", "logit_adjust": "post-hoc logit adjustment", "crt": "cRT"}
 
 
 def _posthoc_label(base: dict, ph: dict) -> str:
+    if ph["method"] == "crt":
+        epochs = ph.get("recipe", {}).get("epochs")
+        return (f"{_loss_label(base)} + cRT (new head on the frozen backbone, class-balanced sampling"
+                + (f", {epochs} epochs)" if epochs else ")"))
     how = "chosen on held-out training images" if ph["tau"] == "auto" else f"τ={float(ph['tau']):g}, given"
     return f"{_loss_label(base)} + {POSTHOC_LABELS[ph['method']]} ({how})"
 
@@ -278,7 +282,8 @@ def _followup_key(loss: str, cb: dict) -> str | None:
         return None
     if ph:
         plain = spec["type"] == "softmax" and not spec.get("beta", 0.0) and spec.get("drw_epoch") is None
-        return "tau_norm" if plain and cb["posthoc"][ph]["method"] == "tau_norm" else None
+        method = cb["posthoc"][ph]["method"]
+        return method if plain and method in ("tau_norm", "crt") else None
     if (spec["type"] == "ldam" and spec.get("drw_epoch") == 160 and np.isclose(spec.get("beta", 0.0), 0.9999)
             and spec.get("max_margin", 0.5) == 0.5 and spec.get("scale", 30.0) == 30.0):
         return "ldam_drw"

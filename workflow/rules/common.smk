@@ -7,6 +7,7 @@ from pathlib import Path
 from finetail.code import PKG as INSTALLED_PKG, code_digest
 from finetail.config import check_config
 from finetail.layout import Layout, imbalance_tag
+from finetail.training.recipe import crt_spec
 from finetail.report_files import commit_label, halves_of, report_entry, report_files
 
 check_config(config)
@@ -134,7 +135,16 @@ def get_cbloss_metrics():
 
 # Post-hoc corrections (posthoc.smk): name -> {method, tau, losses}; one job per corrected cell.
 POSTHOC = (CB or {}).get("posthoc", {})
+CRT = [n for n, ph in POSTHOC.items() if ph["method"] == "crt"]  # training jobs (rule crt)
+ADJUST = [n for n in POSTHOC if n not in CRT]  # no retraining (rule posthoc)
 POSTHOC_WILDCARDS = {w: f"{{{w}}}" for w in ("dataset", "imbalance", "loss", "method", "seed")}
+
+
+def get_crt_spec(wildcards):
+    """cRT of a cell: the cell's spec with a new linear head on its frozen backbone, trained with
+    class-balanced sampling (finetail.training.recipe.crt_spec), over the entry's recipe keys."""
+    cell = {"recipe": seeded(CB["recipe"], wildcards), "loss": CB["losses"][wildcards.loss], "shots": config["shots"]}
+    return as_json(crt_spec(cell, **POSTHOC[wildcards.method].get("recipe", {})))
 
 
 def get_posthoc_metrics():

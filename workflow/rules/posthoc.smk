@@ -3,9 +3,13 @@
 # saved model, evaluated on the cell's test split. No retraining: adding a correction to a
 # finished study plans these jobs and the report only. One MLflow run per job, nested under
 # the cell's run. Code: finetail.posthoc (posthoc_job.py is what `finetail posthoc` runs).
+# cRT (classifier re-training, Kang et al. 2020) trains a new head on the cell's frozen
+# backbone: a training job (rule crt below, `finetail train --init-model <cell>/model.pt`).
 
 
 rule posthoc:
+    wildcard_constraints:
+        method=alternation(ADJUST) if ADJUST else "^$",
     input:
         manifest=L.longtail("{dataset}", "{imbalance}"),
         model=L.train("cbloss", "model.pt", dataset="{dataset}", imbalance="{imbalance}", loss="{loss}", seed="{seed}"),
@@ -36,3 +40,24 @@ rule posthoc:
         "--method {params.method:q} --tau {params.tau:q} --out-dir {params.out_dir:q} --study-dir {params.study_dir:q} "
         "--rule posthoc --wildcards {params.wildcards:q} --experiment {params.experiment:q} {params.tracking:q} "
         "--threads {threads:q} > {log:q} 2>&1"
+
+
+use rule cbloss as crt with:
+    wildcard_constraints:
+        method=alternation(CRT) if CRT else "^$",
+    input:
+        manifest=L.longtail("{dataset}", "{imbalance}"),
+        init=L.train("cbloss", "model.pt", dataset="{dataset}", imbalance="{imbalance}", loss="{loss}", seed="{seed}"),
+    output:
+        **training_outputs("posthoc", "dataset", "imbalance", "loss", "method", "seed"),
+    params:
+        **training_params(
+            "posthoc", get_crt_spec, init=lambda wildcards, input: ["--init-model", input.init]
+        ),
+    log:
+        training_log("posthoc", "dataset", "imbalance", "loss", "method", "seed"),
+    priority: 0
+    resources:
+        gpu=1,
+        mem_mb=3000,
+        runtime=60,

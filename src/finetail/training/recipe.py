@@ -31,6 +31,7 @@ __all__ = [
     "SPEED_ONLY",
     "PaperMatch",
     "TrainConfig",
+    "crt_spec",
     "key_settings",
     "lr_at",
     "paper_recipe",
@@ -402,3 +403,21 @@ def paper_recipe(recipe: dict, paper: str = "cbloss_cifar") -> PaperMatch:
     ours = {**asdict(TrainConfig()), **recipe}
     diffs = [f"{k} {_show(ours[k])} ≠ {_show(v)}" for k, v in PAPER_RECIPES[paper].items() if not _same(ours[k], v)]
     return PaperMatch(not diffs, diffs)
+
+def crt_spec(cell_spec: dict, **recipe) -> dict:
+    """The ``finetail train --spec`` of a cRT job for a cell: the cell's network, image size,
+    held-out slice and seed, a new linear head trained on the frozen backbone
+    (``linear_probe``) with class-balanced sampling and the softmax loss; ``recipe`` overrides
+    or adds any recipe setting (the schedule: epochs, lr, milestones, ...; unset ones keep the
+    cell's). Run it with ``--init-model <cell>/model.pt``: the job then records the cell's run
+    as its parent, and its backbone digest (``start_backbone_sha256``) is the cell's.
+
+    >>> spec = crt_spec({"recipe": {"model": "resnet32", "epochs": 200}, "loss": {"type": "ldam"}}, epochs=10)
+    >>> spec["recipe"], spec["loss"]
+    ({'model': 'resnet32', 'epochs': 10, 'linear_probe': True, 'sampler': 'class_balanced'}, {'type': 'softmax'})
+    """
+    base = {k: v for k, v in cell_spec.get("recipe", {}).items() if k != "weights"}  # the backbone is loaded
+    out = {"recipe": {**base, **recipe, "linear_probe": True, "sampler": "class_balanced"}, "loss": {"type": "softmax"}}
+    if "shots" in cell_spec:
+        out["shots"] = cell_spec["shots"]
+    return out
