@@ -5,13 +5,15 @@ post-hoc correction added to a finished study planning no retraining."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import ROOT
+from test_workflow import (  # the same runner and plan parser as the main DAG tests
+    planned,
+    snakemake,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -38,20 +40,6 @@ STUDY = {
     },
     "shots": {"many": 30, "few": 10},
 }
-
-
-def snakemake(workdir: Path, config: dict, *args: str) -> subprocess.CompletedProcess:
-    cfg = workdir / "study.yaml"
-    cfg.write_text(yaml.safe_dump(config, sort_keys=False))
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(workdir),
-           "--configfile", str(cfg), "--cores", "2", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-
-
-def planned(r: subprocess.CompletedProcess) -> dict[str, int]:
-    from test_workflow import planned as parse
-
-    return parse(r)
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from .fileio import file_sha256, log, write_json
+from .training.job import add_run_args
 
 __all__ = ["add_posthoc_args", "evaluate_cell", "launch", "load_cell", "parse_tau_grid", "posthoc_spec"]
 
@@ -43,14 +44,7 @@ def add_posthoc_args(p: argparse.ArgumentParser) -> None:
                         "images (recipe holdout > 0)")
     p.add_argument("--tau-grid", default="0:2:0.1", help="--tau auto: start:stop:step, both ends included")
     p.add_argument("--out-dir", required=True, help="writes metrics.json, per_class.csv (and tau.csv)")
-    p.add_argument("--study-dir", required=True, help="results/<study>: holds the default MLflow store")
-    p.add_argument("--rule", default="posthoc", help="Snakemake rule name, for the run's tags")
-    p.add_argument("--wildcards", default="{}", help="JSON of the job's wildcards, for the run's tags")
-    p.add_argument("--experiment", default="finetail", help="MLflow experiment name")
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow URI, overriding everything else (then MLFLOW_TRACKING_URI, then "
-                        "--config-tracking-uri, then <study-dir>/mlflow.db)")
-    p.add_argument("--config-tracking-uri", default=None, help="the study config's tracking.uri")
+    add_run_args(p, rule="posthoc")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--device", default=os.environ.get("FINETAIL_DEVICE", "auto"), help="auto, cpu, cuda, cuda:1...")
 

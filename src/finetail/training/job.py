@@ -24,7 +24,7 @@ from typing import Any
 
 from ..fileio import file_sha256, log, write_json
 
-__all__ = ["add_train_args", "holdout_of", "launch", "load_splits", "per_class_table", "run_job", "run_name",
+__all__ = ["add_run_args", "add_train_args", "holdout_of", "launch", "load_splits", "per_class_table", "run_job", "run_name",
            "split_subset", "tracking_uri", "train_argv"]
 
 
@@ -33,15 +33,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spec", required=True, help='JSON: {"recipe": {...}, "loss": {...}, "shots": {...}}')
     p.add_argument("--out-dir", required=True, help="writes metrics.json, per_class.csv, history.csv")
     p.add_argument("--checkpoint", required=True, help="resume point, rewritten after every epoch")
-    p.add_argument("--study-dir", required=True, help="results/<study>: holds the default MLflow store")
-    p.add_argument("--rule", default="manual", help="Snakemake rule name, for the run's tags")
-    p.add_argument("--wildcards", default="{}", help="JSON of the job's wildcards, for the run's tags")
-    p.add_argument("--experiment", default="finetail", help="MLflow experiment name")
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow URI, overriding everything else (then MLFLOW_TRACKING_URI, then "
-                        "--config-tracking-uri, then <study-dir>/mlflow.db)")
-    p.add_argument("--config-tracking-uri", default=None,
-                   help="the study config's tracking.uri (the rules pass it here); MLFLOW_TRACKING_URI wins over it")
+    add_run_args(p, rule="manual")
     p.add_argument("--save-model", default=None, help="also write the final weights here")
     p.add_argument("--init-model", default=None, help="start the backbone from this model.pt (fine-tuning); new head")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -49,6 +41,19 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress", action="store_true", help="show a progress bar instead of a line per epoch")
     p.add_argument("--nproc", type=int, default=1,
                    help="processes (one per GPU) training together under torchrun with DDP; the global batch is the recipe's")
+
+
+def add_run_args(p: argparse.ArgumentParser, rule: str) -> None:
+    """The options that place a job's one MLflow run (``finetail train`` and ``finetail posthoc``)."""
+    p.add_argument("--study-dir", required=True, help="results/<study>: holds the default MLflow store")
+    p.add_argument("--rule", default=rule, help="Snakemake rule name, for the run's tags")
+    p.add_argument("--wildcards", default="{}", help="JSON of the job's wildcards, for the run's tags")
+    p.add_argument("--experiment", default="finetail", help="MLflow experiment name")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow URI, overriding everything else (then MLFLOW_TRACKING_URI, then "
+                        "--config-tracking-uri, then <study-dir>/mlflow.db)")
+    p.add_argument("--config-tracking-uri", default=None,
+                   help="the study config's tracking.uri (the rules pass it here); MLFLOW_TRACKING_URI wins over it")
 
 
 def train_argv(a: argparse.Namespace) -> list[str]:
