@@ -105,7 +105,9 @@ SHOT_METRICS = ("top1_error", "balanced_acc", "many_acc", "medium_acc", "few_acc
 
 
 def cbloss_frame(results: Path, cb: dict) -> pd.DataFrame:
-    """One row per CB-loss run (cell x seed): settings and final metrics (percentages)."""
+    """One row per CB-loss run (cell x seed): settings and final metrics (percentages); then
+    one per post-hoc job (``cbloss.posthoc``): loss ``<loss>+<name>``, the corrected cell's
+    settings, its metrics, and the τ it used (``tau``) and how it was chosen (``tau_source``)."""
     rows = []
     layout = Layout.at(results)
     for ds in cb["datasets"]:
@@ -113,26 +115,7 @@ def cbloss_frame(results: Path, cb: dict) -> pd.DataFrame:
             for name, spec in cb["losses"].items():
                 for seed in cb.get("seeds", [0]):
                     path = Path(layout.train("cbloss", dataset=ds, imbalance=imb, loss=name, seed=seed))
-                    if not path.exists():
-                        raise FileNotFoundError(f"{path} is missing: run the cbloss job for this cell and seed first")
-                    m = MetricsRecord.read(path)
-                    f = m.final or {}
-                    rows.append(
-                        {
-                            "dataset": ds, "imbalance": float(imb), "loss": name, "setting": _loss_label(spec),
-                            "type": spec["type"], "beta": spec.get("beta", 0.0), "gamma": spec.get("gamma", 0.0),
-                            "seed": int(seed), **{k: _pct(f.get(k), path, k) for k in SHOT_METRICS},
-                            "run_id": m.run_id, "git_commit": m.git_commit, "wall_s": m.wall_s,
-                        }
-                    )
-    rows += _posthoc_rows(layout, cb)
-    return pd.DataFrame(rows)
-
-
-def _posthoc_rows(layout: Layout, cb: dict) -> list[dict]:
-    """One row per post-hoc job (cbloss.posthoc): loss ``<loss>+<name>``, the corrected cell's
-    settings, its metrics, and the τ it used (``tau``) and how it was chosen (``tau_source``)."""
-    rows = []
+                    rows.append(_run_row(path, "cbloss", ds, imb, name, _loss_label(spec), spec, seed)[0])
     for name, ph in (cb.get("posthoc") or {}).items():
         for ds in cb["datasets"]:
             for imb in cb["imbalance"]:
@@ -140,21 +123,27 @@ def _posthoc_rows(layout: Layout, cb: dict) -> list[dict]:
                     spec = cb["losses"][loss]
                     for seed in cb.get("seeds", [0]):
                         path = Path(layout.train("posthoc", dataset=ds, imbalance=imb, loss=loss, method=name, seed=seed))
-                        if not path.exists():
-                            raise FileNotFoundError(f"{path} is missing: run the posthoc job for this cell and seed first")
-                        m = MetricsRecord.read(path)
-                        f, how = m.final or {}, m.extra.get("posthoc", {})
-                        rows.append(
-                            {
-                                "dataset": ds, "imbalance": float(imb), "loss": f"{loss}+{name}",
-                                "setting": _posthoc_label(spec, ph), "type": spec["type"],
-                                "beta": spec.get("beta", 0.0), "gamma": spec.get("gamma", 0.0), "seed": int(seed),
-                                **{k: _pct(f.get(k), path, k) for k in SHOT_METRICS},
-                                "run_id": m.run_id, "git_commit": m.git_commit, "wall_s": m.wall_s,
-                                "tau": how.get("tau"), "tau_source": how.get("source"),
-                            }
-                        )
-    return rows
+                        row, m = _run_row(path, "posthoc", ds, imb, f"{loss}+{name}", _posthoc_label(spec, ph), spec, seed)
+                        how = m.extra.get("posthoc", {})
+                        rows.append({**row, "tau": how.get("tau"), "tau_source": how.get("source")})
+    return pd.DataFrame(rows)
+
+
+def _run_row(path: Path, rule: str, ds: str, imb, loss: str, setting: str, spec: dict,
+             seed: int) -> tuple[dict, MetricsRecord]:
+    """One long-tail run's row of :func:`cbloss_frame` (its ``metrics.json`` at ``path``), and
+    its record."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run the {rule} job for this cell and seed first")
+    m = MetricsRecord.read(path)
+    f = m.final or {}
+    row = {
+        "dataset": ds, "imbalance": float(imb), "loss": loss, "setting": setting,
+        "type": spec["type"], "beta": spec.get("beta", 0.0), "gamma": spec.get("gamma", 0.0),
+        "seed": int(seed), **{k: _pct(f.get(k), path, k) for k in SHOT_METRICS},
+        "run_id": m.run_id, "git_commit": m.git_commit, "wall_s": m.wall_s,
+    }
+    return row, m
 
 
 def _pct(v, path: Path | str, key: str) -> float:
