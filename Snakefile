@@ -37,6 +37,7 @@ include: "workflow/rules/training.smk"
 include: "workflow/rules/posthoc.smk"
 include: "workflow/rules/similarity.smk"
 include: "workflow/rules/transfer.smk"
+include: "workflow/rules/transferability.smk"
 include: "workflow/rules/report.smk"
 
 

@@ -78,6 +78,18 @@ def test_check_config_cli(tmp_path):
     assert "valid" in r.stdout
 
 
+def test_random_source_name_must_not_clash(tmp_path):
+    for name in ("generic", "selected", "scratch"):
+        cfg = _default()
+        cfg["transfer"]["selection"]["random"] = {"name": name, "seed": 0}
+        with pytest.raises(ConfigError, match="selection.random.name"):
+            load_config(_write(tmp_path, cfg))
+    cfg = _default()
+    cfg["transfer"]["transferability"]["scores"] = ["logme", "logmee"]
+    with pytest.raises(ConfigError, match="logmee"):
+        load_config(_write(tmp_path, cfg))
+
+
 def test_paper_grid_study_plans_the_full_grid():
     r = subprocess.run(
         [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile", "workflow/studies/cbloss_paper_grid.yaml"],
@@ -100,9 +112,15 @@ def test_paper_study_plans_the_whole_dag_without_data(tmp_path):
     assert counts["prepare_dataset"] == "11"  # CIFAR-10/100, ImageNet, iNat 2017, seven targets
     assert counts["cbloss"] == "300"  # the CIFAR-LT grid
     assert counts["cbloss_natural"] == "12"  # iNat/ImageNet x ResNet-50/101/152 x softmax/CB focal
-    assert counts["pretrain"] == "4" and counts["finetune"] == "28"  # 4 sources x 7 targets
+    # the paper's 4 sources and the random-classes ablation (5) x 7 targets
+    assert counts["pretrain"] == "5" and counts["finetune"] == "35"
+    assert counts["random_subset"] == "1"
+    assert counts["transferability"] == "35"  # every (source, target) pair's scores
     for target in ("cub200", "stanford_dogs", "flowers102", "stanford_cars", "fgvc_aircraft", "food101", "nabirds"):
-        assert f"results/paper/finetune/selected/{target}/seed0/metrics.json" in r.stdout
+        for source in ("selected", "random"):
+            assert f"results/paper/finetune/{source}/{target}/seed0/metrics.json" in r.stdout
+        for source in ("imagenet", "inat2017", "imagenet+inat2017", "selected", "random"):
+            assert f"results/paper/transferability/{source}/{target}/scores.csv" in r.stdout
 
 
 def test_registry_and_imagefolder_kinds_are_checked(tmp_path):

@@ -123,7 +123,7 @@ def test_default_dag_holds_every_source_target_finetune(tmp_path):
     planned = set(re.findall(r"results/default/finetune/([^/\s]+)/([^/\s]+)/seed(\d+)/metrics\.json", r.stdout))
     config = yaml.safe_load((ROOT / "config.yaml").read_text())
     tr = config["transfer"]
-    ranked = [*tr["sources"], tr["selection"]["name"]]
+    ranked = [*tr["sources"], tr["selection"]["name"], tr["selection"]["random"]["name"]]
     sources = ranked + (["scratch"] if tr["finetune"]["scratch"] else [])
     targets, seeds = tr["targets"], tr["seeds"]
     assert len(targets) >= 4 and len(seeds) >= 3 and len(ranked) >= 3
@@ -132,6 +132,9 @@ def test_default_dag_holds_every_source_target_finetune(tmp_path):
     assert re.search(rf"^pretrain\s+{len(ranked) * len(seeds)}$", r.stdout, flags=re.M)
     assert re.search(r"^feature_network\s+1$", r.stdout, flags=re.M)
     assert re.search(rf"^finetune\s+{len(sources) * len(targets) * len(seeds)}$", r.stdout, flags=re.M)
+    # every ranked source's networks scored on every target, one job per pair
+    assert re.search(rf"^transferability\s+{len(ranked) * len(targets)}$", r.stdout, flags=re.M)
+    assert re.search(r"^random_subset\s+1$", r.stdout, flags=re.M)
 
 
 def test_torchvision_feature_model_identity_without_download(tmp_path):

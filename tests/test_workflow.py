@@ -42,7 +42,7 @@ TINY["cbloss_natural"] = {
 }
 TINY["transfer"] = {
     "sources": {"generic": ["generic"], "natural": ["natural"], "generic+natural": ["generic", "natural"]},
-    "selection": {"pool": ["generic", "natural"], "top_k": 3},
+    "selection": {"pool": ["generic", "natural"], "top_k": 3, "random": {"name": "random", "seed": 0}},
     "targets": ["cub200", "stanford_cars"],
     "features": {"model": "generic+natural"},
     "similarity": {"min_source_images": 2},
@@ -123,7 +123,7 @@ def test_one_mlflow_run_per_training_job(study):
     by_rule = {}
     for run in runs:
         by_rule.setdefault(run.data.tags["finetail.rule"], []).append(run)
-    assert {k: len(v) for k, v in by_rule.items()} == {"cbloss": 8, "pretrain": 4, "finetune": 10, "cbloss_natural": 2}
+    assert {k: len(v) for k, v in by_rule.items()} == {"cbloss": 8, "pretrain": 5, "finetune": 12, "cbloss_natural": 2}
     pretrain_ids = {r.data.tags["finetail.wildcard.source"]: r.info.run_id for r in by_rule["pretrain"]}
     for run in by_rule["finetune"]:
         src = run.data.tags["finetail.wildcard.source"]
@@ -150,7 +150,7 @@ def test_one_mlflow_run_per_training_job(study):
 def test_transfer_outputs(study):
     res = study / "results" / "tiny"
     sim = pd.read_csv(res / "similarity" / "generic+natural" / "matrix.csv", index_col=0)
-    assert list(sim.index) == ["generic", "natural", "generic+natural", "selected"]  # config order
+    assert list(sim.index) == ["generic", "natural", "generic+natural", "selected", "random"]  # config order
     assert list(sim.columns) == ["cub200", "stanford_cars"]
     assert ((sim > 0) & (sim <= 1)).all().all()
     chosen = pd.read_csv(res / "selection" / "selected" / "classes.csv")
@@ -158,9 +158,9 @@ def test_transfer_outputs(study):
     pooled = pd.read_parquet(res / "sources" / "selected" / "manifest.parquet")
     assert set(pooled["class_name"]) == set(chosen["class_name"])
     table = pd.read_csv(res / "report" / "transfer_table.csv")
-    assert table["source"].tolist() == ["generic", "natural", "generic+natural", "selected", "scratch"]
+    assert table["source"].tolist() == ["generic", "natural", "generic+natural", "selected", "random", "scratch"]
     corr = json.loads((res / "report" / "transfer_correlation.json").read_text())
-    assert corr["vs_gain"]["n"] == 8
+    assert corr["vs_gain"]["n"] == 10
     feats = np.load(res / "features" / "generic+natural" / "cub200.npz")
     pretrain = res / "pretrain" / "generic+natural" / "seed0" / "metrics.json"
     assert str(feats["model_run_id"]) == json.loads(pretrain.read_text())["run_id"]
@@ -197,7 +197,7 @@ def test_changing_one_targets_finetune_setting_reruns_only_its_finetunes(study):
     cfg["transfer"]["finetune"]["per_target"] = {"cub200": {"lr": 0.01}}
     r = snakemake(study, cfg, "-n")
     assert r.returncode == 0, r.stderr
-    assert planned(r) == {"finetune": 5, "report": 1, "all": 1}  # 4 sources + scratch, for cub200 only
+    assert planned(r) == {"finetune": 6, "report": 1, "all": 1}  # 5 sources + scratch, for cub200 only
     assert set(re.findall(r"output: \S*finetune/[^/\s]+/([^/\s]+)/seed\d+/metrics\.json", r.stdout)) == {"cub200"}
 
 
@@ -208,13 +208,14 @@ def test_seeds_expand_every_training_stage_and_pair_finetunes_with_their_pretrai
     r = snakemake(study, cfg, "-n", "-p")
     assert r.returncode == 0, r.stderr
     jobs = planned(r)
-    # cbloss: 2 imbalance factors x 2 losses x the new seed 2; pretrain: the 4 sources x seeds
-    # 1 and 2 (seed 0 exists); finetune: (4 sources + scratch) x 2 targets x seeds 1, 2.
-    assert (jobs["cbloss"], jobs["pretrain"], jobs["finetune"]) == (4, 8, 20)
+    # cbloss: 2 imbalance factors x 2 losses x the new seed 2; pretrain: the 5 sources x seeds
+    # 1 and 2 (seed 0 exists); finetune: (5 sources + scratch) x 2 targets x seeds 1, 2;
+    # transferability: every (source, target) pair again, now with three networks each.
+    assert (jobs["cbloss"], jobs["pretrain"], jobs["finetune"], jobs["transferability"]) == (4, 10, 24, 10)
     assert len(set(re.findall(r"cbloss/gen10/if\d+/\w+/seed2/metrics\.json", r.stdout))) == 4
     # fine-tune seed S starts from pretrain seed S
     inits = re.findall(r"--init-model '?\S*pretrain/([^/\s]+)/seed(\d)/model\.pt'?.*?--out-dir '?\S*finetune/([^/\s]+)/[^/\s]+/seed(\d)", r.stdout)
-    assert len(inits) == 16 and all(a == c and b == d for a, b, c, d in inits)
+    assert len(inits) == 20 and all(a == c and b == d for a, b, c, d in inits)
 
 
 def test_editing_code_plans_the_jobs_that_run_it(study, tmp_path):
@@ -241,12 +242,15 @@ def test_editing_code_plans_the_jobs_that_run_it(study, tmp_path):
         return planned(r)
 
     assert plan() == {}
-    training = {"cbloss": 8, "cbloss_natural": 2, "pretrain": 4, "finetune": 10}  # cbloss: 2 seeds
+    training = {"cbloss": 8, "cbloss_natural": 2, "pretrain": 5, "finetune": 12}  # cbloss: 2 seeds
     edits = [
         ("training/job.py", lambda t: t + "\n# an edit\n", training),
         ("tracking.py", lambda t: t + "\n# an edit\n", training),
         ("cli.py", lambda t: t.replace("    launch(a)\n", "    launch(a)  # an edit\n", 1), training),
-        ("transfer.py", lambda t: t + "\n# an edit\n", {"pool_source": 4, "pretrain": 4, "finetune": 8}),
+        ("transfer.py", lambda t: t + "\n# an edit\n", {"pool_source": 5, "pretrain": 5, "finetune": 10,
+                                                          "transferability": 10}),
+        # the scores: only the scoring jobs (and the report) read them
+        ("transferability.py", lambda t: t + "\n# an edit\n", {"transferability": 10, "pretrain": None}),
     ]
     for name, edit, expected in edits:
         f = pkg / name
@@ -268,3 +272,54 @@ def test_lint_is_clean():
     r = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Lints for" not in r.stdout + r.stderr
+
+
+def test_transferability_scores_and_the_random_source(study):
+    """Every (source, target) pair's scores from that source's own network; the random source
+    matches the greedy one in classes and images; the report ranks the scores and compares
+    selected, random and the whole pool."""
+    res = study / "results" / "tiny"
+    chosen = pd.read_csv(res / "selection" / "selected" / "classes.csv")
+    drawn = pd.read_csv(res / "selection" / "random" / "classes.csv")
+    assert len(drawn) == len(chosen) and set(drawn["class_name"]) != set(chosen["class_name"])
+    assert int(drawn["images"].sum()) == min(int(chosen["count"].sum()), int(drawn["count"].sum()))
+    pooled = pd.read_parquet(res / "sources" / "random" / "manifest.parquet")
+    kept = pooled[pooled["split"] == "train"].groupby("class_name").size()
+    assert kept.to_dict() == drawn.set_index("class_name")["images"].to_dict()
+    sources = ["generic", "natural", "generic+natural", "selected", "random"]
+    for s in sources:
+        run_id = json.loads((res / "pretrain" / s / "seed0" / "metrics.json").read_text())["run_id"]
+        for t in ("cub200", "stanford_cars"):
+            sc = pd.read_csv(res / "transferability" / s / t / "scores.csv")
+            assert sc["seed"].tolist() == [0] and sc["model_run_id"].tolist() == [run_id]
+            assert sc["manifest_sha256"].iloc[0] == file_sha256(res / "datasets" / t / "manifest.parquet")
+            target = pd.read_parquet(res / "datasets" / t / "manifest.parquet")
+            assert sc["n_images"].iloc[0] == int((target["split"] == "train").sum())
+            classes = pd.read_csv(res / "sources" / s / "classes.csv")
+            assert sc["source_classes"].iloc[0] == len(classes)  # LEEP/NCE read the source network's own head
+            r = sc.iloc[0]
+            assert np.isfinite(r[["logme", "leep", "nce", "hscore", "knn"]].astype(float)).all()
+            assert r["nce"] <= 0 and r["leep"] <= 0 and 0 <= r["knn"] <= 1
+    table = pd.read_csv(res / "report" / "transferability.csv")
+    assert table["score"].tolist() == ["emd", "logme", "leep", "nce", "hscore", "knn"]
+    assert {"cub200_tau", "stanford_cars_tau", "mean_tau", "mean_weighted_tau", "seconds_per_pair"} <= set(table.columns)
+    pairs = pd.read_csv(res / "report" / "transferability_pairs.csv")
+    assert len(pairs) == 6 * len(sources) * 2
+    acc = pd.read_csv(res / "report" / "transfer_cells.csv").set_index(["source", "target", "seed"])["top1_acc"]
+    for _, p in pairs.iterrows():
+        assert p["top1_acc"] == pytest.approx(acc.loc[(p["source"], p["target"], p["seed"])])
+    ab = pd.read_csv(res / "report" / "selection_vs_random.csv").set_index("target")
+    assert list(ab.index) == ["cub200", "stanford_cars", "mean"]
+    assert {"selected_mean", "random_mean", "pool_mean", "selected_minus_random"} <= set(ab.columns)
+    assert ab.loc["cub200", "selected_mean"] == pytest.approx(acc.loc[("selected", "cub200", 0)])
+    summary = (res / "report" / "summary.md").read_text()
+    assert "Which score predicts transfer" in summary and "Is greedy selection worth it?" in summary
+    assert (res / "report" / "transferability_vs_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_changing_knn_k_reruns_only_the_scores_and_the_report(study):
+    cfg = json.loads(json.dumps(TINY))
+    cfg["transfer"]["transferability"] = {"knn_k": 3}
+    r = snakemake(study, cfg, "-n")
+    assert r.returncode == 0, r.stderr
+    assert planned(r) == {"transferability": 10, "report": 1, "all": 1}

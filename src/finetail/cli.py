@@ -58,7 +58,7 @@ def cmd_posthoc(a: argparse.Namespace) -> None:
 def cmd_pool(a: argparse.Namespace) -> None:
     from .transfer import pool_sources
 
-    log(pool_sources(a.inputs, a.classes, Path(a.out_dir)))
+    log(pool_sources(a.inputs, a.classes, Path(a.out_dir), a.seed))
 
 
 def cmd_features(a: argparse.Namespace) -> None:
@@ -79,6 +79,19 @@ def cmd_select(a: argparse.Namespace) -> None:
     from .selection import write_selection
 
     log(write_selection(Path(a.features_dir), json.loads(a.spec), Path(a.out)))
+
+
+def cmd_random_subset(a: argparse.Namespace) -> None:
+    from .selection import write_random_subset
+
+    log(write_random_subset(Path(a.features_dir), json.loads(a.spec), Path(a.selection), Path(a.out)))
+
+
+def cmd_transferability(a: argparse.Namespace) -> None:
+    from .scoring import write_scores
+
+    log(write_scores(a.models, a.seeds, a.manifest, a.out, json.loads(a.spec), threads=a.threads, device=a.device,
+                     workers=a.workers))
 
 
 # --------------------------------------------------------------------------- report
@@ -197,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     po = sub.add_parser("pool", help="pool source manifests (optionally a class list) into one relabelled manifest")
     po.add_argument("--inputs", nargs="+", required=True, help="manifest.parquet files")
     po.add_argument("--classes", default=None, help="CSV with a class_name column: keep only these classes")
+    po.add_argument("--seed", type=int, default=0,
+                    help="seed of the training images kept when --classes has an images column (a random source)")
     po.add_argument("--out-dir", required=True, help="writes manifest.parquet and classes.csv")
     po.set_defaults(func=cmd_pool)
 
@@ -230,6 +245,26 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--spec", required=True, help='JSON: {"pool": [...], "targets": [...], "top_k" or "threshold", ...}')
     se.add_argument("--out", required=True, help="classes.csv: class_name, score, best_target, targets, count")
     se.set_defaults(func=cmd_select)
+
+    rs = sub.add_parser("random-subset", help="the selection's random counterpart: as many pool classes and "
+                        "training images, drawn at random (seeded)")
+    rs.add_argument("--features-dir", required=True, help="folder of <dataset>.npz class statistics (the pool's)")
+    rs.add_argument("--spec", required=True, help='JSON: {"pool": [...], "seed": S, "min_source_images": N}')
+    rs.add_argument("--selection", required=True, help="the greedy selection's classes.csv (its class and image counts)")
+    rs.add_argument("--out", required=True, help="classes.csv: class_name, count, images (kept)")
+    rs.set_defaults(func=cmd_random_subset)
+
+    ts = sub.add_parser("transferability", help="transferability scores (LogME, LEEP, NCE, H-score, k-NN) of "
+                        "source models on a target's training images")
+    ts.add_argument("--models", nargs="+", required=True, help="the source's pretrained model.pt files, one per seed")
+    ts.add_argument("--seeds", nargs="+", type=int, required=True, help="their pretraining seeds, in the same order")
+    ts.add_argument("--manifest", required=True, help="the target's manifest (array store or image files)")
+    ts.add_argument("--spec", required=True, help='JSON: {"scores": [...], "knn_k": K, "source": name, "target": name}')
+    ts.add_argument("--out", required=True, help="scores.csv: one row per source model (seed), each score and its seconds")
+    ts.add_argument("--workers", type=int, default=None, help="file manifests: loader processes (default: per CPUs)")
+    ts.add_argument("--threads", type=int, default=1)
+    ts.add_argument("--device", default=os.environ.get("FINETAIL_DEVICE", "auto"), help="auto, cpu, cuda, cuda:1...")
+    ts.set_defaults(func=cmd_transferability)
 
     r = sub.add_parser("report", help="tables and figures from every metrics.json of a study")
     r.add_argument("--results", required=True, help="results/<study>")

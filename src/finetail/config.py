@@ -98,6 +98,8 @@ def _check_names(config: dict) -> None:
     found += [("transfer.selection.pool", "value", p, NAME_PATTERN) for p in sel.get("pool", [])]
     if "name" in sel:
         found.append(("transfer.selection.name", "value", sel["name"], NAME_PATTERN))
+    if "name" in (sel.get("random") or {}):
+        found.append(("transfer.selection.random.name", "value", sel["random"]["name"], NAME_PATTERN))
     feats = tr.get("features") or {}
     if "model" in feats:
         found.append(("transfer.features.model", "value", feats["model"], MODEL_PATTERN))
@@ -230,9 +232,15 @@ def _check_transfer(tr: dict, datasets: dict) -> None:
                 raise ConfigError(f"transfer.selection.pool names {p!r}, which is not a transfer source")
         if sel.get("name", "selected") in tr["sources"] or sel.get("name") == "scratch":
             raise ConfigError(f"transfer.selection.name {sel.get('name')!r} clashes with a source name")
+        rnd = sel.get("random")
+        if rnd and rnd.get("name", "random") in [*tr["sources"], sel.get("name", "selected"), "scratch"]:
+            raise ConfigError(f"transfer.selection.random.name {rnd.get('name', 'random')!r} clashes with a source "
+                              "name, the selected source or 'scratch'")
     if "scratch" in tr["sources"]:
         raise ConfigError("'scratch' is reserved for training from random weights; rename that source")
     names = list(tr["sources"]) + ([sel.get("name", "selected")] if sel else [])
+    if sel and sel.get("random"):
+        names.append(sel["random"].get("name", "random"))
     _check_features(tr, datasets, names)
     for stage, key, allowed in (("finetune", "per_target", tr["targets"]), ("pretrain", "per_source", names)):
         for name, over in tr[stage].get(key, {}).items():

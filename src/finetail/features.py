@@ -37,7 +37,9 @@ __all__ = [
     "Preprocess",
     "class_mean_features",
     "file_class_mean_features",
+    "SplitImages",
     "load_feature_model",
+    "split_images",
     "state_digest",
     "write_class_features",
 ]
@@ -52,6 +54,7 @@ class FeatureModel:
     std: torch.Tensor
     identity: dict  # {"kind", "name", "run_id" or "weights", "sha256"}
     image_size: int | None = None  # its own input side: tv: models 224; pipeline: the recipe's (file manifests)
+    head: torch.nn.Module | None = None  # a pipeline network's classifier over its own (source) classes
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,7 @@ def load_feature_model(spec: str, weights: str | None = None, num_classes: int =
         torch.tensor(norm["std"]).view(1, 3, 1, 1),
         ident,
         image_size=cfg.get("image_size"),
+        head=model.head,
     )
 
 
@@ -188,6 +192,48 @@ def file_class_mean_features(
     return _means(_class_sums(fm, batches, num_classes, device), labels, num_classes)
 
 
+@dataclass
+class SplitImages:
+    """One split of a manifest as uint8 ``(B, 3, S, S)`` batches for a feature model."""
+
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
+    labels: np.ndarray
+    class_names: list[str]
+    files: bool  # image files (decoded by finetail.loader) rather than an array store
+    size: int | None  # the input side (None: arrays as stored)
+
+
+def split_images(fm: FeatureModel, manifest: str | Path, split: str, device: str = "cpu",
+                 preprocess: Preprocess = Preprocess(), workers: int | None = None,
+                 batch: int | None = None) -> SplitImages:
+    """The images of one split of ``manifest`` (an array store, in memory; or image files,
+    decoded and cropped by :func:`finetail.loader.eval_batches`: the large-image path) as the
+    feature model ``fm`` takes them."""
+    from .manifest import load_array_split, read_manifest
+
+    files = "store" not in read_manifest(manifest).columns
+    size = preprocess.size_for(fm, files)
+    if files:
+        from .loader import default_workers, eval_batches, load_file_split
+
+        fsplit = load_file_split(manifest, split)
+        batches = eval_batches(fsplit.images, fsplit.labels, size=size, batch_size=batch or 64,
+                               device=torch.device(device), workers=default_workers() if workers is None else workers,
+                               crop_fraction=preprocess.crop_fraction, crop=preprocess.crop)
+        return SplitImages(batches, fsplit.labels, list(fsplit.class_names), True, size)
+    data = load_array_split(manifest, split)
+    images, y, step = data.images, torch.from_numpy(data.labels.astype(np.int64)), batch or 512
+
+    def arrays():
+        for i in range(0, len(images), step):
+            x = torch.from_numpy(np.ascontiguousarray(images[i : i + step])).to(device).permute(0, 3, 1, 2)
+            if size:
+                x = eval_transform(x, size, preprocess.crop_fraction, preprocess.crop)
+            yield x, y[i : i + step]
+
+    return SplitImages(arrays(), data.labels, list(data.class_names), False, size)
+
+
 def write_class_features(model: str, weights: str | None, model_name: str, manifest: str | Path, split: str,
                          out: str | Path, threads: int = 1, device: str = "cpu",
                          preprocess: Preprocess = Preprocess(), workers: int | None = None) -> str:
@@ -196,25 +242,13 @@ def write_class_features(model: str, weights: str | None, model_name: str, manif
     or ``tv:<name>``), saved with the model's identity, the preprocessing and the manifest's
     sha256. Returns a log line."""
     from .fileio import file_sha256
-    from .manifest import load_array_split, read_manifest
     from .similarity import ClassStats, save_class_stats
 
     torch.set_num_threads(threads)
     fm = load_feature_model(model, weights)
-    files = "store" not in read_manifest(manifest).columns
-    if files:
-        from .loader import load_file_split
-
-        fsplit = load_file_split(manifest, split)
-        labels, class_names = fsplit.labels, fsplit.class_names
-        means, counts = file_class_mean_features(fm, fsplit.images, labels, len(class_names), device=device,
-                                                 preprocess=preprocess, workers=workers)
-    else:
-        data = load_array_split(manifest, split)
-        labels, class_names = data.labels, data.class_names
-        means, counts = class_mean_features(fm, data.images, labels, len(class_names), device=device,
-                                            preprocess=preprocess)
-    size = preprocess.size_for(fm, files)
+    part = split_images(fm, manifest, split, device, preprocess, workers)
+    labels, class_names, files, size = part.labels, part.class_names, part.files, part.size
+    means, counts = _means(_class_sums(fm, part.batches, len(class_names), device), labels, len(class_names))
     keep = counts > 0
     stats = ClassStats(means[keep], counts[keep], [n for n, k in zip(class_names, keep, strict=True) if k])
     ident = fm.identity

@@ -20,7 +20,8 @@ unchanged); Python callers wrap them in :class:`pathlib.Path`.
       sources/<source>/         manifest.parquet, classes.csv (pooled datasets)
       features/<model>/<dataset>.npz
       similarity/<model>/       matrix.csv, emd.csv, heatmap.png
-      selection/<name>/classes.csv
+      selection/<name>/classes.csv   (the greedy selection; its random counterpart likewise)
+      transferability/<source>/<target>/scores.csv   LogME, LEEP, NCE, H-score, k-NN per seed
       report/                   summary.md, tables, figures
       mlflow.db, mlartifacts/   the default tracking store
     logs/<study>/<rule>/<wildcards...>.log
@@ -55,6 +56,7 @@ _SOURCES = "sources"
 _FEATURES = "features"
 _SIMILARITY = "similarity"
 _SELECTION = "selection"
+_TRANSFERABILITY = "transferability"
 _CHECKPOINTS = "checkpoints"
 _REPORT = "report"
 _MLFLOW_DB = "mlflow.db"
@@ -173,6 +175,10 @@ class Layout:
 
     def selection(self, name: str) -> str:
         return self._p(_SELECTION, name, "classes.csv")
+
+    def scores(self, source: str, target: str) -> str:
+        """Transferability scores of a source's networks on a target (finetail.scoring)."""
+        return self._p(_TRANSFERABILITY, source, target, "scores.csv")
 
     # -- report, tracking store, logs
     def report(self, file: str = "summary.md") -> str:

@@ -775,7 +775,10 @@ def _transfer_section(results: Path, spec: dict, out: Path) -> tuple[list[str], 
                      f"list with scores in `{Path(chosen_csv).relative_to(results)}`.\n")
     files = [out / n for n in ("transfer_cells.csv", "transfer_table.csv", "transfer_correlation.json",
                                "similarity_vs_accuracy.csv", "similarity_vs_accuracy.png")]
-    return lines, files, [_similarity_claim(corr)]
+    from .transfer_eval import transferability_section
+
+    more, more_files, more_claims = transferability_section(results, spec, out, df)
+    return lines + more, files + more_files, [_similarity_claim(corr), *more_claims]
 
 
 def data_lines(spec: dict) -> list[str]:

@@ -61,6 +61,9 @@ CATEGORIES: dict[str, str] = {
     "cbloss": "Long-tail (class-balanced loss)",
     "cbloss_natural": "Long-tail (class-balanced loss)",
     "transfer": "Transfer (domain similarity)",
+    # parts of the transfer half a study may leave out (transfer.transferability.scores, selection.random)
+    "transferability": "Transfer (domain similarity)",
+    "selection_random": "Transfer (domain similarity)",
     "provenance": "Provenance",
 }
 # The training rules whose runs make each half's numbers (None: all of them).
@@ -68,6 +71,8 @@ HALF_RULES: dict[str, tuple[str, ...] | None] = {
     "cbloss": ("cbloss",),
     "cbloss_natural": ("cbloss_natural",),
     "transfer": ("pretrain", "finetune"),
+    "transferability": ("pretrain", "finetune"),
+    "selection_random": ("pretrain", "finetune"),
     "provenance": None,
 }
 _FIGURE = (".png", ".svg", ".jpg", ".jpeg", ".pdf")
@@ -153,6 +158,17 @@ REPORT_FILES: tuple[ReportFile, ...] = (
                "similarity_vs_accuracy.rst"),
     ReportFile("heatmap.png", "transfer", "Figures", "domain similarity of each source to each target",
                "similarity.rst", rule="similarity"),
+    ReportFile("transferability.csv", "transferability", "Tables",
+               "which score predicts transfer: Kendall τ and weighted τ of each score vs fine-tune accuracy",
+               "transferability.rst"),
+    ReportFile("transferability_pairs.csv", "transferability", "Tables",
+               "each score of each (source network, target) pair beside its fine-tune accuracy",
+               "transferability_pairs.rst"),
+    ReportFile("transferability_vs_accuracy.png", "transferability", "Figures",
+               "each transferability score vs fine-tune accuracy, per target", "transferability_vs_accuracy.rst"),
+    ReportFile("selection_vs_random.csv", "selection_random", "Tables",
+               "greedy selected source vs random classes (same size): fine-tune accuracy, paired difference",
+               "selection_vs_random.rst"),
     # -- provenance: which run and commit made each number
     ReportFile("provenance.csv", "provenance", "Runs", "every training run: MLflow run id, experiment, git commit",
                "provenance.rst"),
@@ -164,7 +180,11 @@ REPORT_FILES: tuple[ReportFile, ...] = (
 
 def halves_of(config: Mapping) -> list[str]:
     """The halves a study (config or report spec) has, in :data:`CATEGORIES` order, provenance last."""
-    return [h for h in CATEGORIES if h == "provenance" or config.get(h)]
+    tr = config.get("transfer") or {}
+    # transferability scores are on unless a study lists none (the schema's default: all of them)
+    parts = {"transferability": bool(tr) and bool((tr.get("transferability") or {}).get("scores", True)),
+             "selection_random": bool((tr.get("selection") or {}).get("random"))}
+    return [h for h in CATEGORIES if h == "provenance" or (parts[h] if h in parts else config.get(h))]
 
 
 def report_entry(name: str) -> ReportFile:

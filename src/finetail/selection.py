@@ -9,6 +9,11 @@ which is the domain similarity of :mod:`finetail.similarity` for a one-class sou
 solver needed). Per target the top ``k`` classes (or all with similarity at least a
 threshold) are kept, and the selection is the union over targets. The paper's 585-class
 subset of ImageNet + iNaturalist was made this way.
+
+Is the greedy choice worth it? :func:`random_subset` draws the ablation's source: as many
+classes as the selection, uniformly at random (seeded) from the same eligible pool classes,
+with as many training images in all (a class's share proportional to its size), so that the
+two sources differ only in *which* classes they hold.
 """
 
 from __future__ import annotations
@@ -30,7 +35,15 @@ from finetail.similarity import (
     load_class_stats,
 )
 
-__all__ = ["SELECTION_COLUMNS", "concat_class_stats", "greedy_select", "write_selection"]
+__all__ = [
+    "RANDOM_COLUMNS",
+    "SELECTION_COLUMNS",
+    "concat_class_stats",
+    "greedy_select",
+    "random_subset",
+    "write_random_subset",
+    "write_selection",
+]
 
 SELECTION_COLUMNS = ("class_name", "score", "best_target", "targets", "count")
 """Columns of :func:`greedy_select`'s result, in order."""
@@ -250,3 +263,87 @@ def write_selection(features_dir: Path, spec: dict, out: Path) -> str:
     out.parent.mkdir(parents=True, exist_ok=True)
     chosen.to_csv(out, index=False, float_format="%.6f")
     return f"selected {len(chosen)} of {len(pool.class_names)} source classes -> {out}"
+
+
+RANDOM_COLUMNS = ("class_name", "count", "images")
+"""Columns of :func:`random_subset`'s result: the class, its training images in the pool, and
+how many of them the random source keeps (``finetail pool`` draws them, seeded)."""
+
+
+def _quotas(counts: np.ndarray, total: int) -> np.ndarray:
+    """Images to keep per class: ``total`` split in proportion to ``counts`` (largest
+    remainder), at least one per class and at most its count. ``total`` must lie in
+    ``[len(counts), counts.sum()]``."""
+    share = total * counts / counts.sum()
+    keep = np.clip(np.floor(share).astype(np.int64), 1, counts)
+    rest = total - int(keep.sum())
+    order = np.lexsort((np.arange(len(counts)), -(share - np.floor(share))))  # largest remainder first
+    while rest != 0:
+        for i in order if rest > 0 else order[::-1]:
+            if rest > 0 and keep[i] < counts[i]:
+                keep[i] += 1
+                rest -= 1
+            elif rest < 0 and keep[i] > 1:
+                keep[i] -= 1
+                rest += 1
+            if rest == 0:
+                break
+    return keep
+
+
+def random_subset(pool: ClassStats, selected: pd.DataFrame, seed: int, min_source_images: int = DEFAULT_MIN_SOURCE_IMAGES) -> pd.DataFrame:
+    """The greedy selection's random counterpart: as many classes, drawn uniformly without
+    replacement (``numpy.random.default_rng(seed)``) from the pool's classes with at least
+    ``min_source_images`` images (the classes greedy selection could choose), and the
+    selection's number of training images split over them in proportion to their sizes.
+
+    Parameters
+    ----------
+    pool : ClassStats of the pool (its ``counts`` are training images per class).
+    selected : the greedy selection (:data:`SELECTION_COLUMNS`; ``count`` per class).
+    seed : the draw's seed.
+
+    Returns
+    -------
+    DataFrame of :data:`RANDOM_COLUMNS`, sorted by class name. ``images`` sums to the
+    selection's image count, unless the drawn classes hold fewer images in all (then every
+    image is kept: ``images == count``, and the caller reports the shortfall).
+
+    Examples
+    --------
+    >>> pool = ClassStats(np.zeros((4, 1)), [10, 20, 30, 40], ["a", "b", "c", "d"])
+    >>> sel = pd.DataFrame({"class_name": ["a", "d"], "count": [10, 40]})
+    >>> r = random_subset(pool, sel, seed=0, min_source_images=0)
+    >>> len(r), int(r["images"].sum())
+    (2, 50)
+    """
+    min_source_images = check_min_images(min_source_images)
+    eligible = _eligible(pool, min_source_images)
+    k, want = len(selected), int(selected["count"].sum())
+    if k == 0:
+        raise ValueError("the selection is empty: nothing to match at random")
+    if k > eligible.size:
+        raise ValueError(f"cannot draw {k} random classes: the pool has {eligible.size} with at least "
+                         f"min_source_images={min_source_images} images")
+    names = np.asarray(pool.class_names, dtype=object)[eligible]
+    counts = pool.counts[eligible].astype(np.int64)
+    order = np.argsort(names.astype(str), kind="stable")  # the draw does not depend on the pool's row order
+    drawn = np.sort(np.random.default_rng(seed).choice(order, size=k, replace=False))
+    c = counts[drawn]
+    images = _quotas(c, want) if c.sum() >= want else c.copy()
+    out = pd.DataFrame({"class_name": names[drawn], "count": c, "images": images}, columns=list(RANDOM_COLUMNS))
+    return out.sort_values("class_name", kind="stable").reset_index(drop=True)
+
+
+def write_random_subset(features_dir: Path, spec: dict, selection: Path, out: Path) -> str:
+    """``finetail random-subset``: :func:`random_subset` of the pool's classes (``spec``: pool,
+    seed, min_source_images) matched to the selection CSV ``selection``. Returns a log line."""
+    pool = concat_class_stats(*(load_class_stats(features_dir / f"{p}.npz") for p in spec["pool"]))
+    chosen = pd.read_csv(selection)
+    drawn = random_subset(pool, chosen, int(spec.get("seed", 0)), spec.get("min_source_images", DEFAULT_MIN_SOURCE_IMAGES))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    drawn.to_csv(out, index=False)
+    want, got = int(chosen["count"].sum()), int(drawn["images"].sum())
+    short = "" if got == want else f" (SHORT of the selection's {want}: the drawn classes hold only {got})"
+    return (f"drew {len(drawn)} of {len(pool.class_names)} pool classes at random (seed {spec.get('seed', 0)}), "
+            f"{got} training images{short} -> {out}")

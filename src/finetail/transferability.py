@@ -814,8 +814,9 @@ def all_scores(
     probs: Any,
     labels: Any,
     k: int = DEFAULT_KNN_K,
+    names: Sequence[str] | None = None,
 ) -> dict[str, tuple[float, float]]:
-    """Every score of :data:`SCORES`, each with its wall time.
+    """Every score of :data:`SCORES` (or those in ``names``), each with its wall time.
 
     Parameters
     ----------
@@ -827,14 +828,21 @@ def all_scores(
     labels : array_like of int, shape (N,)
     k : int
         Neighbours of the k-NN score.
+    names : sequence of str, optional
+        Only these scores (each a key of :data:`SCORES`; an unknown name is a ValueError).
 
     Returns
     -------
     dict
         ``name -> (value, seconds)`` in :data:`SCORES` order (``time.perf_counter``).
     """
+    unknown = sorted(set(names or ()) - set(SCORES))
+    if unknown:
+        raise ValueError(f"unknown transferability score(s) {unknown}; expected some of {list(SCORES)}")
     out: dict[str, tuple[float, float]] = {}
     for name, spec in SCORES.items():
+        if names is not None and name not in names:
+            continue
         if (features if spec.needs == "features" else probs) is None:
             continue
         t0 = time.perf_counter()

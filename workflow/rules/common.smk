@@ -165,9 +165,14 @@ def get_posthoc_metrics():
 TR = config.get("transfer")
 SEL = (TR or {}).get("selection")
 SELECTED = SEL["name"] if SEL else None
+# The greedy selection's random counterpart (selection.random): as many pool classes and
+# training images, drawn at random; pretrained and fine-tuned like every other source.
+RANDOM_SEL = (SEL or {}).get("random")
+RANDOM = RANDOM_SEL["name"] if RANDOM_SEL else None
 SOURCES = list(TR["sources"]) if TR else []
-ALL_SOURCES = SOURCES + ([SELECTED] if SELECTED else [])
+ALL_SOURCES = SOURCES + ([SELECTED] if SELECTED else []) + ([RANDOM] if RANDOM else [])
 TARGETS = list(TR["targets"]) if TR else []
+SCORES = (TR or {}).get("transferability", {}).get("scores", [])  # transferability scores (none: no scoring jobs)
 
 # ---------------------------------------------------------------- the feature model
 # Similarity and selection read the class-mean features of one model, FMODEL: a feature
@@ -207,10 +212,10 @@ def get_finetune_spec(wildcards):
 
 def get_source_inputs(wildcards):
     """Manifests a source pools: its datasets, or (selected) the selection pool's sources."""
-    if wildcards.source == SELECTED:
+    if wildcards.source in (SELECTED, RANDOM):
         return {
             "manifests": [L.source(s) for s in SEL["pool"]],
-            "classes": L.selection(SELECTED),
+            "classes": L.selection(wildcards.source),
         }
     if wildcards.source in FEATURE_NETWORKS:
         return {"manifests": [L.dataset(d) for d in FEATURE_NETWORKS[wildcards.source]]}
@@ -250,6 +255,13 @@ def get_transfer_metrics():
     return expand(
         L.train("finetune", source="{source}", target="{target}", seed="{seed}"), source=rows, target=TARGETS, seed=TR_SEEDS
     )
+
+
+def get_scores():
+    """Every (source, target) pair's transferability scores (transferability.smk)."""
+    if not SCORES:
+        return []
+    return [L.scores(s, t) for s in ALL_SOURCES for t in TARGETS]
 
 
 def get_pretrain_metrics():

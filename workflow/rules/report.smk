@@ -18,6 +18,8 @@ rule report:
         pretrain=get_pretrain_metrics() if TR else [],
         similarity=[L.similarity(FMODEL_TAG)] if TR else [],
         selection=[L.selection(SELECTED)] if SELECTED else [],
+        random=[L.selection(RANDOM)] if RANDOM else [],
+        scores=get_scores(),
     output:
         **get_report_outputs(),
     params:
@@ -30,6 +32,7 @@ rule report:
                 "feature_model": FMODEL_TAG,
                 "sources": ALL_SOURCES,
                 "selected": SELECTED,
+                "random": RANDOM,
                 "datasets": config["datasets"],
                 "world": config.get("world"),
                 "study": STUDY,

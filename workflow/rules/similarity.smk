@@ -59,6 +59,8 @@ rule similarity:
 
 
 rule selection:
+    wildcard_constraints:
+        source=SELECTED or "^$",
     input:
         [L.features(FMODEL_TAG, d) for d in (SEL or {}).get("pool", []) + TARGETS],
     output:
@@ -80,3 +82,33 @@ rule selection:
         runtime=10,
     shell:
         "finetail select --features-dir {params.features_dir:q} --spec {params.spec:q} --out {output:q} > {log:q} 2>&1"
+
+
+# The ablation of the greedy choice: as many classes (and training images) as the selection,
+# drawn at random from the same pool (selection.random; code: finetail.selection.random_subset).
+rule random_subset:
+    wildcard_constraints:
+        source=RANDOM or "^$",
+    input:
+        features=[L.features(FMODEL_TAG, d) for d in (SEL or {}).get("pool", [])],
+        selection=L.selection(SELECTED) if SELECTED else [],
+    output:
+        L.selection("{source}"),
+    params:
+        code=code("random_subset"),
+        spec=lambda wildcards: as_json(
+            {"pool": SEL["pool"], "seed": RANDOM_SEL["seed"],
+             "min_source_images": TR["similarity"]["min_source_images"]}
+        ),
+        features_dir=lambda wildcards, input: os.path.dirname(input.features[0]),
+    conda:
+        "../../envs/finetail.yaml"
+    log:
+        L.log("random_subset", "{source}"),
+    priority: 3
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    shell:
+        "finetail random-subset --features-dir {params.features_dir:q} --spec {params.spec:q} "
+        "--selection {input.selection:q} --out {output:q} > {log:q} 2>&1"

@@ -11,6 +11,8 @@ rule pool_source:
     params:
         code=code("pool"),
         classes=lambda wildcards, input: cli_option("--classes", input.classes if "classes" in input.keys() else None),
+        # the random source keeps a drawn number of each class's images, drawn with its seed
+        seed=lambda wildcards: ["--seed", str(RANDOM_SEL["seed"])] if wildcards.source == RANDOM else [],
         out_dir=lambda wildcards, output: os.path.dirname(output.manifest),
     conda:
         "../../envs/finetail.yaml"
@@ -21,4 +23,4 @@ rule pool_source:
         mem_mb=1000,
         runtime=5,
     shell:
-        "finetail pool --inputs {input.manifests:q} {params.classes:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
+        "finetail pool --inputs {input.manifests:q} {params.classes:q} {params.seed:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"

@@ -1,0 +1,369 @@
+"""Which score predicts transfer, and is greedy selection worth it? (the report's transfer extras)
+
+**Scores against the real outcome.** Every ranked source was pretrained and fine-tuned on
+every target under one recipe, so each transferability score (:mod:`finetail.transferability`,
+computed by :mod:`finetail.scoring`) and domain similarity (``exp(-γ EMD)``, one value per
+pair from the feature network) can be checked against the accuracy the fine-tuning actually
+reached. Per target, over the sources:
+
+- Kendall's τ between the score and the fine-tuned top-1 accuracy (both the mean over seeds:
+  the headline), and the weighted τ of the LogME paper's protocol (``scipy.stats.weightedtau``,
+  hyperbolic weights, so the top of the ranking counts most);
+- the same Kendall τ per seed (seed ``S``'s score from pretrain seed ``S`` against fine-tune
+  seed ``S``), averaged over targets: its spread over seeds says whether one score's lead over
+  another is beyond seed noise (a paired comparison over seeds, :func:`finetail.stats.paired_difference`).
+
+A constant score on a target (it ranks nothing) has no τ there: ``—``, left out of the means.
+Seconds: each score's mean time per (source network, target) pair; the forward pass that
+feeds the five scores is timed apart; the EMD's time is re-measured here from the stored
+class means (and the value checked against the similarity matrix, so a stale matrix fails).
+
+**Greedy vs random.** The ``selected`` source (greedy, by similarity) against a source of as
+many pool classes and training images drawn at random (``selection.random``), same recipe,
+same compute; and the whole pool where a source pools exactly the pool's datasets. Paired
+over seeds per target and on the mean over targets.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .layout import Layout
+from .stats import format_mean_std, paired_difference, summarize
+
+__all__ = [
+    "EMD",
+    "SCORE_LABELS",
+    "rank_agreement",
+    "score_pairs",
+    "scores_frame",
+    "selection_ablation",
+    "transferability_section",
+]
+
+EMD = "emd"
+SCORE_LABELS = {EMD: "domain similarity exp(−γ EMD)", "logme": "LogME", "leep": "LEEP", "nce": "NCE",
+                "hscore": "H-score", "knn": "k-NN accuracy"}
+
+
+def scores_frame(results: Path, sources: list[str], targets: list[str], seeds: list[int], scores: list[str]) -> pd.DataFrame:
+    """Long frame of every pair's scores: source, target, seed, score, value, seconds (and the
+    run id of the network scored). A missing file, seed or score, or a non-finite value fails
+    naming the file."""
+    layout, rows = Layout.at(results), []
+    for s in sources:
+        for t in targets:
+            path = Path(layout.scores(s, t))
+            if not path.exists():
+                raise FileNotFoundError(f"{path} is missing: run the transferability job for {s} -> {t} first")
+            df = pd.read_csv(path)
+            missing = sorted(set(seeds) - set(df["seed"].astype(int)))
+            if missing:
+                raise ValueError(f"{path} has no row for seed(s) {missing}: stale scores, rerun the job")
+            for score in scores:
+                if score not in df.columns:
+                    raise ValueError(f"{path} has no {score!r} column: rerun the transferability job")
+            for _, r in df[df["seed"].astype(int).isin(seeds)].iterrows():
+                for score in scores:
+                    v = float(r[score])
+                    if not math.isfinite(v):
+                        raise ValueError(f"{path}: {score} of seed {int(r['seed'])} is {v}")
+                    rows.append({"source": s, "target": t, "seed": int(r["seed"]), "score": score, "value": v,
+                                 "seconds": float(r[f"{score}_s"]), "extract_s": float(r["extract_s"]),
+                                 "model_run_id": r.get("model_run_id", "")})
+    return pd.DataFrame(rows)
+
+
+def emd_frame(results: Path, spec: dict, sources: list[str], targets: list[str], seeds: list[int]) -> pd.DataFrame:
+    """Domain similarity of each pair as a score (the same for every seed), its EMD re-timed
+    from the stored class means, and checked against the similarity matrix."""
+    from .similarity import DEFAULT_GAMMA, DEFAULT_MIN_SOURCE_IMAGES, domain_similarity, load_class_stats
+
+    layout, fm = Layout.at(results), spec["feature_model"]
+    sim = pd.read_csv(layout.similarity(fm), index_col=0)
+    cfg = spec["transfer"].get("similarity", {})
+    gamma, min_images = cfg.get("gamma", DEFAULT_GAMMA), cfg.get("min_source_images", DEFAULT_MIN_SOURCE_IMAGES)
+    stats = {d: load_class_stats(layout.features(fm, d)) for d in [*sources, *targets]}
+    rows = []
+    for s in sources:
+        for t in targets:
+            t0 = time.perf_counter()
+            value, _ = domain_similarity(stats[s].means, stats[s].counts, stats[t].means, stats[t].counts,
+                                         gamma=gamma, min_source_images=min_images)
+            secs = time.perf_counter() - t0
+            if abs(value - float(sim.loc[s, t])) > 1e-5:
+                raise ValueError(f"{layout.similarity(fm)}: {s} -> {t} is {float(sim.loc[s, t]):.6f}, but the class "
+                                 f"means give {value:.6f}: a stale similarity matrix, rerun the similarity job")
+            rows += [{"source": s, "target": t, "seed": int(seed), "score": EMD, "value": value, "seconds": secs,
+                      "extract_s": math.nan, "model_run_id": ""} for seed in seeds]
+    return pd.DataFrame(rows)
+
+
+def score_pairs(scores: pd.DataFrame, acc: pd.DataFrame) -> pd.DataFrame:
+    """Each score row joined with the fine-tuned accuracy of the same (source, target, seed)."""
+    a = acc[["source", "target", "seed", "top1_acc"]]
+    out = scores.merge(a, on=["source", "target", "seed"], how="left", validate="many_to_one")
+    lost = out[out["top1_acc"].isna()]
+    if len(lost):
+        r = lost.iloc[0]
+        raise ValueError(f"no fine-tune accuracy for {r['source']} -> {r['target']}, seed {r['seed']}")
+    return out
+
+
+def _kendall(x: np.ndarray, y: np.ndarray) -> float:
+    from scipy import stats
+
+    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return math.nan
+    return float(stats.kendalltau(x, y).statistic)
+
+
+def _weighted(x: np.ndarray, y: np.ndarray) -> float:
+    from scipy import stats
+
+    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return math.nan
+    return float(stats.weightedtau(x, y).statistic)
+
+
+def _nanmean(values) -> float:
+    v = [x for x in values if not math.isnan(x)]
+    return float(np.mean(v)) if v else math.nan
+
+
+def rank_agreement(pairs: pd.DataFrame, targets: list[str], order: list[str]) -> tuple[pd.DataFrame, dict]:
+    """Per score (rows in ``order``): Kendall τ per target on the seed means, its mean over
+    targets, the mean weighted τ, the per-seed mean τ (mean ± std over seeds) and seconds per
+    pair. Also returns score -> {seed: mean τ over targets} for paired comparisons."""
+    rows, per_seed_all = [], {}
+    for score in order:
+        g = pairs[pairs["score"] == score]
+        means = g.groupby(["target", "source"], sort=False)[["value", "top1_acc"]].mean().reset_index()
+        row: dict = {"score": score, "label": SCORE_LABELS.get(score, score)}
+        taus, wtaus = [], []
+        for t in targets:
+            m = means[means["target"] == t]
+            taus.append(_kendall(m["value"].to_numpy(), m["top1_acc"].to_numpy()))
+            wtaus.append(_weighted(m["value"].to_numpy(), m["top1_acc"].to_numpy()))
+            row[f"{t}_tau"] = taus[-1]
+        per_seed = {}
+        for seed, gs in g.groupby("seed"):
+            per_seed[int(seed)] = _nanmean([_kendall(gt["value"].to_numpy(), gt["top1_acc"].to_numpy())
+                                            for _, gt in gs.groupby("target")])
+        per_seed_all[score] = per_seed
+        spread = summarize([v for v in per_seed.values() if not math.isnan(v)] or [math.nan])
+        row.update({"mean_tau": _nanmean(taus), "mean_weighted_tau": _nanmean(wtaus),
+                    "seed_tau_mean": spread.mean, "seed_tau_std": spread.std, "seeds": len(per_seed),
+                    "seconds_per_pair": float(g.drop_duplicates(["source", "target", "seed"])["seconds"].mean()),
+                    "pairs": int(len(g))})
+        rows.append(row)
+    return pd.DataFrame(rows), per_seed_all
+
+
+def best_score_claim(table: pd.DataFrame, per_seed: dict) -> str:
+    """One line: which score ranked the sources best on this study (mean τ over targets), and
+    whether its lead over each other score is beyond seed noise (paired over seeds)."""
+    ranked = table.dropna(subset=["mean_tau"]).sort_values(["mean_tau", "mean_weighted_tau"], ascending=False)
+    if ranked.empty:
+        return "- **Which score predicts transfer**: no score ranks the sources on any target (too few sources).\n"
+    best = ranked.iloc[0]
+    head = (f"- **Which score predicts transfer**: {best['label']} ranked the sources best on this study "
+            f"(mean within-target Kendall τ {best['mean_tau']:.2f}, weighted τ {best['mean_weighted_tau']:.2f})")
+    if len(per_seed[best["score"]]) < 2:
+        return head + "; one training seed, so whether its lead is beyond seed noise cannot be told.\n"
+    rivals = []
+    for _, r in ranked.iloc[1:].iterrows():
+        seeds = sorted(set(per_seed[best["score"]]) & set(per_seed[r["score"]]))
+        d = paired_difference([per_seed[best["score"]][s] for s in seeds], [per_seed[r["score"]][s] for s in seeds])
+        rivals.append((r["label"], d.excludes_zero() and d.mean > 0))
+    beaten = [name for name, clear in rivals if clear]
+    tied = [name for name, clear in rivals if not clear]
+    if not tied:
+        return head + ", ahead of every other score beyond seed noise (per-seed τ, paired over seeds).\n"
+    if not beaten:
+        return (head + "; but **no score beats the others** beyond seed noise here: its lead over "
+                + ", ".join(tied) + " is within the spread over seeds (per-seed τ, paired).\n")
+    return (head + f"; ahead of {', '.join(beaten)} beyond seed noise, not of {', '.join(tied)} "
+            "(per-seed τ, paired over seeds).\n")
+
+
+def rank_markdown(table: pd.DataFrame, targets: list[str]) -> str:
+    from .report import to_markdown
+
+    md = pd.DataFrame({"score": table["label"]})
+    for t in targets:
+        md[t] = table[f"{t}_tau"]
+    md["mean τ"] = table["mean_tau"]
+    md["mean weighted τ"] = table["mean_weighted_tau"]
+    md["τ per seed"] = [format_mean_std(m, s) for m, s in zip(table["seed_tau_mean"], table["seed_tau_std"], strict=True)]
+    md["s / pair"] = [f"{v:.3g}" for v in table["seconds_per_pair"]]
+    return to_markdown(md, "{:.2f}")
+
+
+def plot_scores_vs_accuracy(pairs: pd.DataFrame, table: pd.DataFrame, path: Path) -> None:
+    """One panel per score: the score (standardised within each target) against the fine-tuned
+    accuracy minus the target's mean, seed means, one colour per target, one marker per source."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = list(table["score"])
+    cols = min(3, len(order))
+    rows_n = math.ceil(len(order) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.4 * rows_n), squeeze=False)
+    sources = sorted(pairs["source"].unique())
+    targets = list(dict.fromkeys(pairs["target"]))
+    markers = dict(zip(sources, "osD^vP*X", strict=False))
+    for ax, score in zip(axes.flat, order, strict=False):
+        g = pairs[pairs["score"] == score].groupby(["target", "source"], sort=False)[["value", "top1_acc"]].mean()
+        g = g.reset_index()
+        for i, t in enumerate(targets):
+            m = g[g["target"] == t].sort_values("value")
+            sd = m["value"].std(ddof=0)
+            x = (m["value"] - m["value"].mean()) / (sd if sd > 0 else 1.0)
+            y = m["top1_acc"] - m["top1_acc"].mean()
+            ax.plot(x, y, color=f"C{i}", alpha=0.5, lw=1, label=t)
+            for xi, yi, s in zip(x, y, m["source"], strict=True):
+                ax.scatter(xi, yi, color=f"C{i}", marker=markers[s], s=28)
+        r = table.set_index("score").loc[score]
+        ax.set_title(f"{r['label']}: τ={r['mean_tau']:.2f}, wτ={r['mean_weighted_tau']:.2f}", fontsize=9)
+        ax.set_xlabel("score, standardised within target", fontsize=8)
+        ax.set_ylabel("accuracy − target mean (points)", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(order):]:
+        ax.axis("off")
+    handles = [plt.Line2D([], [], color=f"C{i}", label=t) for i, t in enumerate(targets)]
+    handles += [plt.Line2D([], [], color="grey", marker=m, ls="", label=s) for s, m in markers.items()]
+    fig.legend(handles=handles, loc="lower center", ncol=min(8, len(handles)), fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _pool_source(tr: dict) -> str | None:
+    """The source that pools exactly the selection pool's datasets (the whole pool), if any."""
+    sel = tr.get("selection") or {}
+    want = sorted(d for p in sel.get("pool", []) for d in tr["sources"].get(p, []))
+    for name, parts in tr["sources"].items():
+        if sorted(parts) == want:
+            return name
+    return None
+
+
+def selection_ablation(acc: pd.DataFrame, selected: str, random: str, pool: str | None,
+                       targets: list[str]) -> pd.DataFrame:
+    """Per target and on the mean over targets: selected, random (and whole pool) top-1
+    accuracy, mean ± std over seeds, and selected − random paired over seeds with its 95% CI."""
+    rows = []
+    per_seed = acc.pivot_table(index=["target", "seed"], columns="source", values="top1_acc")
+    mean_over_targets = per_seed.groupby("seed").mean()
+    for t in [*targets, "mean"]:
+        g = mean_over_targets if t == "mean" else per_seed.loc[t]
+        row: dict = {"target": t}
+        for name, src in (("selected", selected), ("random", random), ("pool", pool)):
+            if src is None:
+                continue
+            st = summarize(g[src].tolist())
+            row.update({f"{name}_mean": st.mean, f"{name}_std": st.std})
+        d = paired_difference(g[selected].tolist(), g[random].tolist())
+        row.update({"selected_minus_random": d.mean, "ci_low": d.low, "ci_high": d.high, "n": d.n,
+                    "verdict": d.verdict(lower_is_better=False)})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _source_size(results: Path, name: str) -> str:
+    path = Path(Layout.at(results).source(name, "classes.csv"))
+    if not path.exists():
+        return "?"
+    c = pd.read_csv(path)
+    return f"{len(c)} classes, {int(c['train_count'].sum()):,} training images"
+
+
+def _ablation_markdown(ab: pd.DataFrame, names: dict[str, str]) -> str:
+    from .report import to_markdown
+
+    md = pd.DataFrame({"target": ab["target"]})
+    for key, label in names.items():
+        if f"{key}_mean" in ab:
+            md[label] = [format_mean_std(m, s, 1) for m, s in zip(ab[f"{key}_mean"], ab[f"{key}_std"], strict=True)]
+    md["selected − random [95% CI]"] = [f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]" if n > 1 else f"{d:+.1f} (one seed)"
+                                       for d, lo, hi, n in zip(ab["selected_minus_random"], ab["ci_low"], ab["ci_high"],
+                                                               ab["n"], strict=True)]
+    md["verdict"] = ab["verdict"]
+    return to_markdown(md, "{:.1f}")
+
+
+def transferability_section(results: Path, spec: dict, out: Path, acc: pd.DataFrame) -> tuple[list[str], list[Path], list[str]]:
+    """The report's lines, files and claims on transferability scores and greedy vs random.
+    ``acc``: the fine-tune runs (finetail.report.transfer_frame)."""
+    tr = spec["transfer"]
+    targets, seeds = tr["targets"], tr.get("seeds", [0])
+    sources = list(spec["sources"])
+    scores = list((tr.get("transferability") or {}).get("scores", []))
+    lines: list[str] = []
+    files: list[Path] = []
+    claims: list[str] = []
+    if scores:
+        long = pd.concat([emd_frame(results, spec, sources, targets, seeds),
+                          scores_frame(results, sources, targets, seeds, scores)], ignore_index=True)
+        pairs = score_pairs(long, acc[acc["source"].isin(sources)])
+        pairs.to_csv(out / "transferability_pairs.csv", index=False)
+        table, per_seed = rank_agreement(pairs, targets, [EMD, *scores])
+        table.to_csv(out / "transferability.csv", index=False)
+        plot_scores_vs_accuracy(pairs, table, out / "transferability_vs_accuracy.png")
+        files += [out / "transferability.csv", out / "transferability_pairs.csv", out / "transferability_vs_accuracy.png"]
+        claim = best_score_claim(table, per_seed)
+        claims.append(claim)
+        k = (tr.get("transferability") or {}).get("knn_k", 10)
+        extract = pairs.dropna(subset=["extract_s"]).drop_duplicates(["source", "target", "seed"])["extract_s"].mean()
+        lines += [
+            "\n## Which score predicts transfer?\n",
+            f"Each score of the {len(sources)} sources' networks on each target's training images (no fine-tuning, "
+            f"no test image), against the fine-tuned top-1 accuracy over the sources: Kendall τ per target and its "
+            f"mean (score and accuracy as means over seeds {seeds}), the mean weighted τ (scipy `weightedtau`, the "
+            f"LogME paper's protocol), the mean τ of each seed on its own (mean ± std over seeds), and each score's "
+            f"seconds per (network, target) pair. Domain similarity uses the feature network's class means; the "
+            f"others the source network's own features (LogME, H-score, k-NN with k={k}, cosine, leave-one-out) or "
+            f"its softmax over the source classes (LEEP; NCE on its argmax). The forward pass feeding them took "
+            f"{extract:.2f} s per pair.\n",
+            rank_markdown(table, targets),
+            "\n" + claim,
+            "\n![scores vs accuracy](transferability_vs_accuracy.png)\n",
+        ]
+    sel, rnd = spec.get("selected"), spec.get("random")
+    if sel and rnd:
+        pool = _pool_source(tr)
+        ab = selection_ablation(acc, sel, rnd, pool, targets)
+        ab.to_csv(out / "selection_vs_random.csv", index=False)
+        files.append(out / "selection_vs_random.csv")
+        names = {"selected": f"`{sel}` (greedy)", "random": f"`{rnd}` (random)"}
+        if pool:
+            names["pool"] = f"`{pool}` (whole pool)"
+        m = ab.set_index("target").loc["mean"]
+        verdict = {"better": "greedy selection beats random classes", "worse": "random classes beat greedy selection",
+                   "no clear difference": "no clear difference between greedy and random classes"}[m["verdict"]]
+        ci = (f"[{m['ci_low']:+.1f}, {m['ci_high']:+.1f}] on the mean over targets (95% CI, paired over seeds {seeds}"
+              if int(m["n"]) > 1 else f"on the mean over targets (one seed, {seeds}: no interval, so no verdict")
+        claim = (f"- **Is greedy selection worth it?** {verdict}: `{sel}` − `{rnd}` = {m['selected_minus_random']:+.1f} "
+                 f"points {ci}; same recipe, same number of classes and images; one random draw, so an interval covers "
+                 "training seeds, not other draws).\n")
+        claims.append(claim)
+        lines += [
+            "\n## Is greedy selection worth it? Selected vs random classes\n",
+            f"`{sel}`: {_source_size(results, sel)}, chosen greedily by domain similarity; `{rnd}`: "
+            f"{_source_size(results, rnd)}, drawn at random from the same pool (seed "
+            f"{(tr.get('selection') or {}).get('random', {}).get('seed', 0)}); pretrained and fine-tuned with the same "
+            "recipe. Fine-tune top-1 accuracy (%), mean ± std over seeds; the difference is paired over seeds."
+            + ("" if pool else " No source of this study pools the whole selection pool (world_full.yaml has one).")
+            + "\n",
+            _ablation_markdown(ab, names),
+            "\n" + claim,
+        ]
+    return lines, files, claims
