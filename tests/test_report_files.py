@@ -53,7 +53,11 @@ def test_entries_are_unique_and_each_subcategory_is_one_half():
 
 def test_halves_of_a_study():
     assert halves_of({"cbloss": {"x": 1}, "transfer": None}) == ["cbloss", "provenance"]
-    assert halves_of({"transfer": {"x": 1}}) == ["transfer", "provenance"]
+    # transferability scores are on by default (the schema's default: every score)
+    assert halves_of({"transfer": {"x": 1}}) == ["transfer", "transferability", "provenance"]
+    assert halves_of({"transfer": {"transferability": {"scores": []}}}) == ["transfer", "provenance"]
+    assert halves_of({"transfer": {"selection": {"pool": ["a"], "random": {"seed": 0}}}}) == [
+        "transfer", "transferability", "selection_random", "provenance"]
     only_cb = {f.name for f in report_files(["cbloss"])}
     assert "cbloss_table.csv" in only_cb and "provenance.csv" in only_cb and "transfer_table.csv" not in only_cb
     assert "heatmap.png" not in only_cb  # made by the similarity rule
@@ -76,7 +80,8 @@ def _render(text: str, config: dict, targets: list[str]) -> str:
     return publish_parts(rst, writer="html", settings_overrides={"report_level": 2})["body"]
 
 
-@pytest.mark.parametrize("halves", [["cbloss"], ["transfer"], ["cbloss", "cbloss_natural", "transfer"]])
+@pytest.mark.parametrize("halves", [["cbloss"], ["transfer"], ["cbloss", "cbloss_natural", "transfer"],
+                                    ["transfer", "transferability", "selection_random"]])
 def test_every_caption_renders_without_errors_and_links_only_to_files_of_its_report(halves):
     config = load_config(ROOT / "config.yaml")
     config["cbloss_natural"] = {"datasets": ["natural"], "models": ["resnet8"], "losses": {}, "recipe": {}}

@@ -9,21 +9,20 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import toy_images
 from scipy import stats
 
+from finetail.manifest import load_array_split, read_manifest, write_array_dataset
 from finetail.selection import _quotas, random_subset
 from finetail.similarity import ClassStats
 from finetail.transfer import pool_sources
 from finetail.transfer_eval import (
+    _pool_source,
     best_score_claim,
     rank_agreement,
     score_pairs,
     selection_ablation,
-    _pool_source,
 )
-from finetail.manifest import load_array_split, read_manifest, write_array_dataset
-
-from conftest import toy_images
 
 
 def _pool(counts):
@@ -56,15 +55,16 @@ def test_random_subset_matches_the_selection_in_classes_and_images():
     assert random_subset(shuffled, sel, seed=3, min_source_images=10).equals(random_subset(pool, sel, seed=3, min_source_images=10))
 
 
-def test_random_subset_keeps_everything_when_the_drawn_classes_are_smaller():
+def test_random_subset_redraws_until_the_classes_hold_enough_images():
     pool = _pool([100, 100, 2, 2, 2, 2])
     sel = pd.DataFrame({"class_name": ["c00", "c01"], "count": [100, 100]})
-    for seed in range(10):
+    for seed in range(10):  # only {c00, c01} holds 200 images: every seed ends there
         r = random_subset(pool, sel, seed=seed, min_source_images=0)
-        want = min(200, int(r["count"].sum()))
-        assert int(r["images"].sum()) == want
-        if want < 200:
-            assert (r["images"] == r["count"]).all()
+        assert r["class_name"].tolist() == ["c00", "c01"] and int(r["images"].sum()) == 200
+    # no draw can hold 300 images: the largest draw, every image kept (the job reports the shortfall)
+    r = random_subset(_pool([100, 50, 2, 2]), pd.DataFrame({"class_name": ["a", "b"], "count": [150, 150]}), 0,
+                      min_source_images=0)
+    assert r["class_name"].tolist() == ["c00", "c01"] and (r["images"] == r["count"]).all()
 
 
 def test_random_subset_refuses_too_few_classes():
@@ -208,8 +208,8 @@ def test_the_whole_pool_is_the_source_pooling_exactly_the_pool_datasets():
 
 def test_the_schema_offers_exactly_the_library_scores():
     import yaml
-
     from conftest import ROOT
+
     from finetail.transferability import SCORES
 
     schema = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())

@@ -88,7 +88,7 @@ def write_scores(models: list[str], seeds: list[int], manifest: str | Path, out:
             "source": spec.get("source", ""), "target": spec.get("target", ""), "seed": int(seed),
             "model_run_id": fm.identity.get("run_id", ""), "model_sha256": fm.identity["sha256"],
             "manifest_sha256": manifest_sha, "n_images": len(part.labels),
-            "n_classes": int(len(np.unique(part.labels))), "feature_dim": feats.shape[1],
+            "n_classes": len(np.unique(part.labels)), "feature_dim": feats.shape[1],
             "source_classes": probs.shape[1], "knn_k": knn_k, "device": dev, "extract_s": extract_s,
         }
         for name, (value, secs) in pair_scores(feats, probs, part.labels, scores, knn_k).items():

@@ -265,6 +265,9 @@ def write_selection(features_dir: Path, spec: dict, out: Path) -> str:
     return f"selected {len(chosen)} of {len(pool.class_names)} source classes -> {out}"
 
 
+RANDOM_DRAWS = 1000
+"""Draws :func:`random_subset` tries for classes that hold the selection's image count."""
+
 RANDOM_COLUMNS = ("class_name", "count", "images")
 """Columns of :func:`random_subset`'s result: the class, its training images in the pool, and
 how many of them the random source keeps (``finetail pool`` draws them, seeded)."""
@@ -297,6 +300,11 @@ def random_subset(pool: ClassStats, selected: pd.DataFrame, seed: int, min_sourc
     ``min_source_images`` images (the classes greedy selection could choose), and the
     selection's number of training images split over them in proportion to their sizes.
 
+    Same compute needs as many images: a draw whose classes hold fewer images in all than the
+    selection is redrawn (the first of up to :data:`RANDOM_DRAWS` draws that holds enough is
+    kept), so the draw is uniform among the class sets large enough to match. In a long-tailed
+    pool this favours its larger classes a little, as the selection's own size does.
+
     Parameters
     ----------
     pool : ClassStats of the pool (its ``counts`` are training images per class).
@@ -306,8 +314,8 @@ def random_subset(pool: ClassStats, selected: pd.DataFrame, seed: int, min_sourc
     Returns
     -------
     DataFrame of :data:`RANDOM_COLUMNS`, sorted by class name. ``images`` sums to the
-    selection's image count, unless the drawn classes hold fewer images in all (then every
-    image is kept: ``images == count``, and the caller reports the shortfall).
+    selection's image count, unless no draw held that many (then the largest draw, every
+    image kept: ``images == count``, and the caller reports the shortfall).
 
     Examples
     --------
@@ -328,7 +336,16 @@ def random_subset(pool: ClassStats, selected: pd.DataFrame, seed: int, min_sourc
     names = np.asarray(pool.class_names, dtype=object)[eligible]
     counts = pool.counts[eligible].astype(np.int64)
     order = np.argsort(names.astype(str), kind="stable")  # the draw does not depend on the pool's row order
-    drawn = np.sort(np.random.default_rng(seed).choice(order, size=k, replace=False))
+    rng = np.random.default_rng(seed)
+    best = None
+    for _ in range(RANDOM_DRAWS):  # the first draw whose classes hold enough images (else the largest)
+        drawn = np.sort(rng.choice(order, size=k, replace=False))
+        if best is None or counts[drawn].sum() > counts[best].sum():
+            best = drawn
+        if counts[drawn].sum() >= want:
+            best = drawn
+            break
+    drawn = best
     c = counts[drawn]
     images = _quotas(c, want) if c.sum() >= want else c.copy()
     out = pd.DataFrame({"class_name": names[drawn], "count": c, "images": images}, columns=list(RANDOM_COLUMNS))

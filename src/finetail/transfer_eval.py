@@ -82,13 +82,21 @@ def scores_frame(results: Path, sources: list[str], targets: list[str], seeds: l
 def emd_frame(results: Path, spec: dict, sources: list[str], targets: list[str], seeds: list[int]) -> pd.DataFrame:
     """Domain similarity of each pair as a score (the same for every seed), its EMD re-timed
     from the stored class means, and checked against the similarity matrix."""
-    from .similarity import DEFAULT_GAMMA, DEFAULT_MIN_SOURCE_IMAGES, domain_similarity, load_class_stats
+    from .similarity import (
+        DEFAULT_GAMMA,
+        DEFAULT_MIN_SOURCE_IMAGES,
+        domain_similarity,
+        load_class_stats,
+    )
 
     layout, fm = Layout.at(results), spec["feature_model"]
     sim = pd.read_csv(layout.similarity(fm), index_col=0)
     cfg = spec["transfer"].get("similarity", {})
     gamma, min_images = cfg.get("gamma", DEFAULT_GAMMA), cfg.get("min_source_images", DEFAULT_MIN_SOURCE_IMAGES)
     stats = {d: load_class_stats(layout.features(fm, d)) for d in [*sources, *targets]}
+    s0, t0_ = sources[0], targets[0]  # untimed first call: POT's import is not the EMD's cost
+    domain_similarity(stats[s0].means, stats[s0].counts, stats[t0_].means, stats[t0_].counts, gamma=gamma,
+                      min_source_images=min_images)
     rows = []
     for s in sources:
         for t in targets:
@@ -160,7 +168,7 @@ def rank_agreement(pairs: pd.DataFrame, targets: list[str], order: list[str]) ->
         row.update({"mean_tau": _nanmean(taus), "mean_weighted_tau": _nanmean(wtaus),
                     "seed_tau_mean": spread.mean, "seed_tau_std": spread.std, "seeds": len(per_seed),
                     "seconds_per_pair": float(g.drop_duplicates(["source", "target", "seed"])["seconds"].mean()),
-                    "pairs": int(len(g))})
+                    "pairs": len(g)})
         rows.append(row)
     return pd.DataFrame(rows), per_seed_all
 
@@ -278,12 +286,14 @@ def selection_ablation(acc: pd.DataFrame, selected: str, random: str, pool: str 
     return pd.DataFrame(rows)
 
 
-def _source_size(results: Path, name: str) -> str:
-    path = Path(Layout.at(results).source(name, "classes.csv"))
-    if not path.exists():
-        return "?"
-    c = pd.read_csv(path)
-    return f"{len(c)} classes, {int(c['train_count'].sum()):,} training images"
+def _source_size(results: Path, name: str) -> tuple[int, int]:
+    """(classes, training images) of a pooled source."""
+    c = pd.read_csv(Layout.at(results).source(name, "classes.csv"))
+    return len(c), int(c["train_count"].sum())
+
+
+def _size_words(size: tuple[int, int]) -> str:
+    return f"{size[0]} classes, {size[1]:,} training images"
 
 
 def _ablation_markdown(ab: pd.DataFrame, names: dict[str, str]) -> str:
@@ -349,16 +359,19 @@ def transferability_section(results: Path, spec: dict, out: Path, acc: pd.DataFr
         m = ab.set_index("target").loc["mean"]
         verdict = {"better": "greedy selection beats random classes", "worse": "random classes beat greedy selection",
                    "no clear difference": "no clear difference between greedy and random classes"}[m["verdict"]]
+        sizes = {n: _source_size(results, n) for n in (sel, rnd)}
+        same = ("same number of classes and images" if sizes[sel] == sizes[rnd] else
+                f"NOT the same size: {_size_words(sizes[sel])} vs {_size_words(sizes[rnd])}")
         ci = (f"[{m['ci_low']:+.1f}, {m['ci_high']:+.1f}] on the mean over targets (95% CI, paired over seeds {seeds}"
               if int(m["n"]) > 1 else f"on the mean over targets (one seed, {seeds}: no interval, so no verdict")
         claim = (f"- **Is greedy selection worth it?** {verdict}: `{sel}` − `{rnd}` = {m['selected_minus_random']:+.1f} "
-                 f"points {ci}; same recipe, same number of classes and images; one random draw, so an interval covers "
+                 f"points {ci}; same recipe, {same}; one random draw, so an interval covers "
                  "training seeds, not other draws).\n")
         claims.append(claim)
         lines += [
             "\n## Is greedy selection worth it? Selected vs random classes\n",
-            f"`{sel}`: {_source_size(results, sel)}, chosen greedily by domain similarity; `{rnd}`: "
-            f"{_source_size(results, rnd)}, drawn at random from the same pool (seed "
+            f"`{sel}`: {_size_words(sizes[sel])}, chosen greedily by domain similarity; `{rnd}`: "
+            f"{_size_words(sizes[rnd])}, drawn at random from the same pool (seed "
             f"{(tr.get('selection') or {}).get('random', {}).get('seed', 0)}); pretrained and fine-tuned with the same "
             "recipe. Fine-tune top-1 accuracy (%), mean ± std over seeds; the difference is paired over seeds."
             + ("" if pool else " No source of this study pools the whole selection pool (world_full.yaml has one).")
