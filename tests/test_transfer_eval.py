@@ -3,6 +3,7 @@
 finetail.transfer_eval)."""
 
 import math
+from pathlib import Path
 import subprocess
 import sys
 
@@ -215,3 +216,25 @@ def test_the_schema_offers_exactly_the_library_scores():
     schema = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
     prop = schema["properties"]["transfer"]["properties"]["transferability"]["properties"]["scores"]
     assert prop["items"]["enum"] == list(SCORES) and prop["default"] == list(SCORES)
+
+
+def test_scores_frame_refuses_nan_stale_and_missing_scores(tmp_path):
+    from finetail.layout import Layout
+    from finetail.transfer_eval import scores_frame
+
+    res = tmp_path / "results" / "s"
+    path = Path(Layout.at(res).scores("a", "t1"))
+    path.parent.mkdir(parents=True)
+    row = {"seed": 0, "logme": 1.0, "logme_s": 0.1, "extract_s": 0.5, "model_run_id": "r0"}
+    pd.DataFrame([row, {**row, "seed": 1}]).to_csv(path, index=False)
+    df = scores_frame(res, ["a"], ["t1"], [0, 1], ["logme"])
+    assert df[["seed", "score", "value"]].values.tolist() == [[0, "logme", 1.0], [1, "logme", 1.0]]
+    with pytest.raises(ValueError, match=r"seed\(s\) \[2\]: stale"):
+        scores_frame(res, ["a"], ["t1"], [0, 1, 2], ["logme"])
+    with pytest.raises(ValueError, match="no 'knn' column"):
+        scores_frame(res, ["a"], ["t1"], [0], ["logme", "knn"])
+    with pytest.raises(FileNotFoundError, match="b -> t1"):
+        scores_frame(res, ["a", "b"], ["t1"], [0], ["logme"])
+    pd.DataFrame([row, {**row, "seed": 1, "logme": float("nan")}]).to_csv(path, index=False)
+    with pytest.raises(ValueError, match=r"scores.csv: logme of seed 1 is nan"):
+        scores_frame(res, ["a"], ["t1"], [0, 1], ["logme"])

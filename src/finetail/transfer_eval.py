@@ -181,7 +181,8 @@ def best_score_claim(table: pd.DataFrame, per_seed: dict) -> str:
         return "- **Which score predicts transfer**: no score ranks the sources on any target (too few sources).\n"
     best = ranked.iloc[0]
     head = (f"- **Which score predicts transfer**: {best['label']} ranked the sources best on this study "
-            f"(mean within-target Kendall τ {best['mean_tau']:.2f}, weighted τ {best['mean_weighted_tau']:.2f})")
+            f"(mean within-target Kendall τ {best['mean_tau']:.2f} on the seed means, weighted τ "
+            f"{best['mean_weighted_tau']:.2f}; each seed alone {format_mean_std(best['seed_tau_mean'], best['seed_tau_std'])})")
     if len(per_seed[best["score"]]) < 2:
         return head + "; one training seed, so whether its lead is beyond seed noise cannot be told.\n"
     rivals = []
