@@ -119,7 +119,8 @@ def test_default_dag_trains_the_feature_network_once_and_never_ranks_or_finetune
                       for rule, t in jobs if rule == rule_name)
 
     seeds = [str(s) for s in cfg["transfer"]["seeds"]]
-    ranked = [*cfg["transfer"]["sources"], cfg["transfer"]["selection"]["name"]]
+    ranked = [*cfg["transfer"]["sources"], cfg["transfer"]["selection"]["name"],
+              cfg["transfer"]["selection"]["random"]["name"]]
     assert pretrained("pretrain") == sorted((s, k) for s in ranked for k in seeds)
     # the feature network: once, by its own rule (ahead of the sources: it heads the critical path)
     assert pretrained("feature_network") == [("probe", "0")]
@@ -131,7 +132,7 @@ def test_default_dag_trains_the_feature_network_once_and_never_ranks_or_finetune
             assert "probe" not in text
         if rule == "features":
             assert model in text and "features/probe/" in text
-        if rule in ("similarity", "selection"):
+        if rule in ("similarity", "selection", "random_subset"):
             assert "features/probe/" in text and "features/generic+natural/" not in text
     spec = json.loads(shlex.split(re.search(r"finetail similarity .*", r.stdout).group(0))[5])
     assert spec["sources"] == ranked  # the matrix's rows
@@ -231,5 +232,5 @@ def test_feature_network_trains_and_gives_the_similarity_and_selection(tmp_path)
     for npz in (res / "features" / "probe").glob("*.npz"):
         assert str(np.load(npz)["model_run_id"]) == record["run_id"], npz.name
     sim = pd.read_csv(res / "similarity" / "probe" / "matrix.csv", index_col=0)
-    assert list(sim.index) == ["generic", "natural", "generic+natural", "selected"]
+    assert list(sim.index) == ["generic", "natural", "generic+natural", "selected", "random"]
     assert len(pd.read_csv(res / "selection" / "selected" / "classes.csv")) >= 3

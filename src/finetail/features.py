@@ -163,17 +163,20 @@ def class_mean_features(
     -------
     means : (C, D) float64 (rows of classes without images are 0); counts : (C,) int64.
     """
-    size = preprocess.size_for(fm, files=False)
+    batches = _array_batches(images, labels, batch, device, preprocess.size_for(fm, files=False), preprocess)
+    return _means(_class_sums(fm, batches, num_classes, device), labels, num_classes)
+
+
+def _array_batches(images: np.ndarray, labels: np.ndarray, batch: int, device: str, size: int | None,
+                   preprocess: Preprocess) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """uint8 ``(B, 3, S, S)`` batches of in-memory images on ``device`` (resized and cropped
+    to ``size`` when one is given) with their labels."""
     y = torch.from_numpy(labels.astype(np.int64))
-
-    def batches():
-        for i in range(0, len(images), batch):
-            x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch])).to(device).permute(0, 3, 1, 2)
-            if size:
-                x = eval_transform(x, size, preprocess.crop_fraction, preprocess.crop)
-            yield x, y[i : i + batch]
-
-    return _means(_class_sums(fm, batches(), num_classes, device), labels, num_classes)
+    for i in range(0, len(images), batch):
+        x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch])).to(device).permute(0, 3, 1, 2)
+        if size:
+            x = eval_transform(x, size, preprocess.crop_fraction, preprocess.crop)
+        yield x, y[i : i + batch]
 
 
 def file_class_mean_features(
@@ -222,16 +225,8 @@ def split_images(fm: FeatureModel, manifest: str | Path, split: str, device: str
                                crop_fraction=preprocess.crop_fraction, crop=preprocess.crop)
         return SplitImages(batches, fsplit.labels, list(fsplit.class_names), True, size)
     data = load_array_split(manifest, split)
-    images, y, step = data.images, torch.from_numpy(data.labels.astype(np.int64)), batch or 512
-
-    def arrays():
-        for i in range(0, len(images), step):
-            x = torch.from_numpy(np.ascontiguousarray(images[i : i + step])).to(device).permute(0, 3, 1, 2)
-            if size:
-                x = eval_transform(x, size, preprocess.crop_fraction, preprocess.crop)
-            yield x, y[i : i + step]
-
-    return SplitImages(arrays(), data.labels, list(data.class_names), False, size)
+    batches = _array_batches(data.images, data.labels, batch or 512, device, size, preprocess)
+    return SplitImages(batches, data.labels, list(data.class_names), False, size)
 
 
 def write_class_features(model: str, weights: str | None, model_name: str, manifest: str | Path, split: str,

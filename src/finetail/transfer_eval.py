@@ -113,8 +113,10 @@ def emd_frame(results: Path, spec: dict, sources: list[str], targets: list[str],
 
 
 def score_pairs(scores: pd.DataFrame, acc: pd.DataFrame) -> pd.DataFrame:
-    """Each score row joined with the fine-tuned accuracy of the same (source, target, seed)."""
-    a = acc[["source", "target", "seed", "top1_acc"]]
+    """Each score row joined with the fine-tuned accuracy of the same (source, target, seed)
+    and that fine-tune's run id (``run_id``: ``finetail lineage report/transferability_pairs.csv:<row>``
+    walks from it to the pretraining run that was scored)."""
+    a = acc[["source", "target", "seed", "top1_acc", *(["run_id"] if "run_id" in acc else [])]]
     out = scores.merge(a, on=["source", "target", "seed"], how="left", validate="many_to_one")
     lost = out[out["top1_acc"].isna()]
     if len(lost):
