@@ -104,10 +104,12 @@ UNSAFE = {
                     "cb;touch PWNED"),
     "study /": (_set(("study",), "../elsewhere"), "study", "../elsewhere"),
     "source name": (_add_key(("transfer", "sources"), "a b", ["generic"]), "transfer.sources", "a b"),
-    "target": (_append(("transfer", "targets"), "../cub200"), "transfer.targets[4]", "../cub200"),
+    "target": (_append(("transfer", "targets"), "../cub200"), "transfer.targets[3]", "../cub200"),
     "selection name": (_set(("transfer", "selection", "name"), "sel`touch PWNED`"), "transfer.selection.name",
                        "sel`touch PWNED`"),
     "selection pool": (_append(("transfer", "selection", "pool"), "/etc"), "transfer.selection.pool[2]", "/etc"),
+    "random source name": (_set(("transfer", "selection", "random", "name"), "r$(touch PWNED)"),
+                           "transfer.selection.random.name", "r$(touch PWNED)"),
     "recipe weights": (_set(("cbloss", "recipe", "weights"), "W'"), "cbloss.recipe.weights", "W'"),
 }
 
@@ -279,6 +281,7 @@ EVIL = {
     "loss": "lo ss;touch PWNED",
     "source": "so urce$(touch PWNED)",
     "selected": "se l`touch PWNED`",
+    "random": "ra nd;touch PWNED",
     "model": "tv:m$(touch PWNED)",
     "weights": "W$(touch PWNED)",
     "resources": "res $(touch PWNED)",
@@ -300,7 +303,8 @@ def _evil_config(images: Path) -> dict:
         "tracking": {"uri": e["uri"], "experiment": e["experiment"]},
         "transfer": {
             "sources": {"generic": ["generic"], e["source"]: ["generic"]},
-            "selection": {"name": e["selected"], "pool": ["generic", e["source"]], "top_k": 1},
+            "selection": {"name": e["selected"], "pool": ["generic", e["source"]], "top_k": 1,
+                          "random": {"name": e["random"], "seed": 0}},
             "targets": [e["dataset"]],
             "features": {"model": e["source"], "weights": e["weights"]},
             "pretrain": {"recipe": RECIPE},
@@ -310,7 +314,7 @@ def _evil_config(images: Path) -> dict:
 
 
 RULES = {"generate_world", "prepare_dataset", "longtail", "cbloss", "cbloss_natural", "pool_source", "pretrain",
-         "finetune", "features", "similarity", "selection", "report"}
+         "finetune", "features", "similarity", "selection", "random_subset", "transferability", "report"}
 
 
 def _shell_commands(dry_run_output: str) -> list[tuple[str, str]]:
@@ -374,13 +378,18 @@ def test_every_rule_quotes_every_value(tmp_path):
     assert arg(prepare, "--resources") == EVIL["resources"]
     assert arg(prepare, "--out-dir") == f"results/{study}/datasets/{ds}"
     features = [c for c in calls if c[0] == "features"]
-    assert all(arg(c, "--weights") == EVIL["weights"] for c in features) and len(features) == 4
+    assert all(arg(c, "--weights") == EVIL["weights"] for c in features) and len(features) == 5
     trains = [c for c in calls if c[0] == "train"]
     assert all(arg(c, "--config-tracking-uri") == EVIL["uri"] and arg(c, "--experiment") == EVIL["experiment"]
                for c in trains)
     finetunes = [c for c in trains if arg(c, "--rule") == "finetune"]
     assert {arg(c, "--init-model") for c in finetunes if "--init-model" in c} == {
-        f"results/{study}/pretrain/{s}/seed0/model.pt" for s in ("generic", EVIL["source"], EVIL["selected"])}
+        f"results/{study}/pretrain/{s}/seed0/model.pt" for s in ("generic", EVIL["source"], EVIL["selected"], EVIL["random"])}
+    scores = {arg(c, "--out") for c in calls if c[0] == "transferability"}
+    assert scores == {f"results/{study}/transferability/{s}/{ds}/scores.csv"
+                      for s in ("generic", EVIL["source"], EVIL["selected"], EVIL["random"])}
+    drawn = next(c for c in calls if c[0] == "random-subset")
+    assert arg(drawn, "--out") == f"results/{study}/selection/{EVIL['random']}/classes.csv"
     pools = {arg(c, "--out-dir"): c for c in calls if c[0] == "pool"}
     selected = pools[f"results/{study}/sources/{EVIL['selected']}"]
     assert arg(selected, "--classes") == f"results/{study}/selection/{EVIL['selected']}/classes.csv"

@@ -238,3 +238,22 @@ def test_scores_frame_refuses_nan_stale_and_missing_scores(tmp_path):
     pd.DataFrame([row, {**row, "seed": 1, "logme": float("nan")}]).to_csv(path, index=False)
     with pytest.raises(ValueError, match=r"scores.csv: logme of seed 1 is nan"):
         scores_frame(res, ["a"], ["t1"], [0, 1], ["logme"])
+
+
+def test_a_score_that_ranks_nothing_in_any_seed_leaves_its_tau_empty_not_the_report_broken():
+    """Two sources, one target (the smallest study): a score equal for both sources has no τ."""
+    acc = _acc()
+    acc = acc[acc["source"].isin(["a", "b"]) & (acc["target"] == "t2")]
+    rows = []
+    for score, vals in (("flat", (1.0, 1.0)), ("p", (2.0, 1.0))):
+        for s, v in zip("ab", vals, strict=True):
+            for seed in (0, 1):
+                rows.append({"source": s, "target": "t2", "seed": seed, "score": score, "value": v, "seconds": 0.1,
+                             "extract_s": 1.0, "model_run_id": ""})
+    table, per_seed = rank_agreement(score_pairs(pd.DataFrame(rows), acc), ["t2"], ["flat", "p"])
+    t = table.set_index("score")
+    assert math.isnan(t.loc["flat", "mean_tau"]) and math.isnan(t.loc["flat", "seed_tau_mean"])
+    assert t.loc["p", "mean_tau"] == pytest.approx(1.0) and t.loc["p", "seed_tau_std"] == pytest.approx(0.0)
+    claim = best_score_claim(table, per_seed)
+    assert "p ranked the sources best" in claim and "flat: constant over the sources, no ranking" in claim
+    assert "no other score ranks the sources here" in claim and "beyond seed noise" not in claim

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from .layout import Layout
-from .stats import format_mean_std, paired_difference, summarize
+from .stats import Summary, format_mean_std, paired_difference, summarize
 
 __all__ = [
     "EMD",
@@ -166,7 +166,8 @@ def rank_agreement(pairs: pd.DataFrame, targets: list[str], order: list[str]) ->
             per_seed[int(seed)] = _nanmean([_kendall(gt["value"].to_numpy(), gt["top1_acc"].to_numpy())
                                             for _, gt in gs.groupby("target")])
         per_seed_all[score] = per_seed
-        spread = summarize([v for v in per_seed.values() if not math.isnan(v)] or [math.nan])
+        ranked = [v for v in per_seed.values() if not math.isnan(v)]  # a seed whose score ranks nothing: left out
+        spread = summarize(ranked) if ranked else Summary(math.nan, math.nan, 0)
         row.update({"mean_tau": _nanmean(taus), "mean_weighted_tau": _nanmean(wtaus),
                     "seed_tau_mean": spread.mean, "seed_tau_std": spread.std, "seeds": len(per_seed),
                     "seconds_per_pair": float(g.drop_duplicates(["source", "target", "seed"])["seconds"].mean()),
@@ -189,11 +190,20 @@ def best_score_claim(table: pd.DataFrame, per_seed: dict) -> str:
         return head + "; one training seed, so whether its lead is beyond seed noise cannot be told.\n"
     rivals = []
     for _, r in ranked.iloc[1:].iterrows():
-        seeds = sorted(set(per_seed[best["score"]]) & set(per_seed[r["score"]]))
-        d = paired_difference([per_seed[best["score"]][s] for s in seeds], [per_seed[r["score"]][s] for s in seeds])
+        a, b = per_seed[best["score"]], per_seed[r["score"]]
+        seeds = sorted(s for s in set(a) & set(b) if not (math.isnan(a[s]) or math.isnan(b[s])))
+        if len(seeds) < 2:  # fewer than two seeds where both rank: no spread to judge by
+            rivals.append((r["label"], False))
+            continue
+        d = paired_difference([a[s] for s in seeds], [b[s] for s in seeds])
         rivals.append((r["label"], d.excludes_zero() and d.mean > 0))
     beaten = [name for name, clear in rivals if clear]
     tied = [name for name, clear in rivals if not clear]
+    unranked = table.loc[table["mean_tau"].isna(), "label"].tolist()
+    if unranked:
+        head += f" ({', '.join(unranked)}: constant over the sources, no ranking)"
+    if not rivals:
+        return head + "; no other score ranks the sources here.\n"
     if not tied:
         return head + ", ahead of every other score beyond seed noise (per-seed τ, paired over seeds).\n"
     if not beaten:
