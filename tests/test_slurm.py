@@ -102,9 +102,9 @@ def test_every_job_went_through_slurm(slurm_study):
     jobs = slurm_jobs(work)
     rules = sorted({c.removeprefix("rule_").split("_wildcards_")[0] for c in jobs})
     assert rules == ["cbloss", "features", "finetune", "generate_world", "longtail", "pool_source", "pretrain",
-                     "report", "similarity"]
+                     "report", "similarity", "transferability"]
     assert all(f["JobState"] == "COMPLETED" for f in jobs.values()), {c: f["JobState"] for c, f in jobs.items()}
-    assert log.count("has been submitted with SLURM jobid") == len(jobs) == 13
+    assert log.count("has been submitted with SLURM jobid") == len(jobs) == 14
     res = work / "results" / "slurm"
     for path in ("cbloss/gen10/if10/softmax/seed0/metrics.json", "cbloss/gen10/if10/cb_focal/seed0/metrics.json",
                  "pretrain/generic/seed0/model.pt", "finetune/generic/cub200/seed0/metrics.json", "report/summary.md"):
