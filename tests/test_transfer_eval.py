@@ -2,6 +2,7 @@
 (finetail.selection.random_subset, finetail.transfer.pool_sources with image quotas,
 finetail.transfer_eval)."""
 
+import json
 import math
 from pathlib import Path
 import subprocess
@@ -222,11 +223,23 @@ def test_scores_frame_refuses_nan_stale_and_missing_scores(tmp_path):
     from finetail.layout import Layout
     from finetail.transfer_eval import scores_frame
 
+    from finetail.fileio import file_sha256
+    from finetail.record import MetricsRecord
+
     res = tmp_path / "results" / "s"
-    path = Path(Layout.at(res).scores("a", "t1"))
+    layout = Layout.at(res)
+    for seed in (0, 1, 2):
+        m = Path(layout.train("pretrain", source="a", seed=seed))
+        m.parent.mkdir(parents=True)
+        m.write_text(json.dumps(MetricsRecord(rule="pretrain", wildcards={}, run_id=f"r{seed}").to_json()))
+    manifest = Path(layout.dataset("t1"))
+    manifest.parent.mkdir(parents=True)
+    manifest.write_bytes(b"a manifest")
+    path = Path(layout.scores("a", "t1"))
     path.parent.mkdir(parents=True)
-    row = {"seed": 0, "logme": 1.0, "logme_s": 0.1, "extract_s": 0.5, "model_run_id": "r0"}
-    pd.DataFrame([row, {**row, "seed": 1}]).to_csv(path, index=False)
+    row = {"seed": 0, "logme": 1.0, "logme_s": 0.1, "extract_s": 0.5, "model_run_id": "r0",
+           "manifest_sha256": file_sha256(manifest)}
+    pd.DataFrame([row, {**row, "seed": 1, "model_run_id": "r1"}]).to_csv(path, index=False)
     df = scores_frame(res, ["a"], ["t1"], [0, 1], ["logme"])
     assert df[["seed", "score", "value"]].values.tolist() == [[0, "logme", 1.0], [1, "logme", 1.0]]
     with pytest.raises(ValueError, match=r"seed\(s\) \[2\]: stale"):
@@ -235,8 +248,16 @@ def test_scores_frame_refuses_nan_stale_and_missing_scores(tmp_path):
         scores_frame(res, ["a"], ["t1"], [0], ["logme", "knn"])
     with pytest.raises(FileNotFoundError, match="b -> t1"):
         scores_frame(res, ["a", "b"], ["t1"], [0], ["logme"])
-    pd.DataFrame([row, {**row, "seed": 1, "logme": float("nan")}]).to_csv(path, index=False)
+    pd.DataFrame([row, {**row, "seed": 1, "model_run_id": "r1", "logme": float("nan")}]).to_csv(path, index=False)
     with pytest.raises(ValueError, match=r"scores.csv: logme of seed 1 is nan"):
+        scores_frame(res, ["a"], ["t1"], [0, 1], ["logme"])
+    # scores of another network than the pretraining run of that seed, or of an older manifest
+    pd.DataFrame([row, {**row, "seed": 1, "model_run_id": "r0"}]).to_csv(path, index=False)
+    with pytest.raises(ValueError, match="seed 1 scored the network of run r0, but a's pretraining run is r1"):
+        scores_frame(res, ["a"], ["t1"], [0, 1], ["logme"])
+    pd.DataFrame([row, {**row, "seed": 1, "model_run_id": "r1"}]).to_csv(path, index=False)
+    manifest.write_bytes(b"another manifest")
+    with pytest.raises(ValueError, match="another version of t1's manifest"):
         scores_frame(res, ["a"], ["t1"], [0, 1], ["logme"])
 
 

@@ -54,8 +54,20 @@ SCORE_LABELS = {EMD: "domain similarity exp(−γ EMD)", "logme": "LogME", "leep
 def scores_frame(results: Path, sources: list[str], targets: list[str], seeds: list[int], scores: list[str]) -> pd.DataFrame:
     """Long frame of every pair's scores: source, target, seed, score, value, seconds (and the
     run id of the network scored). A missing file, seed or score, or a non-finite value fails
-    naming the file."""
+    naming the file; so do stale scores: of another network than the source's pretraining run
+    of that seed (its ``metrics.json``), or of another version of the target's manifest."""
+    from .fileio import file_sha256
+    from .record import MetricsRecord
+
     layout, rows = Layout.at(results), []
+
+    def pretrained(source: str, seed: int) -> str | None:
+        m = Path(layout.train("pretrain", source=source, seed=seed))
+        if not m.exists():
+            raise FileNotFoundError(f"{m} is missing: the pretraining run of {source}, seed {seed}, whose network was scored")
+        return MetricsRecord.read(m).run_id
+
+    manifests = {t: file_sha256(layout.dataset(t)) for t in targets}
     for s in sources:
         for t in targets:
             path = Path(layout.scores(s, t))
@@ -65,6 +77,13 @@ def scores_frame(results: Path, sources: list[str], targets: list[str], seeds: l
             missing = sorted(set(seeds) - set(df["seed"].astype(int)))
             if missing:
                 raise ValueError(f"{path} has no row for seed(s) {missing}: stale scores, rerun the job")
+            for _, r in df[df["seed"].astype(int).isin(seeds)].iterrows():
+                want = pretrained(s, int(r["seed"]))
+                if str(r["model_run_id"]) != str(want):
+                    raise ValueError(f"{path}: seed {int(r['seed'])} scored the network of run {r['model_run_id']}, "
+                                     f"but {s}'s pretraining run is {want}: stale scores, rerun the job")
+                if r["manifest_sha256"] != manifests[t]:
+                    raise ValueError(f"{path}: scored another version of {t}'s manifest: stale scores, rerun the job")
             for score in scores:
                 if score not in df.columns:
                     raise ValueError(f"{path} has no {score!r} column: rerun the transferability job")
