@@ -60,12 +60,16 @@ def scores_frame(results: Path, sources: list[str], targets: list[str], seeds: l
     from .record import MetricsRecord
 
     layout, rows = Layout.at(results), []
+    run_ids: dict[tuple[str, int], str | None] = {}  # (source, seed) -> its pretraining run, read once
 
     def pretrained(source: str, seed: int) -> str | None:
-        m = Path(layout.train("pretrain", source=source, seed=seed))
-        if not m.exists():
-            raise FileNotFoundError(f"{m} is missing: the pretraining run of {source}, seed {seed}, whose network was scored")
-        return MetricsRecord.read(m).run_id
+        if (source, seed) not in run_ids:
+            m = Path(layout.train("pretrain", source=source, seed=seed))
+            if not m.exists():
+                raise FileNotFoundError(f"{m} is missing: the pretraining run of {source}, seed {seed}, "
+                                        "whose network was scored")
+            run_ids[(source, seed)] = MetricsRecord.read(m).run_id
+        return run_ids[(source, seed)]
 
     manifests = {t: file_sha256(layout.dataset(t)) for t in targets}
     for s in sources:
@@ -77,6 +81,9 @@ def scores_frame(results: Path, sources: list[str], targets: list[str], seeds: l
             missing = sorted(set(seeds) - set(df["seed"].astype(int)))
             if missing:
                 raise ValueError(f"{path} has no row for seed(s) {missing}: stale scores, rerun the job")
+            for score in scores:
+                if score not in df.columns:
+                    raise ValueError(f"{path} has no {score!r} column: rerun the transferability job")
             for _, r in df[df["seed"].astype(int).isin(seeds)].iterrows():
                 want = pretrained(s, int(r["seed"]))
                 if str(r["model_run_id"]) != str(want):
@@ -84,10 +91,6 @@ def scores_frame(results: Path, sources: list[str], targets: list[str], seeds: l
                                      f"but {s}'s pretraining run is {want}: stale scores, rerun the job")
                 if r["manifest_sha256"] != manifests[t]:
                     raise ValueError(f"{path}: scored another version of {t}'s manifest: stale scores, rerun the job")
-            for score in scores:
-                if score not in df.columns:
-                    raise ValueError(f"{path} has no {score!r} column: rerun the transferability job")
-            for _, r in df[df["seed"].astype(int).isin(seeds)].iterrows():
                 for score in scores:
                     v = float(r[score])
                     if not math.isfinite(v):
@@ -144,20 +147,14 @@ def score_pairs(scores: pd.DataFrame, acc: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _kendall(x: np.ndarray, y: np.ndarray) -> float:
+def _tau(x: np.ndarray, y: np.ndarray, weighted: bool = False) -> float:
+    """Kendall's τ (or scipy's weighted τ) of ``x`` against ``y``; NaN when either is constant
+    (nothing is ranked) or there are fewer than two points."""
     from scipy import stats
 
     if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return math.nan
-    return float(stats.kendalltau(x, y).statistic)
-
-
-def _weighted(x: np.ndarray, y: np.ndarray) -> float:
-    from scipy import stats
-
-    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return math.nan
-    return float(stats.weightedtau(x, y).statistic)
+    return float((stats.weightedtau if weighted else stats.kendalltau)(x, y).statistic)
 
 
 def _nanmean(values) -> float:
@@ -177,12 +174,12 @@ def rank_agreement(pairs: pd.DataFrame, targets: list[str], order: list[str]) ->
         taus, wtaus = [], []
         for t in targets:
             m = means[means["target"] == t]
-            taus.append(_kendall(m["value"].to_numpy(), m["top1_acc"].to_numpy()))
-            wtaus.append(_weighted(m["value"].to_numpy(), m["top1_acc"].to_numpy()))
+            taus.append(_tau(m["value"].to_numpy(), m["top1_acc"].to_numpy()))
+            wtaus.append(_tau(m["value"].to_numpy(), m["top1_acc"].to_numpy(), weighted=True))
             row[f"{t}_tau"] = taus[-1]
         per_seed = {}
         for seed, gs in g.groupby("seed"):
-            per_seed[int(seed)] = _nanmean([_kendall(gt["value"].to_numpy(), gt["top1_acc"].to_numpy())
+            per_seed[int(seed)] = _nanmean([_tau(gt["value"].to_numpy(), gt["top1_acc"].to_numpy())
                                             for _, gt in gs.groupby("target")])
         per_seed_all[score] = per_seed
         ranked = [v for v in per_seed.values() if not math.isnan(v)]  # a seed whose score ranks nothing: left out
