@@ -57,11 +57,22 @@ def test_probe_is_broad_and_balanced():
     assert dataset_defaults("probe") == dataset_defaults("generic")  # 100 / 20 per class, balanced
 
 
-def test_default_feature_model_is_a_feature_network_not_a_ranked_source(tmp_path):
-    cfg = _load(tmp_path, _default())
+WORLD_STUDIES = ["config.yaml", *sorted(
+    str(p.relative_to(ROOT)) for p in (ROOT / "workflow" / "studies").glob("*.yaml")
+    if (yaml.safe_load(p.read_text()).get("transfer") or {}).get("sources")
+    and all(d.get("kind") == "world" for d in yaml.safe_load(p.read_text())["datasets"].values()))]
+
+
+def test_the_world_studies_are_found():
+    assert "config.yaml" in WORLD_STUDIES and "workflow/studies/world_full.yaml" in WORLD_STUDIES
+
+
+@pytest.mark.parametrize("study", WORLD_STUDIES)
+def test_world_feature_model_is_a_feature_network_not_a_ranked_source(tmp_path, study):
+    cfg = _load(tmp_path, yaml.safe_load((ROOT / study).read_text()))
     tr = cfg["transfer"]
     model = tr["features"]["model"]
-    ranked = set(tr["sources"]) | {tr["selection"]["name"]}
+    ranked = set(tr["sources"]) | {tr["selection"]["name"]} | {(tr["selection"].get("random") or {}).get("name")}
     assert model in tr["features"]["networks"] and model not in ranked
     trained_on = tr["features"]["networks"][model]
     assert all(cfg["datasets"][d]["kind"] == "world" for d in trained_on)
