@@ -13,6 +13,9 @@ if not workflow.config_settings.configfiles:
     configfile: f"{workflow.basedir}/config.yaml"
 
 
+from finetail.config import check_legacy
+
+check_legacy(config)  # keys earlier versions took (cbloss.seeds ...), named with what replaced them
 validate(config, schema="workflow/schemas/config.schema.yaml")
 
 

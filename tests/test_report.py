@@ -99,7 +99,7 @@ def test_paired_comparison_with_its_interval_and_verdict():
     # differences -3, -3, -6: mean -4, std sqrt(3); half width 4.3027 * 1.7321 / sqrt(3) = 4.3027
     assert row["difference"] == pytest.approx(-4.0)
     assert row["ci_low"] == pytest.approx(-8.3027, abs=1e-4) and row["ci_high"] == pytest.approx(0.3027, abs=1e-4)
-    assert row["verdict"] == "no clear difference" and row["n"] == 3
+    assert row["verdict"] == "not clear" and row["n"] == 3
     row = p[(p["loss"] == "cb_focal_g1") & (p["imbalance"] == 50.0) & (p["metric"] == "top1_error")].iloc[0]
     # every seed 1 point lower: zero spread, the interval is the point -1, which excludes 0
     assert row["difference"] == pytest.approx(-1.0) and row["verdict"] == "better"

@@ -69,22 +69,29 @@ def cmd_features(a: argparse.Namespace) -> None:
                              pre, a.workers))
 
 
+def _features_arg(a: argparse.Namespace):
+    """--features-dir (a folder of <name>.npz) or --features (the files, each named by its stem)."""
+    from .similarity import features_by_name
+
+    return features_by_name(a.features) if a.features else Path(a.features_dir)
+
+
 def cmd_similarity(a: argparse.Namespace) -> None:
     from .similarity import write_similarity
 
-    log(write_similarity(Path(a.features_dir), json.loads(a.spec), Path(a.out_dir)))
+    log(write_similarity(_features_arg(a), json.loads(a.spec), Path(a.out_dir)))
 
 
 def cmd_select(a: argparse.Namespace) -> None:
     from .selection import write_selection
 
-    log(write_selection(Path(a.features_dir), json.loads(a.spec), Path(a.out)))
+    log(write_selection(_features_arg(a), json.loads(a.spec), Path(a.out)))
 
 
 def cmd_random_subset(a: argparse.Namespace) -> None:
     from .selection import write_random_subset
 
-    log(write_random_subset(Path(a.features_dir), json.loads(a.spec), Path(a.selection), Path(a.out)))
+    log(write_random_subset(_features_arg(a), json.loads(a.spec), Path(a.selection), Path(a.out)))
 
 
 def cmd_transferability(a: argparse.Namespace) -> None:
@@ -92,6 +99,12 @@ def cmd_transferability(a: argparse.Namespace) -> None:
 
     log(write_scores(a.models, a.seeds, a.manifest, a.out, json.loads(a.spec), threads=a.threads, device=a.device,
                      workers=a.workers))
+
+
+def _add_features_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--features-dir", help="folder of <dataset>.npz class statistics")
+    g.add_argument("--features", nargs="+", help="<dataset>.npz class-statistics files (each named by its file name)")
 
 
 # --------------------------------------------------------------------------- report
@@ -146,6 +159,26 @@ def cmd_lineage(a: argparse.Namespace) -> None:
 
     chain = lineage(a.target, a.results, a.tracking_uri)
     print(json.dumps(chain, indent=2, default=str) if a.json else format_lineage(chain))
+
+
+def cmd_compare_claims(a: argparse.Namespace) -> None:
+    from .claims import compare_claims, read_claims
+    from .report import to_markdown
+
+    ref_path = Path(a.against)
+    if not ref_path.is_file():
+        raise FileNotFoundError(f"{ref_path}: no committed claims table there (give --against)")
+    for line in ref_path.read_text().splitlines():
+        if line.startswith("#"):
+            print(line)
+    table, problems = compare_claims(read_claims(a.claims), read_claims(ref_path))
+    print(to_markdown(table))
+    for p in problems:
+        log(f"DIFFERS: {p}")
+    agree = len(table) - sum(table["agrees"] == "NO")
+    log(f"{agree} of {len(table)} committed claims agree with {a.claims}"
+        + (f"; {len(problems)} problem(s)" if problems else ""))
+    raise SystemExit(1 if problems else 0)
 
 
 def cmd_audit(a: argparse.Namespace) -> None:
@@ -235,20 +268,20 @@ def build_parser() -> argparse.ArgumentParser:
     fe.set_defaults(func=cmd_features)
 
     si = sub.add_parser("similarity", help="source x target domain similarity exp(-gamma EMD), CSV + heatmap")
-    si.add_argument("--features-dir", required=True, help="folder of <dataset>.npz class statistics")
+    _add_features_args(si)
     si.add_argument("--spec", required=True, help='JSON: {"sources": [...], "targets": [...], "gamma", "min_source_images"}')
     si.add_argument("--out-dir", required=True, help="writes matrix.csv, emd.csv, heatmap.png")
     si.set_defaults(func=cmd_similarity)
 
     se = sub.add_parser("select", help="greedy selection of the source classes most similar to the targets")
-    se.add_argument("--features-dir", required=True)
+    _add_features_args(se)
     se.add_argument("--spec", required=True, help='JSON: {"pool": [...], "targets": [...], "top_k" or "threshold", ...}')
     se.add_argument("--out", required=True, help="classes.csv: class_name, score, best_target, targets, count")
     se.set_defaults(func=cmd_select)
 
     rs = sub.add_parser("random-subset", help="the selection's random counterpart: as many pool classes and "
                         "training images, drawn at random (seeded)")
-    rs.add_argument("--features-dir", required=True, help="folder of <dataset>.npz class statistics (the pool's)")
+    _add_features_args(rs)
     rs.add_argument("--spec", required=True, help='JSON: {"pool": [...], "seed": S, "min_source_images": N}')
     rs.add_argument("--selection", required=True, help="the greedy selection's classes.csv (its class and image counts)")
     rs.add_argument("--out", required=True, help="classes.csv: class_name, count, images (kept)")
@@ -306,6 +339,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="do not re-hash the image files behind each manifest (quick audit of real data)")
     au.add_argument("-v", "--verbose", action="store_true", help="list every file, not only problems")
     au.set_defaults(func=cmd_audit)
+
+    cc = sub.add_parser("compare-claims", help="check a run's report/claims.csv against a committed one: no verdict "
+                        "flipped between better and worse, every interval overlapping; exit 1 otherwise")
+    cc.add_argument("claims", help="this run's claims.csv (results/<study>/report/claims.csv)")
+    cc.add_argument("--against", default="docs/results/default_claims.csv",
+                    help="the committed claims table (default: docs/results/default_claims.csv)")
+    cc.set_defaults(func=cmd_compare_claims)
 
     c = sub.add_parser("check-config", help="validate a study file against the schema")
     c.add_argument("config")

@@ -14,7 +14,7 @@ import yaml
 
 from .training.recipe import FEW_SHOT, MANY_SHOT
 
-__all__ = ["ConfigError", "MODEL_PATTERN", "NAME_PATTERN", "SCHEMA", "WEIGHTS_PATTERN", "check_config", "load_config"]
+__all__ = ["ConfigError", "check_legacy", "MODEL_PATTERN", "NAME_PATTERN", "SCHEMA", "WEIGHTS_PATTERN", "check_config", "load_config"]
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
@@ -31,6 +31,18 @@ _WHY = {NAME_PATTERN: "names become file paths and wildcards and ", MODEL_PATTER
 
 class ConfigError(ValueError):
     """A study configuration that cannot run, with the offending key in the message."""
+
+
+def check_legacy(config: dict) -> None:
+    """Keys that earlier versions took, with what replaced them (before schema validation, whose
+    message would only say the key is not allowed)."""
+    for sect in ("cbloss", "cbloss_natural", "transfer"):
+        if isinstance(config.get(sect), dict) and "seeds" in config[sect]:
+            n = len(config[sect]["seeds"]) if isinstance(config[sect]["seeds"], list) else "N"
+            raise ConfigError(f"{sect}.seeds: seeds are replicates now; remove it and set the top-level "
+                              f"`replicates: {{count: {n}}}` (each replicate reseeds the world, the long-tailed "
+                              "subset, the feature network, the random draw and training: workflow/schemas/"
+                              "config.schema.yaml, replicates)")
 
 
 def _validate_with_defaults(config: dict, schema: dict) -> None:
@@ -328,6 +340,7 @@ def load_config(path: str | Path, schema: str | Path = SCHEMA) -> dict:
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
     config = yaml.safe_load(path.read_text()) or {}
+    check_legacy(config)
     _validate_with_defaults(config, yaml.safe_load(Path(schema).read_text()))
     check_config(config)
     return config

@@ -8,23 +8,28 @@ unchanged); Python callers wrap them in :class:`pathlib.Path`.
 ::
 
     results/<study>/
-      datasets/<name>/          manifest.parquet, images.npy, classes.csv, source.json
-      longtail/<dataset>_if<IF>/ manifest.parquet, counts.csv
-      cbloss/<dataset>/if<IF>/<loss>/seed<S>/           one training job's results:
-      cbloss_natural/<dataset>/<model>/<loss>/seed<S>/  metrics.json, per_class.csv,
-      pretrain/<source>/seed<S>/                        history.csv (cbloss, pretrain:
-      finetune/<source>/<target>/seed<S>/               model.pt)
-      posthoc/<dataset>/if<IF>/<loss>/<method>/seed<S>/ a post-hoc correction of a cbloss
+      datasets/<name>/          manifest.parquet, classes.csv, source.json (a real dataset)
+      datasets/<name>/rep<k>/   the same + images.npy (a generated dataset, per world)
+      longtail/<dataset>_if<IF>/rep<k>/  manifest.parquet, counts.csv
+      cbloss/<dataset>/if<IF>/<loss>/seed<R>/           one training job's results:
+      cbloss_natural/<dataset>/<model>/<loss>/seed<R>/  metrics.json, per_class.csv,
+      pretrain/<source>/seed<R>/                        history.csv (cbloss, pretrain:
+      finetune/<source>/<target>/seed<R>/               model.pt)
+      posthoc/<dataset>/if<IF>/<loss>/<method>/seed<R>/ a post-hoc correction of a cbloss
                                                         cell: metrics.json, per_class.csv
       checkpoints/<training folder>/  last.pt, run.json
-      sources/<source>/         manifest.parquet, classes.csv (pooled datasets)
-      features/<model>/<dataset>.npz
-      similarity/<model>/       matrix.csv, emd.csv, heatmap.png
-      selection/<name>/classes.csv   (the greedy selection; its random counterpart likewise)
-      transferability/<source>/<target>/scores.csv   LogME, LEEP, NCE, H-score, k-NN per seed
-      report/                   summary.md, tables, figures
+      sources/<source>/rep<k>/  manifest.parquet, classes.csv (pooled datasets)
+      features/<model>/rep<k>/<dataset>.npz
+      similarity/<model>/rep<k>/  matrix.csv, emd.csv, heatmap.png
+      selection/<name>/rep<k>/classes.csv   (the greedy selection; its random counterpart likewise)
+      transferability/<source>/<target>/rep<R>/scores.csv   LogME, LEEP, NCE, H-score, k-NN
+      report/                   summary.md, tables, claims.csv, figures
       mlflow.db, mlartifacts/   the default tracking store
     logs/<study>/<rule>/<wildcards...>.log
+
+``seed<R>`` is replicate ``R`` (finetail.replicates): its training seed is R when training
+varies between replicates. ``rep<k>`` is the replicate key of a seeded stage's output: the
+replicate when the stage (or anything upstream) varies, 0 when it is fixed and shared.
 
 Imports nothing beyond the standard library.
 """
@@ -39,7 +44,7 @@ from pathlib import Path
 __all__ = ["TRAINING", "Layout", "imbalance_tag", "parse_train_dir"]
 
 # One training job's result folder, per training rule, as a pattern over the rule's wildcards.
-# Every training job runs once per training seed (the study's ``seeds`` lists), the last part.
+# Every training job runs once per replicate (``replicates.count``), the last part: seed<R>.
 TRAINING: dict[str, str] = {
     "cbloss": "cbloss/{dataset}/if{imbalance}/{loss}/seed{seed}",
     "cbloss_natural": "cbloss_natural/{dataset}/{model}/{loss}/seed{seed}",
@@ -66,6 +71,11 @@ _ARTIFACTS = "mlartifacts"
 def imbalance_tag(imbalance: float | str) -> str:
     """Imbalance factor as used in paths: 100 -> "100", 12.5 -> "12.5" (a string passes)."""
     return imbalance if isinstance(imbalance, str) else f"{imbalance:g}"
+
+
+def _rep(rep: int | str | None) -> list[str]:
+    """The replicate part of a path (``rep<k>``), or none for data stored once (a real dataset)."""
+    return [] if rep is None else [f"rep{rep}"]
 
 
 def _folder(rule: str, wildcards: dict) -> str:
@@ -105,17 +115,19 @@ class Layout:
         return "/".join([self.root, *parts])
 
     # -- datasets and long-tailed subsets
-    def dataset_dir(self, name: str) -> str:
-        return self._p(_DATASETS, name)
+    def dataset_dir(self, name: str, rep: int | str | None = None) -> str:
+        """A dataset's folder; a generated (seeded) dataset's has one per replicate key ``rep``."""
+        return self._p(_DATASETS, name, *_rep(rep))
 
-    def dataset(self, name: str, file: str = "manifest.parquet") -> str:
-        return self._p(_DATASETS, name, file)
+    def dataset(self, name: str, file: str = "manifest.parquet", rep: int | str | None = None) -> str:
+        return f"{self.dataset_dir(name, rep)}/{file}"
 
-    def longtail_dir(self, dataset: str, imbalance: float | str) -> str:
-        return self._p(_LONGTAIL, f"{dataset}_if{imbalance_tag(imbalance)}")
+    def longtail_dir(self, dataset: str, imbalance: float | str, rep: int | str | None = None) -> str:
+        return self._p(_LONGTAIL, f"{dataset}_if{imbalance_tag(imbalance)}", *_rep(rep))
 
-    def longtail(self, dataset: str, imbalance: float | str, file: str = "manifest.parquet") -> str:
-        return f"{self.longtail_dir(dataset, imbalance)}/{file}"
+    def longtail(self, dataset: str, imbalance: float | str, file: str = "manifest.parquet",
+                 rep: int | str | None = None) -> str:
+        return f"{self.longtail_dir(dataset, imbalance, rep)}/{file}"
 
     # -- training jobs
     def train_dir(self, rule: str, **wildcards: str) -> str:
@@ -158,27 +170,27 @@ class Layout:
         return self.train_dir(rule, **wc)
 
     # -- transfer half
-    def source_dir(self, name: str) -> str:
-        return self._p(_SOURCES, name)
+    def source_dir(self, name: str, rep: int | str | None = None) -> str:
+        return self._p(_SOURCES, name, *_rep(rep))
 
-    def source(self, name: str, file: str = "manifest.parquet") -> str:
-        return self._p(_SOURCES, name, file)
+    def source(self, name: str, file: str = "manifest.parquet", rep: int | str | None = None) -> str:
+        return f"{self.source_dir(name, rep)}/{file}"
 
-    def features_dir(self, model: str) -> str:
-        return self._p(_FEATURES, model)
+    def features_dir(self, model: str, rep: int | str | None = None) -> str:
+        return self._p(_FEATURES, model, *_rep(rep))
 
-    def features(self, model: str, dataset: str) -> str:
-        return self._p(_FEATURES, model, f"{dataset}.npz")
+    def features(self, model: str, dataset: str, rep: int | str | None = None) -> str:
+        return f"{self.features_dir(model, rep)}/{dataset}.npz"
 
-    def similarity(self, model: str, file: str = "matrix.csv") -> str:
-        return self._p(_SIMILARITY, model, file)
+    def similarity(self, model: str, file: str = "matrix.csv", rep: int | str | None = None) -> str:
+        return self._p(_SIMILARITY, model, *_rep(rep), file)
 
-    def selection(self, name: str) -> str:
-        return self._p(_SELECTION, name, "classes.csv")
+    def selection(self, name: str, rep: int | str | None = None) -> str:
+        return self._p(_SELECTION, name, *_rep(rep), "classes.csv")
 
-    def scores(self, source: str, target: str) -> str:
-        """Transferability scores of a source's networks on a target (finetail.scoring)."""
-        return self._p(_TRANSFERABILITY, source, target, "scores.csv")
+    def scores(self, source: str, target: str, rep: int | str | None = None) -> str:
+        """Transferability scores of a source's network of replicate ``rep`` on a target (finetail.scoring)."""
+        return self._p(_TRANSFERABILITY, source, target, *_rep(rep), "scores.csv")
 
     # -- report, tracking store, logs
     def report(self, file: str = "summary.md") -> str:

@@ -14,16 +14,32 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .claims import Claim, comparison, mean_claim, pooled_claim, write_claims
 from .fileio import atomic_write
 from .layout import Layout
 from .record import MetricsRecord
-from .stats import format_mean_std, paired_difference, summarize
+from .replicates import Replicates, covered_words
+from .stats import format_mean_std, paired_difference, prob_improvement, summarize
 from .training.recipe import CB_LOSS_TYPES, paper_recipe
 
 __all__ = ["build_report", "cbloss_frame", "cbloss_table", "paired_table", "paper_table", "similarity_network_label",
            "to_markdown", "transfer_frame"]
 
 PAPER_CIFAR = {"cifar10", "cifar100"}
+
+
+def replicates_of(spec: dict) -> Replicates:
+    """The study's replicates (the report's spec carries ``replicates``, ``datasets`` and ``transfer``)."""
+    return Replicates.of(spec)
+
+
+def replicate_ids(spec: dict) -> list[int]:
+    return list(replicates_of(spec).ids)
+
+
+def covers(spec: dict, half: str, datasets, random_source: bool = False) -> str:
+    """The sources of variation an interval over this study's replicates covers, in words."""
+    return covered_words(replicates_of(spec).covers(half, list(datasets), random_source))
 
 
 def paper_table(name: str) -> pd.DataFrame:
@@ -104,8 +120,8 @@ BEST_CB_LABEL = "best CB (per column, chosen on the test set)"
 SHOT_METRICS = ("top1_error", "balanced_acc", "many_acc", "medium_acc", "few_acc", "ece")
 
 
-def cbloss_frame(results: Path, cb: dict) -> pd.DataFrame:
-    """One row per CB-loss run (cell x seed): settings and final metrics (percentages); then
+def cbloss_frame(results: Path, cb: dict, replicates: list[int]) -> pd.DataFrame:
+    """One row per CB-loss run (cell x replicate, column ``seed``): settings and final metrics (percentages); then
     one per post-hoc job (``cbloss.posthoc``): loss ``<loss>+<name>``, the corrected cell's
     settings, its metrics, and the τ it used (``tau``) and how it was chosen (``tau_source``)."""
     rows = []
@@ -113,7 +129,7 @@ def cbloss_frame(results: Path, cb: dict) -> pd.DataFrame:
     for ds in cb["datasets"]:
         for imb in cb["imbalance"]:
             for name, spec in cb["losses"].items():
-                for seed in cb.get("seeds", [0]):
+                for seed in replicates:
                     path = Path(layout.train("cbloss", dataset=ds, imbalance=imb, loss=name, seed=seed))
                     rows.append(_run_row(path, "cbloss", ds, imb, name, _loss_label(spec), spec, seed)[0])
     for name, ph in (cb.get("posthoc") or {}).items():
@@ -121,7 +137,7 @@ def cbloss_frame(results: Path, cb: dict) -> pd.DataFrame:
             for imb in cb["imbalance"]:
                 for loss in ph["losses"]:
                     spec = cb["losses"][loss]
-                    for seed in cb.get("seeds", [0]):
+                    for seed in replicates:
                         path = Path(layout.train("posthoc", dataset=ds, imbalance=imb, loss=loss, method=name, seed=seed))
                         row, m = _run_row(path, "posthoc", ds, imb, f"{loss}+{name}", _posthoc_label(spec, ph), spec, seed)
                         how = m.extra.get("posthoc", {})
@@ -134,7 +150,7 @@ def _run_row(path: Path, rule: str, ds: str, imb, loss: str, setting: str, spec:
     """One long-tail run's row of :func:`cbloss_frame` (its ``metrics.json`` at ``path``), and
     its record."""
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run the {rule} job for this cell and seed first")
+        raise FileNotFoundError(f"{path} is missing: run the {rule} job for this cell and replicate first")
     m = MetricsRecord.read(path)
     f = m.final or {}
     row = {
@@ -160,15 +176,16 @@ def _pct(v, path: Path | str, key: str) -> float:
 
 
 def _cell_stats(df: pd.DataFrame, keys: list[str], metric: str) -> pd.DataFrame:
-    """mean, std, n of ``metric`` over the seeds of each ``keys`` cell. NaN here means absent
-    (:func:`_pct` refused non-finite values already); a metric absent from some seeds of a cell
-    but not from all of them raises, since its mean would silently be over fewer seeds."""
+    """mean, std, n of ``metric`` over the replicates of each ``keys`` cell. NaN here means
+    absent (:func:`_pct` refused non-finite values already); a metric absent from some
+    replicates of a cell but not from all of them raises, since its mean would silently be over
+    fewer replicates."""
     rows = []
     for key, g in df.groupby(keys, sort=False):
         vals = g[metric].dropna()
         if 0 < len(vals) < len(g):
             raise ValueError(f"{metric} of {dict(zip(keys, key, strict=True))} is absent from "
-                             f"{len(g) - len(vals)} of its {len(g)} runs: its mean would be over fewer seeds")
+                             f"{len(g) - len(vals)} of its {len(g)} runs: its mean would be over fewer replicates")
         s = summarize(vals.tolist()) if len(vals) else None
         rows.append({**dict(zip(keys, key, strict=True)), "mean": s.mean if s else np.nan,
                      "std": s.std if s else np.nan, "n": s.n if s else 0})
@@ -366,7 +383,8 @@ def _shots_markdown(shots: pd.DataFrame) -> str:
 
 PAIRED_METRICS = {"top1_error": True, "few_acc": False, "balanced_acc": False}  # metric -> lower is better
 PAIRED_COLUMNS = ["dataset", "imbalance", "loss", "setting", "baseline", "metric", "difference", "ci_low", "ci_high",
-                  "n", "verdict"]
+                  "n", "verdict", "p", "p_improve", "p_improve_low", "p_improve_high"]
+METRIC_WORDS = {"top1_error": "top-1 error", "few_acc": "few-shot accuracy", "balanced_acc": "balanced accuracy"}
 
 
 def baseline_loss(cb: dict) -> str | None:
@@ -375,43 +393,88 @@ def baseline_loss(cb: dict) -> str | None:
                  if s["type"] == "softmax" and not s.get("beta", 0.0) and s.get("drw_epoch") is None), None)
 
 
+def _pair(g: pd.DataFrame, loss: str, baseline: str, metric: str) -> tuple[list[float], list[float]] | None:
+    """``loss`` and ``baseline``'s ``metric`` over the replicates both have, in replicate order;
+    None where the metric is absent (e.g. no few-shot class)."""
+    a = g[g["loss"] == loss].set_index("seed")[metric]
+    b = g[g["loss"] == baseline].set_index("seed")[metric]
+    seeds = sorted(set(a.index) & set(b.index))
+    if set(a.index) != set(b.index):
+        raise ValueError(f"{loss} and {baseline} ran different replicates ({sorted(a.index)} vs {sorted(b.index)}): "
+                         "a paired comparison needs the same ones")
+    a, b = a.loc[seeds], b.loc[seeds]
+    if a.isna().any() or b.isna().any():
+        return None
+    return a.tolist(), b.tolist()
+
+
 def paired_table(df: pd.DataFrame, baseline: str) -> pd.DataFrame:
-    """Every loss against ``baseline`` in each (dataset, imbalance) cell, paired over seeds:
-    mean difference (points), its 95% CI and the verdict (better/worse only when the CI
-    excludes 0)."""
+    """Every loss against ``baseline`` in each (dataset, imbalance) cell, paired over
+    replicates: mean difference (points), its 95% CI, the verdict (better/worse only when the
+    CI excludes 0), the paired t-test's p and P(better) over replicates with its interval."""
     rows = []
     for (ds, imb), g in df.groupby(["dataset", "imbalance"], sort=False):
-        base = g[g["loss"] == baseline].set_index("seed")
         for loss, h in g[g["loss"] != baseline].groupby("loss", sort=False):
-            h = h.set_index("seed")
-            seeds = sorted(set(h.index) & set(base.index))
             for metric, lower in PAIRED_METRICS.items():
-                a, b = h.loc[seeds, metric], base.loc[seeds, metric]
-                if a.isna().any() or b.isna().any():
+                pair = _pair(g, loss, baseline, metric)
+                if pair is None:
                     continue
-                d = paired_difference(a.tolist(), b.tolist())
+                d = paired_difference(*pair)
+                imp = prob_improvement(*pair, higher_is_better=not lower)
                 rows.append({"dataset": ds, "imbalance": imb, "loss": loss, "setting": h["setting"].iloc[0],
                              "baseline": baseline, "metric": metric, "difference": d.mean, "ci_low": d.low,
-                             "ci_high": d.high, "n": d.n, "verdict": d.verdict(lower_is_better=lower)})
+                             "ci_high": d.high, "n": d.n, "verdict": d.verdict(lower_is_better=lower), "p": d.p,
+                             "p_improve": imp.p, "p_improve_low": imp.low, "p_improve_high": imp.high})
     return pd.DataFrame(rows, columns=PAIRED_COLUMNS)  # the columns even with nothing to compare
 
 
-def _cb_claim(paired: pd.DataFrame, cb: dict) -> list[str]:
-    """The CB paper's qualitative claim, checked: class-balanced weighting raises few-shot
-    accuracy at the highest imbalance factor, beyond seed noise."""
-    if paired.empty:
-        return ["- Class-balanced weighting vs softmax: no paired comparison (no unweighted softmax baseline).\n"]
-    cbs = {n for n, s in cb["losses"].items() if is_class_balanced(s)}
-    lines = []
-    for ds, g in paired[(paired["metric"] == "few_acc") & paired["loss"].isin(cbs)].groupby("dataset", sort=False):
-        top = g[g["imbalance"] == g["imbalance"].max()]
-        better = top[top["verdict"] == "better"]
-        detail = "; ".join(f"{r.setting}: {r.difference:+.1f} [{r.ci_low:+.1f}, {r.ci_high:+.1f}]" for r in top.itertuples())
-        holds = "holds" if len(better) else "does NOT hold beyond seed noise"
-        lines.append(f"- **{ds}, imbalance {top['imbalance'].iloc[0]:g}: CB weighting helps the few-shot classes — "
-                     f"{holds}** ({len(better)} of {len(top)} CB losses better than softmax with a 95% CI above 0; "
-                     f"few-shot accuracy difference, points: {detail}).\n")
-    return lines
+def comparison_claims(df: pd.DataFrame, baseline: str, sources: str) -> list[Claim]:
+    """Every paired comparison of :func:`paired_table` as a row of ``claims.csv``."""
+    rows = []
+    for (ds, imb), g in df.groupby(["dataset", "imbalance"], sort=False):
+        for loss, h in g[g["loss"] != baseline].groupby("loss", sort=False):
+            for metric, lower in PAIRED_METRICS.items():
+                pair = _pair(g, loss, baseline, metric)
+                if pair is not None:
+                    rows.append(comparison(
+                        f"cbloss:{ds}:if{imb:g}:{loss}-vs-{baseline}:{metric}",
+                        f"{h['setting'].iloc[0]} vs {baseline}, {METRIC_WORDS[metric]} (points), {ds} IF {imb:g}",
+                        *pair, higher_is_better=not lower, sources=sources))
+    return rows
+
+
+def cb_claims(df: pd.DataFrame, cb: dict, baseline: str | None, sources) -> tuple[list[str], list[Claim]]:
+    """The CB paper's qualitative claim, checked per dataset at its highest imbalance factor:
+    some class-balanced loss beats softmax, on few-shot accuracy and on the paper's own metric
+    (top-1 error), each a claim pooling the grid's K CB losses with Holm's correction.
+    ``sources``: dataset -> the sources of variation in words. Returns summary lines and rows."""
+    cbs = [n for n, s in cb["losses"].items() if is_class_balanced(s)]
+    if baseline is None or not cbs:
+        why = "no unweighted softmax baseline" if baseline is None else "no class-balanced loss in the grid"
+        return [f"- Class-balanced weighting vs softmax: no paired comparison ({why}).\n"], []
+    lines, rows = [], []
+    for ds, g in df.groupby("dataset", sort=False):
+        imb = g["imbalance"].max()
+        top = g[g["imbalance"] == imb]
+        for metric, what in (("few_acc", "raises few-shot accuracy"), ("top1_error", "lowers top-1 error")):
+            members = {n: pair for n in cbs if (pair := _pair(top, n, baseline, metric)) is not None}
+            if not members:
+                continue
+            claim, pick = pooled_claim(f"cb_helps:{ds}:if{imb:g}:{metric}",
+                                       f"some CB loss {what} vs {baseline}, {ds} IF {imb:g} (Holm over {len(members)})",
+                                       members, higher_is_better=not PAIRED_METRICS[metric], sources=sources[ds])
+            rows.append(claim)
+            lines.append(_claim_line(f"{ds}, imbalance {imb:g}: class-balanced weighting {what}", claim,
+                                     f"{len(members)} CB loss(es), Holm-corrected; "
+                                     + (f"deciding loss {pick}; " if pick else "") + "points"))
+    return lines, rows
+
+
+def _claim_line(title: str, c: Claim, unit: str) -> str:
+    """A claim as the summary states it: verdict, effect with interval, k of R, P(better), sources."""
+    level = "" if abs(c.level - 0.95) < 1e-9 else f" at Holm's {100 * c.level:.1f}% level"
+    return (f"- **{title} — {c.verdict}**: {c.interval()}{level} ({unit}); holds in {c.holds_in} of "
+            f"{c.replicates} replicates; {c.improvement()}; interval over replicates covering {c.sources}.\n")
 
 
 def _plot_error_vs_if(df: pd.DataFrame, path: Path) -> None:
@@ -441,9 +504,14 @@ def _plot_error_vs_if(df: pd.DataFrame, path: Path) -> None:
 
 
 def _per_class_mean(results: Path, ds: str, imb: float, loss: str, seeds: list[int]) -> pd.DataFrame:
-    """Per-class accuracy averaged over seeds (class order and counts are the subset's: same for every seed)."""
+    """Per-class accuracy averaged over replicates (the subset's class order and counts follow
+    from the profile, the same in every replicate; a replicate whose counts differ fails)."""
     layout = Layout.at(results)
     frames = [pd.read_csv(layout.train("cbloss", "per_class.csv", dataset=ds, imbalance=imb, loss=loss, seed=s)) for s in seeds]
+    for s, f in zip(seeds, frames, strict=True):
+        if not f["train_count"].equals(frames[0]["train_count"]):
+            raise ValueError(f"{ds} IF {imb:g}, {loss}: replicate {s}'s per-class training counts differ from "
+                             f"replicate {seeds[0]}'s; per-class accuracies cannot be averaged")
     out = frames[0].copy()
     out["accuracy"] = np.mean([f["accuracy"].to_numpy() for f in frames], axis=0)
     return out
@@ -474,7 +542,7 @@ def _plot_per_class(results: Path, df: pd.DataFrame, path: Path) -> None:
             line.set_data(means["n"], 100 * means["acc"])
         ax.set_xscale("log")
         ax.set_xlabel("training images of the class")
-        ax.set_ylabel("test accuracy (%), mean over seeds")
+        ax.set_ylabel("test accuracy (%), mean over replicates")
         ax.set_title(f"{ds}, imbalance {imb:g}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -483,9 +551,9 @@ def _plot_per_class(results: Path, df: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def _natural_section(results: Path, nat: dict, out: Path) -> tuple[list[str], list[Path]]:
+def _natural_section(results: Path, nat: dict, out: Path, replicates: list[int], sources: str) -> tuple[list[str], list[Path]]:
     """Paper's Table 3 shape: rows = model x loss, columns = dataset top-1 / top-5 error (%),
-    mean ± std over seeds (the paper's numbers at 224 px beside them)."""
+    mean ± std over replicates (the paper's numbers at 224 px beside them)."""
     rows, layout = [], Layout.at(results)
     for model in nat["models"]:
         tag = model.replace(":", "_")
@@ -493,7 +561,7 @@ def _natural_section(results: Path, nat: dict, out: Path) -> tuple[list[str], li
             row = {"model": model, "loss": name, "setting": _loss_label(spec)}
             for ds in nat["datasets"]:
                 vals: dict[str, list[float]] = {"top1": [], "top5": []}
-                for seed in nat.get("seeds", [0]):
+                for seed in replicates:
                     path = Path(layout.train("cbloss_natural", dataset=ds, model=tag, loss=name, seed=seed))
                     if not path.exists():
                         raise FileNotFoundError(f"{path} is missing: run that cbloss_natural job first")
@@ -523,8 +591,8 @@ def _natural_section(results: Path, nat: dict, out: Path) -> tuple[list[str], li
             md[f"paper {col}"] = vals
     table.to_csv(out / "cbloss_natural_table.csv", index=False)
     lines = ["\n## Class-balanced loss on naturally long-tailed data: top-1 / top-5 error (%)\n",
-             "Rows: model x loss (Cui et al. 2019, Table 3 shape); mean ± std over seeds "
-             f"{nat.get('seeds', [0])}; `paper` columns: the paper's numbers at 224 px.\n", to_markdown(md)]
+             "Rows: model x loss (Cui et al. 2019, Table 3 shape); mean ± std over "
+             f"{len(replicates)} replicate(s) ({sources}); `paper` columns: the paper's numbers at 224 px.\n", to_markdown(md)]
     return lines, [out / "cbloss_natural_table.csv"]
 
 
@@ -571,14 +639,14 @@ def similarity_network_label(transfer: dict, datasets: dict) -> str:
 
 
 def transfer_frame(results: Path, sources: list[str], targets: list[str], seeds: list[int]) -> pd.DataFrame:
-    """One row per fine-tune run: source, target, seed, top-1 accuracy (%), ECE, run ids."""
+    """One row per fine-tune run: source, target, replicate (``seed``), top-1 accuracy (%), ECE, run ids."""
     rows, layout = [], Layout.at(results)
     for s in sources:
         for t in targets:
             for seed in seeds:
                 path = Path(layout.train("finetune", source=s, target=t, seed=seed))
                 if not path.exists():
-                    raise FileNotFoundError(f"{path} is missing: run the finetune job for {s} -> {t}, seed {seed} first")
+                    raise FileNotFoundError(f"{path} is missing: run the finetune job for {s} -> {t}, replicate {seed} first")
                 m = MetricsRecord.read(path)
                 f = m.final or {}
                 rows.append({"source": s, "target": t, "seed": int(seed), "top1_acc": _pct(f.get("top1_acc"), path, "top1_acc"),
@@ -590,8 +658,8 @@ def transfer_frame(results: Path, sources: list[str], targets: list[str], seeds:
 
 
 def transfer_table(df: pd.DataFrame, rows: list[str], targets: list[str]) -> pd.DataFrame:
-    """Rows = sources, per target: mean, std, n of the top-1 accuracy (%) over seeds; ``mean``:
-    the mean over targets of the seed means."""
+    """Rows = sources, per target: mean, std, n of the top-1 accuracy (%) over replicates;
+    ``mean``: the mean over targets of the replicate means."""
     st = _cell_stats(df, ["source", "target"], "top1_acc").set_index(["source", "target"])
     out = []
     for s in rows:
@@ -629,13 +697,32 @@ def within_target_kendall(pairs: pd.DataFrame, value: str) -> float | None:
     return float(np.nanmean(taus)) if taus and not np.all(np.isnan(taus)) else None
 
 
-def similarity_pairs(df: pd.DataFrame, sim: pd.DataFrame) -> pd.DataFrame:
-    """Per (source, target) with a similarity: mean and std of the accuracy over seeds, the
-    gain over the target's mean across sources and over scratch."""
+def load_similarity(results: Path, spec: dict, r: int) -> pd.DataFrame:
+    """Replicate ``r``'s similarity matrix (sources x targets)."""
+    rep = replicates_of(spec)
+    names = [*spec["sources"], *spec["transfer"]["targets"]]
+    return pd.read_csv(Layout.at(results).similarity(spec["feature_model"], rep=rep.similarity_key(names, r)), index_col=0)
+
+
+def _with_similarity(df: pd.DataFrame, sims: dict[int, pd.DataFrame]) -> pd.DataFrame:
+    """Fine-tune rows of the ranked sources, each with its replicate's similarity."""
+    g = df[df["source"].isin(next(iter(sims.values())).index)].copy()
+    g["similarity"] = [float(sims[int(r)].loc[s, t]) for s, t, r in zip(g["source"], g["target"], g["seed"], strict=True)]
+    return g
+
+
+def similarity_pairs(df: pd.DataFrame, sims: dict[int, pd.DataFrame]) -> pd.DataFrame:
+    """Per (source, target) with a similarity: mean and std of the accuracy over replicates,
+    the mean similarity over replicates (each replicate's own matrix), the gain over the
+    target's mean across sources and over scratch."""
     acc = df.groupby(["source", "target"], sort=False)["top1_acc"].agg(["mean", "std", "count"]).reset_index()
     acc = acc.rename(columns={"mean": "top1_acc_mean", "std": "top1_acc_std", "count": "n"})
-    pairs = acc[acc["source"].isin(sim.index)].copy()
-    pairs["similarity"] = [float(sim.loc[s, t]) for s, t in zip(pairs["source"], pairs["target"], strict=True)]
+    withsim = _with_similarity(df, sims).groupby(["source", "target"], sort=False)["similarity"]
+    sim_mean, sim_std = withsim.mean(), withsim.std()
+    pairs = acc[acc["source"].isin(next(iter(sims.values())).index)].copy()
+    keys = list(zip(pairs["source"], pairs["target"], strict=True))
+    pairs["similarity"] = [float(sim_mean.loc[k]) for k in keys]
+    pairs["similarity_std"] = [float(sim_std.loc[k]) for k in keys]
     pairs["gain"] = pairs["top1_acc_mean"] - pairs.groupby("target")["top1_acc_mean"].transform("mean")
     scratch = acc[acc["source"] == "scratch"].set_index("target")["top1_acc_mean"]
     if len(scratch):
@@ -643,43 +730,45 @@ def similarity_pairs(df: pd.DataFrame, sim: pd.DataFrame) -> pd.DataFrame:
     return pairs
 
 
-def similarity_correlation(df: pd.DataFrame, sim: pd.DataFrame, pairs: pd.DataFrame) -> dict:
-    """Similarity against accuracy: pooled (vs gain and raw), the mean within-target Kendall τ
-    on the seed-mean accuracy (the headline), and the same τ per seed (its spread)."""
-    per_seed = {}
-    for seed, g in df[df["source"].isin(sim.index)].groupby("seed"):
-        g = g.assign(similarity=[float(sim.loc[s, t]) for s, t in zip(g["source"], g["target"], strict=True)])
-        per_seed[int(seed)] = within_target_kendall(g, "top1_acc")
-    vals = [v for v in per_seed.values() if v is not None]
+def similarity_correlation(df: pd.DataFrame, sims: dict[int, pd.DataFrame], pairs: pd.DataFrame) -> dict:
+    """Similarity against accuracy: pooled on the replicate means (vs gain and raw), the
+    within-target Kendall τ of each replicate (its similarity matrix against its fine-tuned
+    accuracies; mean over targets), their mean over replicates with its interval (the
+    headline, :func:`similarity_claim`), and the τ on the replicate means."""
+    per_rep = {}
+    for r, g in _with_similarity(df, sims).groupby("seed"):
+        per_rep[int(r)] = within_target_kendall(g, "top1_acc")
+    vals = [v for v in per_rep.values() if v is not None]
     spread = summarize(vals) if vals else None
     best = pairs.loc[pairs.groupby("target")["top1_acc_mean"].idxmax()].set_index("target")["source"]
     closest = pairs.loc[pairs.groupby("target")["similarity"].idxmax()].set_index("target")["source"]
     return {
         "vs_gain": correlations(pairs["similarity"].to_numpy(), pairs["gain"].to_numpy()),
         "vs_accuracy": correlations(pairs["similarity"].to_numpy(), pairs["top1_acc_mean"].to_numpy()),
-        "mean_within_target_kendall": within_target_kendall(pairs, "top1_acc_mean"),
-        "within_target_kendall_per_seed": per_seed,
-        "within_target_kendall_seed_mean": spread.mean if spread else None,
-        "within_target_kendall_seed_std": spread.std if spread else None,
+        "within_target_kendall_of_means": within_target_kendall(pairs, "top1_acc_mean"),
+        "within_target_kendall_per_replicate": per_rep,
+        "within_target_kendall_replicate_mean": spread.mean if spread else None,
+        "within_target_kendall_replicate_std": spread.std if spread else None,
         "most_similar_is_best": {t: bool(closest[t] == best[t]) for t in best.index},
     }
 
 
-SIMILARITY_THRESHOLD = 0.4  # mean within-target τ at which the summary says similarity predicts the best source
-
-
-def _similarity_claim(corr: dict) -> str:
-    tau, per_seed = corr["mean_within_target_kendall"], corr["within_target_kendall_per_seed"]
+def similarity_claim(corr: dict, sources: str) -> tuple[str, Claim | None]:
+    """Domain similarity predicts which source transfers best: the within-target Kendall τ of
+    each replicate, its mean over replicates with its 95% interval; ``holds`` only when the
+    interval lies above 0 (no other threshold)."""
+    per_rep = corr["within_target_kendall_per_replicate"]
+    taus = [per_rep[r] for r in sorted(per_rep) if per_rep[r] is not None]
+    if not taus:
+        return "- Similarity vs fine-tune accuracy: too few sources per target to rank.\n", None
+    claim = mean_claim("similarity_predicts_transfer", "within-target Kendall tau of domain similarity vs fine-tuned "
+                       "accuracy, mean over targets and replicates", taus, sources)
     hits = corr["most_similar_is_best"]
-    if tau is None:
-        return "- Similarity vs fine-tune accuracy: too few sources per target to rank.\n"
-    holds = tau >= SIMILARITY_THRESHOLD and all(v is not None and v > 0 for v in per_seed.values())
-    verdict = "holds" if holds else "does NOT hold clearly"
-    seeds = ", ".join(f"seed {k}: {v:.2f}" for k, v in per_seed.items() if v is not None)
-    return (f"- **Domain similarity predicts which source transfers best — {verdict}**: mean within-target "
-            f"Kendall τ of similarity vs mean accuracy over seeds = {tau:.2f} (threshold {SIMILARITY_THRESHOLD}; "
-            f"per seed: {seeds}); the most similar source is the best one on {sum(hits.values())} of "
-            f"{len(hits)} targets.\n")
+    each = ", ".join(f"{v:.2f}" for v in taus)
+    line = _claim_line("Domain similarity predicts which source transfers best", claim,
+                       f"Kendall τ per replicate: {each}")
+    return (line.rstrip("\n") + f" The most similar source is the best one on {sum(hits.values())} of {len(hits)} "
+            "targets (replicate means).\n"), claim
 
 
 def _plot_similarity_vs_accuracy(pairs: pd.DataFrame, corr: dict, path: Path) -> None:
@@ -699,7 +788,7 @@ def _plot_similarity_vs_accuracy(pairs: pd.DataFrame, corr: dict, path: Path) ->
     for s, m in markers.items():
         ax.scatter([], [], marker=m, color="grey", label=s)
     ax.set_xlabel("domain similarity exp(-γ EMD)")
-    ax.set_ylabel("accuracy minus target mean (points; bar: std over seeds)")
+    ax.set_ylabel("accuracy minus target mean (points; bar: std over replicates)")
     ax.set_title(f"Spearman ρ={corr['spearman']:.2f}, Kendall τ={corr['kendall']:.2f} (n={corr['n']})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
@@ -723,25 +812,47 @@ def _paper_transfer_lines(spec: dict) -> list[str]:
             + ", ".join(f"{k} plays {v}" for k, v in PAPER_SOURCE.items()) + ").\n"]
 
 
-def _transfer_section(results: Path, spec: dict, out: Path) -> tuple[list[str], list[Path], list[str]]:
+def transfer_sources(spec: dict, random_source: bool = False) -> str:
+    """The sources of variation of the transfer half's intervals, in words."""
     tr = spec["transfer"]
-    targets, seeds = tr["targets"], tr.get("seeds", [0])
+    data = [d for parts in tr["sources"].values() for d in parts] + list(tr["targets"])
+    return covers(spec, "transfer", data, random_source=random_source)
+
+
+def _selection_sizes(results: Path, spec: dict, name: str) -> list[tuple[int, int]]:
+    """(classes, training images) of the pooled source ``name`` in each replicate."""
+    rep, layout = replicates_of(spec), Layout.at(results)
+    out = []
+    for r in rep.ids:
+        c = pd.read_csv(layout.source(name, "classes.csv", rep=rep.source_key(name, r)))
+        out.append((len(c), int(c["train_count"].sum())))
+    return out
+
+
+def _transfer_section(results: Path, spec: dict, out: Path) -> tuple[list[str], list[Path], list[str], list[Claim]]:
+    tr = spec["transfer"]
+    targets, reps = tr["targets"], replicate_ids(spec)
     rows = list(spec["sources"]) + (["scratch"] if tr["finetune"].get("scratch", True) else [])
-    layout = Layout.at(results)
-    df = transfer_frame(results, rows, targets, seeds)
+    over = f"{len(reps)} replicates ({transfer_sources(spec)})"
+    df = transfer_frame(results, rows, targets, reps)
     df.to_csv(out / "transfer_cells.csv", index=False)
     table = transfer_table(df, rows, targets)
     table.to_csv(out / "transfer_table.csv", index=False)
-    sim = pd.read_csv(layout.similarity(spec["feature_model"]), index_col=0)
-    heatmap = os.path.relpath(layout.similarity(spec["feature_model"], "heatmap.png"), os.path.dirname(layout.report()))
+    sims = {r: load_similarity(results, spec, r) for r in reps}
+    mean_sim = sum(sims.values()) / len(sims)
+    layout, rep = Layout.at(results), replicates_of(spec)
+    key0 = rep.similarity_key([*spec["sources"], *targets], reps[0])
+    heatmap = os.path.relpath(layout.similarity(spec["feature_model"], "heatmap.png", rep=key0),
+                              os.path.dirname(layout.report()))
 
     # Accuracy differs by target far more than by source, so the scatter and the pooled
     # correlation use the accuracy minus the target's mean over sources ("gain").
-    pairs = similarity_pairs(df, sim)
+    pairs = similarity_pairs(df, sims)
     pairs.to_csv(out / "similarity_vs_accuracy.csv", index=False)
-    corr = similarity_correlation(df, sim, pairs)
+    corr = similarity_correlation(df, sims, pairs)
     (out / "transfer_correlation.json").write_text(json.dumps(corr, indent=2) + "\n")
     _plot_similarity_vs_accuracy(pairs, corr["vs_gain"], out / "similarity_vs_accuracy.png")
+    sim_line, sim_claim = similarity_claim(corr, transfer_sources(spec))
 
     means = table.set_index("source").drop(index="scratch", errors="ignore")[[f"{t}_mean" for t in targets]]
     best = {t: means[f"{t}_mean"].idxmax() for t in targets}
@@ -749,36 +860,40 @@ def _transfer_section(results: Path, spec: dict, out: Path) -> tuple[list[str], 
     lines = [
         "## Transfer: fine-tune top-1 accuracy (%)\n",
         f"Rows: pretraining source (`scratch` = random weights), columns: targets (Cui et al. 2018 table shape); "
-        f"mean ± std over seeds {seeds} (fine-tune seed S starts from pretrain seed S)."
+        f"mean ± std over {over}; fine-tune replicate R starts from the source's network of replicate R."
         + (" Fine-tuning here is a **linear probe**: the source network frozen, a new head trained on the target."
            if tr["finetune"]["recipe"].get("linear_probe") else "") + "\n",
         _transfer_markdown(table, targets),
-        "\nBest source per target (seed mean): " + ", ".join(f"{t}: **{s}**" for t, s in best.items()) + "\n",
+        "\nBest source per target (replicate mean): " + ", ".join(f"{t}: **{s}**" for t, s in best.items()) + "\n",
         *_paper_transfer_lines(spec),
         f"\n## Domain similarity ({similarity_network_label(tr, spec.get('datasets', {}))})\n",
-        to_markdown(sim.reset_index().rename(columns={"index": "source"}), "{:.3f}"),
+        f"Mean over the {len(reps)} replicates' matrices (each replicate's in its own "
+        f"`{Path(layout.similarity(spec['feature_model'], rep=key0)).parent.parent.relative_to(results)}/rep<k>/`):\n",
+        to_markdown(mean_sim.reset_index().rename(columns={"index": "source"}), "{:.3f}"),
         f"\nThe paper's ({PAPER_SIMILARITY_NETWORK}; real data, not comparable with a generated world):\n",
         to_markdown(paper_table("domain_similarity"), "{:.3f}"),
-        f"\n![similarity]({heatmap})\n",
+        f"\n![similarity, replicate {reps[0]}]({heatmap})\n",
         "\n## Similarity vs fine-tune accuracy\n",
-        _similarity_claim(corr),
-        f"\nPooled over {g['n']} (source, target) pairs, similarity vs seed-mean accuracy relative to the target's mean: "
-        f"Spearman ρ = {g['spearman']:.3f} (p = {g['spearman_p']:.3g}), Kendall τ = {g['kendall']:.3f} "
+        sim_line,
+        f"\nPooled over {g['n']} (source, target) pairs, mean similarity vs replicate-mean accuracy relative to the "
+        f"target's mean: Spearman ρ = {g['spearman']:.3f} (p = {g['spearman_p']:.3g}), Kendall τ = {g['kendall']:.3f} "
         f"(p = {g['kendall_p']:.3g}). Raw accuracy: Spearman ρ = {r['spearman']:.3f}, Kendall τ = {r['kendall']:.3f}.\n",
         "\n![similarity vs accuracy](similarity_vs_accuracy.png)\n",
     ]
     sel = spec.get("selected")
     if sel:
-        chosen_csv = layout.selection(sel)
-        chosen = pd.read_csv(chosen_csv)
-        lines.append(f"\nSelected source `{sel}`: {len(chosen)} classes (greedy, union over targets); "
-                     f"list with scores in `{Path(chosen_csv).relative_to(results)}`.\n")
+        sizes = _selection_sizes(results, spec, sel)
+        classes = sorted({c for c, _ in sizes})
+        lines.append(f"\nSelected source `{sel}`: {classes[0] if len(classes) == 1 else f'{classes[0]}–{classes[-1]}'} classes "
+                     f"over the replicates (greedy, union over targets; each replicate's list with scores in "
+                     f"`{Path(layout.selection(sel, rep=0)).parent.parent.relative_to(results)}/rep<k>/classes.csv`).\n")
     files = [out / n for n in ("transfer_cells.csv", "transfer_table.csv", "transfer_correlation.json",
                                "similarity_vs_accuracy.csv", "similarity_vs_accuracy.png")]
     from .transfer_eval import transferability_section
 
-    more, more_files, more_claims = transferability_section(results, spec, out, df)
-    return lines + more, files + more_files, [_similarity_claim(corr), *more_claims]
+    more, more_files, more_claims, more_rows = transferability_section(results, spec, out, df)
+    return (lines + more, files + more_files, [sim_line, *more_claims],
+            ([sim_claim] if sim_claim else []) + more_rows)
 
 
 def data_lines(spec: dict) -> list[str]:
@@ -788,7 +903,10 @@ def data_lines(spec: dict) -> list[str]:
     for name, d in (spec.get("datasets") or {}).items():
         kind = d.get("kind")
         if kind == "world":
-            where = f"generated world (`finetail.world`, world seed {world.get('seed', 0)}, {world.get('image_size', '?')} px)"
+            seeds = sorted({replicates_of(spec).seed("world", world.get("seed", 0), k)
+                            for k in (replicates_of(spec).dataset_key(name, r) for r in replicate_ids(spec))})
+            where = (f"generated world (`finetail.world`, world seed{'s' if len(seeds) > 1 else ''} "
+                     f"{', '.join(map(str, seeds))}, {world.get('image_size', '?')} px)")
         elif kind == "registry":
             where = f"downloaded `{d.get('name', name)}` (finetail dataset registry), checksums verified"
         else:
@@ -798,9 +916,13 @@ def data_lines(spec: dict) -> list[str]:
     return lines
 
 
-def _cbloss_section(results: Path, spec: dict, out: Path, paper_ok: dict[str, bool]) -> tuple[list[str], list[Path], list[str]]:
+def _cbloss_section(results: Path, spec: dict, out: Path,
+                    paper_ok: dict[str, bool]) -> tuple[list[str], list[Path], list[str], list[Claim]]:
     cb = spec["cbloss"]
-    df = cbloss_frame(results, cb)
+    reps = replicate_ids(spec)
+    sources = {ds: covers(spec, "cbloss", [ds]) for ds in cb["datasets"]}
+    over = f"{len(reps)} replicates ({'; '.join(f'{d}: {w}' for d, w in sources.items())})"
+    df = cbloss_frame(results, cb, reps)
     df.to_csv(out / "cbloss_cells.csv", index=False)
     table = cbloss_table(df, cb, paper_ok)
     table.to_csv(out / "cbloss_table.csv", index=False)
@@ -821,16 +943,21 @@ def _cbloss_section(results: Path, spec: dict, out: Path, paper_ok: dict[str, bo
     files = [out / n for n in ("cbloss_cells.csv", "cbloss_table.csv", "cbloss_table.md", "cbloss_shots.csv",
                                "cbloss_shots.md", "cbloss_paired.csv", "cbloss_methods.csv", "cbloss_error_vs_if.png",
                                "cbloss_per_class.png", "cbloss_few_vs_many.png")]
-    claims = _cb_claim(paired, cb)
+    claims, rows = cb_claims(df, cb, base, sources)
+    if base:
+        for ds in cb["datasets"]:
+            rows += comparison_claims(df[df["dataset"] == ds], base, sources[ds])
     pm = paired.copy()
     if len(pm):
         pm["95% CI"] = [f"[{lo:+.2f}, {hi:+.2f}]" for lo, hi in zip(pm["ci_low"], pm["ci_high"], strict=True)]
-        pm = pm[["dataset", "imbalance", "setting", "metric", "difference", "95% CI", "n", "verdict"]]
+        pm["P(better)"] = [f"{p:.2f} [{lo:.2f}, {hi:.2f}]" for p, lo, hi in
+                           zip(pm["p_improve"], pm["p_improve_low"], pm["p_improve_high"], strict=True)]
+        pm = pm[["dataset", "imbalance", "setting", "metric", "difference", "95% CI", "P(better)", "n", "verdict"]]
         pm["imbalance"] = [f"{v:g}" for v in pm["imbalance"]]
     lines = [
         "## Class-balanced loss: top-1 error (%)\n",
         f"Rows: loss settings; columns: imbalance factor (Cui et al. 2019, Table 2 shape); mean ± std over "
-        f"training seeds {cb.get('seeds', [0])} (the long-tailed subset itself is fixed by `longtail.seed`). "
+        f"{over}. "
         f"`{BEST_CB_LABEL}`: per column the class-balanced setting with the lowest mean error, in [brackets] — "
         "chosen on the test set, as the paper chose its best setting.\n",
         _paper_note(paper_ok, spec),
@@ -838,22 +965,23 @@ def _cbloss_section(results: Path, spec: dict, out: Path, paper_ok: dict[str, bo
         "\n## Long-tail methods side by side (%)\n",
         "The class-balanced losses beside the later methods (LDAM-DRW, balanced softmax, logit adjustment; "
         "post-hoc corrections of a trained cell, `+`, no retraining; README: \"Long-tail methods\"), on the same "
-        "subsets, seeds and recipe; mean ± std over seeds. Published numbers "
+        "subsets, replicates and recipe; mean ± std over replicates. Published numbers "
         "(`reference/longtail_followups.csv`) stand beside a row only where the data is CIFAR-LT, the recipe is the "
         "papers' and the row is that paper's method with its parameters"
         + ("." if methods["published_error"].notna().any() else "; here none is.") + "\n",
         methods_markdown(methods),
         "\n![few-shot vs many-shot accuracy](cbloss_few_vs_many.png)\n",
         "\n## Many / medium / few-shot accuracy and calibration (%)\n",
-        "Mean ± std over seeds; `ece`: expected calibration error, 15 bins.\n",
+        "Mean ± std over replicates; `ece`: expected calibration error, 15 bins.\n",
         shots_md,
-        f"\n## Paired over seeds: each loss minus `{base}`\n",
-        "Difference of the means in points, with its 95% confidence interval (Student's t over the paired "
-        "seeds); `better`/`worse` only when the interval excludes 0.\n",
+        f"\n## Paired over replicates: each loss minus `{base}`\n",
+        f"Difference of the means in points, with its 95% confidence interval (Student's t over the paired "
+        f"replicates: {over}); `better`/`worse` only when the interval excludes 0, else `not clear`; "
+        "P(better): the share of replicates in which the loss beats the baseline, with its bootstrap interval.\n",
         to_markdown(pm) if len(pm) else "No baseline (an unweighted softmax loss) in the grid.\n",
         "\n![error vs imbalance](cbloss_error_vs_if.png)\n\n![per-class accuracy](cbloss_per_class.png)\n",
     ]
-    return lines, files, claims
+    return lines, files, claims, rows
 
 
 def _paper_note(paper_ok: dict[str, bool], spec: dict) -> str:
@@ -898,18 +1026,27 @@ def build_report(results: Path, spec: dict, out: Path) -> list[Path]:
     written: list[Path] = []
     body: list[str] = []
     claims: list[str] = []
+    rows: list[Claim] = []
+    reps = replicate_ids(spec)
     if spec.get("cbloss"):
-        lines, files, found = _cbloss_section(results, spec, out, paper_comparable(spec))
-        body, written, claims = body + lines, written + files, claims + found
+        lines, files, found, found_rows = _cbloss_section(results, spec, out, paper_comparable(spec))
+        body, written, claims, rows = body + lines, written + files, claims + found, rows + found_rows
     if spec.get("cbloss_natural"):
-        lines, files = _natural_section(results, spec["cbloss_natural"], out)
+        nat = spec["cbloss_natural"]
+        lines, files = _natural_section(results, nat, out, reps, covers(spec, "cbloss", nat["datasets"]))
         body, written = body + lines, written + files
     if spec.get("transfer"):
-        lines, files, found = _transfer_section(results, spec, out)
-        body, written, claims = body + lines, written + files, claims + found
+        lines, files, found, found_rows = _transfer_section(results, spec, out)
+        body, written, claims, rows = body + lines, written + files, claims + found, rows + found_rows
+    written.append(write_claims(rows, out / "claims.csv"))
     sections = [f"# finetail report: study `{spec.get('study', results.name)}`\n"]
     if claims:
-        sections += ["## The papers' claims, checked (beyond seed noise)\n", *claims, ""]
+        sections += [f"## The papers' claims, checked over {len(reps)} replicates\n",
+                     "Each claim: its verdict, the effect with its 95% interval over replicates (`not clear` whenever "
+                     "the interval includes 0), in how many replicates it holds, the probability of improvement "
+                     "P(better) over replicates, and the sources of variation the interval covers. Every comparison "
+                     "is in `claims.csv`; `finetail compare-claims` checks a rerun against it.\n",
+                     *claims, ""]
     sections += [*body, *data_lines(spec)]
     summary = out / "summary.md"
     atomic_write(summary, lambda tmp: tmp.write_text("\n".join(sections)))

@@ -33,6 +33,7 @@ from finetail.similarity import (
     check_min_images,
     class_to_domain_emd,
     load_class_stats,
+    feature_file,
 )
 
 __all__ = [
@@ -250,12 +251,12 @@ def _selection_frame(names, counts, best_score, best_target, chosen_by) -> pd.Da
     return result.sort_values(["score", "class_name"], ascending=[False, True], kind="stable").reset_index(drop=True)
 
 
-def write_selection(features_dir: Path, spec: dict, out: Path) -> str:
+def write_selection(features_dir: Path | Mapping[str, Path], spec: dict, out: Path) -> str:
     """``finetail select``: the greedy selection of the pool's source classes most similar to
     the targets (``spec``: pool, targets, top_k or threshold, gamma, min_source_images) as a
     CSV of :data:`SELECTION_COLUMNS`. Returns a log line."""
-    pool = concat_class_stats(*(load_class_stats(features_dir / f"{p}.npz") for p in spec["pool"]))
-    targets = {t: load_class_stats(features_dir / f"{t}.npz") for t in spec["targets"]}
+    pool = concat_class_stats(*(load_class_stats(feature_file(features_dir, p)) for p in spec["pool"]))
+    targets = {t: load_class_stats(feature_file(features_dir, t)) for t in spec["targets"]}
     chosen = greedy_select(
         pool, targets, top_k=spec.get("top_k"), threshold=spec.get("threshold"),
         gamma=spec.get("gamma", DEFAULT_GAMMA), min_source_images=spec.get("min_source_images", DEFAULT_MIN_SOURCE_IMAGES),
@@ -352,10 +353,10 @@ def random_subset(pool: ClassStats, selected: pd.DataFrame, seed: int, min_sourc
     return out.sort_values("class_name", kind="stable").reset_index(drop=True)
 
 
-def write_random_subset(features_dir: Path, spec: dict, selection: Path, out: Path) -> str:
+def write_random_subset(features_dir: Path | Mapping[str, Path], spec: dict, selection: Path, out: Path) -> str:
     """``finetail random-subset``: :func:`random_subset` of the pool's classes (``spec``: pool,
     seed, min_source_images) matched to the selection CSV ``selection``. Returns a log line."""
-    pool = concat_class_stats(*(load_class_stats(features_dir / f"{p}.npz") for p in spec["pool"]))
+    pool = concat_class_stats(*(load_class_stats(feature_file(features_dir, p)) for p in spec["pool"]))
     chosen = pd.read_csv(selection)
     drawn = random_subset(pool, chosen, int(spec.get("seed", 0)), spec.get("min_source_images", DEFAULT_MIN_SOURCE_IMAGES))
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -754,12 +754,34 @@ def plot_similarity_heatmap(
     return path
 
 
-def write_similarity(features_dir: Path, spec: dict, out: Path) -> str:
+def feature_file(features: Path | Mapping[str, Path], name: str) -> Path:
+    """The class statistics of ``name``: ``features/<name>.npz`` when ``features`` is a folder,
+    else ``features[name]`` (a job whose inputs lie in several replicate folders)."""
+    if isinstance(features, Mapping):
+        if name not in features:
+            raise FileNotFoundError(f"no class statistics of {name!r} among the given files: {sorted(features)}")
+        return Path(features[name])
+    return Path(features) / f"{name}.npz"
+
+
+def features_by_name(files: list[str]) -> dict[str, Path]:
+    """``<name>.npz`` paths by name (the file's stem); two files of one name are an error."""
+    out: dict[str, Path] = {}
+    for f in files:
+        p = Path(f)
+        if p.stem in out:
+            raise ValueError(f"two class-statistics files named {p.stem}: {out[p.stem]} and {p}")
+        out[p.stem] = p
+    return out
+
+
+def write_similarity(features_dir: Path | Mapping[str, Path], spec: dict, out: Path) -> str:
     """``finetail similarity``: the source x target similarity matrix of the class statistics
-    in ``features_dir/<name>.npz`` (``spec``: sources, targets, gamma, min_source_images) as
+    in ``features_dir/<name>.npz`` (or the files of ``features_dir``, a name -> path mapping;
+    ``spec``: sources, targets, gamma, min_source_images) as
     ``out/matrix.csv``, ``out/emd.csv`` and ``out/heatmap.png``. Returns a log line."""
-    sources = {s: load_class_stats(features_dir / f"{s}.npz") for s in spec["sources"]}
-    targets = {t: load_class_stats(features_dir / f"{t}.npz") for t in spec["targets"]}
+    sources = {s: load_class_stats(feature_file(features_dir, s)) for s in spec["sources"]}
+    targets = {t: load_class_stats(feature_file(features_dir, t)) for t in spec["targets"]}
     gamma = spec.get("gamma", DEFAULT_GAMMA)
     sim, emd = similarity_matrix(sources, targets, gamma, spec.get("min_source_images", DEFAULT_MIN_SOURCE_IMAGES))
     out.mkdir(parents=True, exist_ok=True)

@@ -6,12 +6,13 @@ computed by :mod:`finetail.scoring`) and domain similarity (``exp(-γ EMD)``, on
 pair from the feature network) can be checked against the accuracy the fine-tuning actually
 reached. Per target, over the sources:
 
-- Kendall's τ between the score and the fine-tuned top-1 accuracy (both the mean over seeds:
+- Kendall's τ between the score and the fine-tuned top-1 accuracy (both the mean over replicates:
   the headline), and the weighted τ of the LogME paper's protocol (``scipy.stats.weightedtau``,
   hyperbolic weights, so the top of the ranking counts most);
-- the same Kendall τ per seed (seed ``S``'s score from pretrain seed ``S`` against fine-tune
-  seed ``S``), averaged over targets: its spread over seeds says whether one score's lead over
-  another is beyond seed noise (a paired comparison over seeds, :func:`finetail.stats.paired_difference`).
+- the same Kendall τ per replicate (replicate ``R``'s score of its pretrained network against
+  its fine-tuned accuracy), averaged over targets: its spread over replicates says whether one
+  score's lead over another is beyond replicate noise (paired over replicates, Holm-corrected
+  over the rivals of the best score).
 
 A constant score on a target (it ranks nothing) has no τ there: ``—``, left out of the means.
 Seconds: each score's mean time per (source network, target) pair; the forward pass that
@@ -21,7 +22,9 @@ class means (and the value checked against the similarity matrix, so a stale mat
 **Greedy vs random.** The ``selected`` source (greedy, by similarity) against a source of as
 many pool classes and training images drawn at random (``selection.random``), same recipe,
 same compute; and the whole pool where a source pools exactly the pool's datasets. Paired
-over seeds per target and on the mean over targets.
+over replicates per target and on the mean over targets: each replicate has its own world,
+feature network, greedy selection and random draw, so the comparison is with a distribution
+of draws, not one.
 """
 
 from __future__ import annotations
@@ -33,8 +36,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .claims import Claim, comparison, pooled_claim
 from .layout import Layout
-from .stats import Summary, format_mean_std, paired_difference, summarize
+from .replicates import Replicates
+from .stats import Summary, format_mean_std, summarize
 
 __all__ = [
     "EMD",
@@ -51,11 +56,14 @@ SCORE_LABELS = {EMD: "domain similarity exp(−γ EMD)", "logme": "LogME", "leep
                 "hscore": "H-score", "knn": "k-NN accuracy"}
 
 
-def scores_frame(results: Path, sources: list[str], targets: list[str], seeds: list[int], scores: list[str]) -> pd.DataFrame:
-    """Long frame of every pair's scores: source, target, seed, score, value, seconds (and the
-    run id of the network scored). A missing file, seed or score, or a non-finite value fails
-    naming the file; so do stale scores: of another network than the source's pretraining run
-    of that seed (its ``metrics.json``), or of another version of the target's manifest."""
+def scores_frame(results: Path, sources: list[str], targets: list[str], seeds: list[int], scores: list[str],
+                 rep: Replicates | None = None) -> pd.DataFrame:
+    """Long frame of every pair's scores: source, target, replicate (``seed``), score, value,
+    seconds (and the run id of the network scored), from each replicate's ``scores.csv`` (one
+    file per replicate with ``rep``; without it, one file per pair holding every seed's row).
+    A missing file, replicate or score, or a non-finite value fails naming the file; so do
+    stale scores: of another network than the source's pretraining run of that replicate (its
+    ``metrics.json``), or of another version of the target's manifest."""
     from .fileio import file_sha256
     from .record import MetricsRecord
 
@@ -71,39 +79,44 @@ def scores_frame(results: Path, sources: list[str], targets: list[str], seeds: l
             run_ids[(source, seed)] = MetricsRecord.read(m).run_id
         return run_ids[(source, seed)]
 
-    manifests = {t: file_sha256(layout.dataset(t)) for t in targets}
-    for s in sources:
-        for t in targets:
-            path = Path(layout.scores(s, t))
-            if not path.exists():
-                raise FileNotFoundError(f"{path} is missing: run the transferability job for {s} -> {t} first")
-            df = pd.read_csv(path)
-            missing = sorted(set(seeds) - set(df["seed"].astype(int)))
-            if missing:
-                raise ValueError(f"{path} has no row for seed(s) {missing}: stale scores, rerun the job")
+    files = [(s, t, [r], layout.scores(s, t, rep=r), layout.dataset(t, rep=rep.dataset_key(t, r)))
+             for s in sources for t in targets for r in seeds] if rep else \
+        [(s, t, list(seeds), layout.scores(s, t), layout.dataset(t)) for s in sources for t in targets]
+    manifests: dict[str, str] = {}
+    for s, t, want_seeds, score_file, manifest in files:
+        if manifest not in manifests:
+            manifests[manifest] = file_sha256(manifest)
+        path = Path(score_file)
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: run the transferability job for {s} -> {t} first")
+        df = pd.read_csv(path)
+        missing = sorted(set(want_seeds) - set(df["seed"].astype(int)))
+        if missing:
+            raise ValueError(f"{path} has no row for seed(s) {missing}: stale scores, rerun the job")
+        for score in scores:
+            if score not in df.columns:
+                raise ValueError(f"{path} has no {score!r} column: rerun the transferability job")
+        for _, r in df[df["seed"].astype(int).isin(want_seeds)].iterrows():
+            want = pretrained(s, int(r["seed"]))
+            if str(r["model_run_id"]) != str(want):
+                raise ValueError(f"{path}: seed {int(r['seed'])} scored the network of run {r['model_run_id']}, "
+                                 f"but {s}'s pretraining run is {want}: stale scores, rerun the job")
+            if r["manifest_sha256"] != manifests[manifest]:
+                raise ValueError(f"{path}: scored another version of {t}'s manifest: stale scores, rerun the job")
             for score in scores:
-                if score not in df.columns:
-                    raise ValueError(f"{path} has no {score!r} column: rerun the transferability job")
-            for _, r in df[df["seed"].astype(int).isin(seeds)].iterrows():
-                want = pretrained(s, int(r["seed"]))
-                if str(r["model_run_id"]) != str(want):
-                    raise ValueError(f"{path}: seed {int(r['seed'])} scored the network of run {r['model_run_id']}, "
-                                     f"but {s}'s pretraining run is {want}: stale scores, rerun the job")
-                if r["manifest_sha256"] != manifests[t]:
-                    raise ValueError(f"{path}: scored another version of {t}'s manifest: stale scores, rerun the job")
-                for score in scores:
-                    v = float(r[score])
-                    if not math.isfinite(v):
-                        raise ValueError(f"{path}: {score} of seed {int(r['seed'])} is {v}")
-                    rows.append({"source": s, "target": t, "seed": int(r["seed"]), "score": score, "value": v,
-                                 "seconds": float(r[f"{score}_s"]), "extract_s": float(r["extract_s"]),
-                                 "model_run_id": r.get("model_run_id", "")})
+                v = float(r[score])
+                if not math.isfinite(v):
+                    raise ValueError(f"{path}: {score} of seed {int(r['seed'])} is {v}")
+                rows.append({"source": s, "target": t, "seed": int(r["seed"]), "score": score, "value": v,
+                             "seconds": float(r[f"{score}_s"]), "extract_s": float(r["extract_s"]),
+                             "model_run_id": r.get("model_run_id", "")})
     return pd.DataFrame(rows)
 
 
 def emd_frame(results: Path, spec: dict, sources: list[str], targets: list[str], seeds: list[int]) -> pd.DataFrame:
-    """Domain similarity of each pair as a score (the same for every seed), its EMD re-timed
-    from the stored class means, and checked against the similarity matrix."""
+    """Domain similarity of each pair in each replicate as a score (from that replicate's
+    feature network and world), its EMD re-timed from the stored class means, and checked
+    against that replicate's similarity matrix."""
     from .similarity import (
         DEFAULT_GAMMA,
         DEFAULT_MIN_SOURCE_IMAGES,
@@ -111,26 +124,30 @@ def emd_frame(results: Path, spec: dict, sources: list[str], targets: list[str],
         load_class_stats,
     )
 
-    layout, fm = Layout.at(results), spec["feature_model"]
-    sim = pd.read_csv(layout.similarity(fm), index_col=0)
+    layout, fm, rep = Layout.at(results), spec["feature_model"], Replicates.of(spec)
     cfg = spec["transfer"].get("similarity", {})
     gamma, min_images = cfg.get("gamma", DEFAULT_GAMMA), cfg.get("min_source_images", DEFAULT_MIN_SOURCE_IMAGES)
-    stats = {d: load_class_stats(layout.features(fm, d)) for d in [*sources, *targets]}
-    s0, t0_ = sources[0], targets[0]  # untimed first call: POT's import is not the EMD's cost
-    domain_similarity(stats[s0].means, stats[s0].counts, stats[t0_].means, stats[t0_].counts, gamma=gamma,
-                      min_source_images=min_images)
-    rows = []
-    for s in sources:
-        for t in targets:
-            t0 = time.perf_counter()
-            value, _ = domain_similarity(stats[s].means, stats[s].counts, stats[t].means, stats[t].counts,
-                                         gamma=gamma, min_source_images=min_images)
-            secs = time.perf_counter() - t0
-            if abs(value - float(sim.loc[s, t])) > 1e-5:
-                raise ValueError(f"{layout.similarity(fm)}: {s} -> {t} is {float(sim.loc[s, t]):.6f}, but the class "
-                                 f"means give {value:.6f}: a stale similarity matrix, rerun the similarity job")
-            rows += [{"source": s, "target": t, "seed": int(seed), "score": EMD, "value": value, "seconds": secs,
-                      "extract_s": math.nan, "model_run_id": ""} for seed in seeds]
+    rows, warm = [], False
+    for seed in seeds:
+        matrix = layout.similarity(fm, rep=rep.similarity_key([*sources, *targets], seed))
+        sim = pd.read_csv(matrix, index_col=0)
+        stats = {d: load_class_stats(layout.features(fm, d, rep=rep.features_key(d, seed))) for d in [*sources, *targets]}
+        if not warm:  # untimed first call: POT's import is not the EMD's cost
+            s0, t0_ = sources[0], targets[0]
+            domain_similarity(stats[s0].means, stats[s0].counts, stats[t0_].means, stats[t0_].counts, gamma=gamma,
+                              min_source_images=min_images)
+            warm = True
+        for s in sources:
+            for t in targets:
+                t0 = time.perf_counter()
+                value, _ = domain_similarity(stats[s].means, stats[s].counts, stats[t].means, stats[t].counts,
+                                             gamma=gamma, min_source_images=min_images)
+                secs = time.perf_counter() - t0
+                if abs(value - float(sim.loc[s, t])) > 1e-5:
+                    raise ValueError(f"{matrix}: {s} -> {t} is {float(sim.loc[s, t]):.6f}, but the class "
+                                     f"means give {value:.6f}: a stale similarity matrix, rerun the similarity job")
+                rows.append({"source": s, "target": t, "seed": int(seed), "score": EMD, "value": value, "seconds": secs,
+                             "extract_s": math.nan, "model_run_id": ""})
     return pd.DataFrame(rows)
 
 
@@ -192,41 +209,53 @@ def rank_agreement(pairs: pd.DataFrame, targets: list[str], order: list[str]) ->
     return pd.DataFrame(rows), per_seed_all
 
 
-def best_score_claim(table: pd.DataFrame, per_seed: dict) -> str:
-    """One line: which score ranked the sources best on this study (mean τ over targets), and
-    whether its lead over each other score is beyond seed noise (paired over seeds)."""
+def best_score_claim(table: pd.DataFrame, per_seed: dict, sources: str = "training seed") -> tuple[str, list[Claim]]:
+    """Which score ranked the sources best on this study (mean τ over targets), and whether
+    its lead over each other score is beyond replicate noise: per-replicate τ paired over
+    replicates, Holm-corrected over the K rivals (the best was chosen after looking, so its
+    comparisons are a family). Returns the summary line and one ``claims.csv`` row per rival."""
     ranked = table.dropna(subset=["mean_tau"]).sort_values(["mean_tau", "mean_weighted_tau"], ascending=False)
     if ranked.empty:
-        return "- **Which score predicts transfer**: no score ranks the sources on any target (too few sources).\n"
+        return "- **Which score predicts transfer**: no score ranks the sources on any target (too few sources).\n", []
     best = ranked.iloc[0]
     head = (f"- **Which score predicts transfer**: {best['label']} ranked the sources best on this study "
-            f"(mean within-target Kendall τ {best['mean_tau']:.2f} on the seed means, weighted τ "
-            f"{best['mean_weighted_tau']:.2f}; each seed alone {format_mean_std(best['seed_tau_mean'], best['seed_tau_std'])})")
-    if len(per_seed[best["score"]]) < 2:
-        return head + "; one training seed, so whether its lead is beyond seed noise cannot be told.\n"
-    rivals = []
-    for _, r in ranked.iloc[1:].iterrows():
-        a, b = per_seed[best["score"]], per_seed[r["score"]]
-        seeds = sorted(s for s in set(a) & set(b) if not (math.isnan(a[s]) or math.isnan(b[s])))
-        if len(seeds) < 2:  # fewer than two seeds where both rank: no spread to judge by
-            rivals.append((r["label"], False))
-            continue
-        d = paired_difference([a[s] for s in seeds], [b[s] for s in seeds])
-        rivals.append((r["label"], d.excludes_zero() and d.mean > 0))
-    beaten = [name for name, clear in rivals if clear]
-    tied = [name for name, clear in rivals if not clear]
+            f"(mean within-target Kendall τ {best['mean_tau']:.2f} on the replicate means, weighted τ "
+            f"{best['mean_weighted_tau']:.2f}; each replicate alone "
+            f"{format_mean_std(best['seed_tau_mean'], best['seed_tau_std'])})")
     unranked = table.loc[table["mean_tau"].isna(), "label"].tolist()
     if unranked:
         head += f" ({', '.join(unranked)}: constant over the sources, no ranking)"
-    if not rivals:
-        return head + "; no other score ranks the sources here.\n"
+    if len(per_seed[best["score"]]) < 2:
+        return head + "; one replicate, so whether its lead is beyond replicate noise cannot be told.\n", []
+    members, labels = {}, {}
+    for _, r in ranked.iloc[1:].iterrows():
+        a, b = per_seed[best["score"]], per_seed[r["score"]]
+        seeds = sorted(s for s in set(a) & set(b) if not (math.isnan(a[s]) or math.isnan(b[s])))
+        if len(seeds) >= 2:  # fewer than two replicates where both rank: no spread to judge by
+            members[r["score"]] = ([a[s] for s in seeds], [b[s] for s in seeds])
+            labels[r["score"]] = r["label"]
+    if ranked.iloc[1:].empty:
+        return head + "; no other score ranks the sources here.\n", []
+    rows = [comparison(f"transfer:score:{best['score']}-vs-{name}:tau",
+                       f"{best['label']} vs {labels[name]}: within-target Kendall tau, mean over targets",
+                       *members[name], higher_is_better=True, sources=sources) for name in members]
+    if members:
+        pooled, _ = pooled_claim(f"transfer:best_score:{best['score']}", f"{best['label']} ranks sources better than "
+                                 f"every other score (Holm over {len(members)})", members, True, sources)
+        from .stats import holm
+
+        adjusted = dict(zip(members, holm([r.p_holm for r in rows]), strict=True))
+        rows = [Claim(**{**r.__dict__, "p_holm": adjusted[name]}) for r, name in zip(rows, members, strict=True)]
+        rows.append(pooled)
+    beaten = [labels[n] for n, r in zip(members, rows, strict=False) if r.p_holm < 0.05 and r.estimate > 0]
+    tied = [r["label"] for _, r in ranked.iloc[1:].iterrows() if r["label"] not in beaten]
     if not tied:
-        return head + ", ahead of every other score beyond seed noise (per-seed τ, paired over seeds).\n"
+        return head + ", ahead of every other score beyond replicate noise (per-replicate τ, paired, Holm).\n", rows
     if not beaten:
-        return (head + "; but **no score beats the others** beyond seed noise here: its lead over "
-                + ", ".join(tied) + " is within the spread over seeds (per-seed τ, paired).\n")
-    return (head + f"; ahead of {', '.join(beaten)} beyond seed noise, not of {', '.join(tied)} "
-            "(per-seed τ, paired over seeds).\n")
+        return (head + "; but **no score beats the others** beyond replicate noise here: its lead over "
+                + ", ".join(tied) + " is within the spread over replicates (per-replicate τ, paired, Holm).\n"), rows
+    return (head + f"; ahead of {', '.join(beaten)} beyond replicate noise, not of {', '.join(tied)} "
+            "(per-replicate τ, paired over replicates, Holm).\n"), rows
 
 
 def rank_markdown(table: pd.DataFrame, targets: list[str]) -> str:
@@ -237,7 +266,7 @@ def rank_markdown(table: pd.DataFrame, targets: list[str]) -> str:
         md[t] = table[f"{t}_tau"]
     md["mean τ"] = table["mean_tau"]
     md["mean weighted τ"] = table["mean_weighted_tau"]
-    md["τ per seed"] = [format_mean_std(m, s) for m, s in zip(table["seed_tau_mean"], table["seed_tau_std"], strict=True)]
+    md["τ per replicate"] = [format_mean_std(m, s) for m, s in zip(table["seed_tau_mean"], table["seed_tau_std"], strict=True)]
     md["s / pair"] = [f"{v:.3g}" for v in table["seconds_per_pair"]]
     return to_markdown(md, "{:.2f}")
 
@@ -296,7 +325,8 @@ def _pool_source(tr: dict) -> str | None:
 def selection_ablation(acc: pd.DataFrame, selected: str, random: str, pool: str | None,
                        targets: list[str]) -> pd.DataFrame:
     """Per target and on the mean over targets: selected, random (and whole pool) top-1
-    accuracy, mean ± std over seeds, and selected − random paired over seeds with its 95% CI."""
+    accuracy, mean ± std over replicates, and selected − random paired over replicates with its
+    95% CI and P(selected > random)."""
     rows = []
     per_seed = acc.pivot_table(index=["target", "seed"], columns="source", values="top1_acc")
     mean_over_targets = per_seed.groupby("seed").mean()
@@ -308,21 +338,21 @@ def selection_ablation(acc: pd.DataFrame, selected: str, random: str, pool: str 
                 continue
             st = summarize(g[src].tolist())
             row.update({f"{name}_mean": st.mean, f"{name}_std": st.std})
-        d = paired_difference(g[selected].tolist(), g[random].tolist())
-        row.update({"selected_minus_random": d.mean, "ci_low": d.low, "ci_high": d.high, "n": d.n,
-                    "verdict": d.verdict(lower_is_better=False)})
+        c = comparison("", "", g[selected].tolist(), g[random].tolist(), higher_is_better=True, sources="")
+        row.update({"selected_minus_random": c.estimate, "ci_low": c.low, "ci_high": c.high, "n": c.replicates,
+                    "verdict": c.verdict, "p_improve": c.p_improve, "p_improve_low": c.p_improve_low,
+                    "p_improve_high": c.p_improve_high})
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def _source_size(results: Path, name: str) -> tuple[int, int]:
-    """(classes, training images) of a pooled source."""
-    c = pd.read_csv(Layout.at(results).source(name, "classes.csv"))
-    return len(c), int(c["train_count"].sum())
+def _size_words(sizes: list[tuple[int, int]]) -> str:
+    """Classes and training images of a source over the replicates (a range where they differ)."""
+    def span(values: list[int]) -> str:
+        lo, hi = min(values), max(values)
+        return f"{lo:,}" if lo == hi else f"{lo:,}–{hi:,}"
 
-
-def _size_words(size: tuple[int, int]) -> str:
-    return f"{size[0]} classes, {size[1]:,} training images"
+    return f"{span([c for c, _ in sizes])} classes, {span([n for _, n in sizes])} training images"
 
 
 def _ablation_markdown(ab: pd.DataFrame, names: dict[str, str]) -> str:
@@ -332,80 +362,109 @@ def _ablation_markdown(ab: pd.DataFrame, names: dict[str, str]) -> str:
     for key, label in names.items():
         if f"{key}_mean" in ab:
             md[label] = [format_mean_std(m, s, 1) for m, s in zip(ab[f"{key}_mean"], ab[f"{key}_std"], strict=True)]
-    md["selected − random [95% CI]"] = [f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]" if n > 1 else f"{d:+.1f} (one seed)"
+    md["selected − random [95% CI]"] = [f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]" if n > 1 else f"{d:+.1f} (one replicate)"
                                        for d, lo, hi, n in zip(ab["selected_minus_random"], ab["ci_low"], ab["ci_high"],
                                                                ab["n"], strict=True)]
+    md["P(selected better)"] = [f"{p:.2f} [{lo:.2f}, {hi:.2f}]" for p, lo, hi in
+                                zip(ab["p_improve"], ab["p_improve_low"], ab["p_improve_high"], strict=True)]
     md["verdict"] = ab["verdict"]
     return to_markdown(md, "{:.1f}")
 
 
-def transferability_section(results: Path, spec: dict, out: Path, acc: pd.DataFrame) -> tuple[list[str], list[Path], list[str]]:
-    """The report's lines, files and claims on transferability scores and greedy vs random.
-    ``acc``: the fine-tune runs (finetail.report.transfer_frame)."""
+def transferability_section(results: Path, spec: dict, out: Path,
+                            acc: pd.DataFrame) -> tuple[list[str], list[Path], list[str], list[Claim]]:
+    """The report's lines, files, claims and ``claims.csv`` rows on transferability scores and
+    greedy vs random. ``acc``: the fine-tune runs (finetail.report.transfer_frame)."""
+    from .report import transfer_sources
+
     tr = spec["transfer"]
-    targets, seeds = tr["targets"], tr.get("seeds", [0])
+    rep = Replicates.of(spec)
+    targets, seeds = tr["targets"], list(rep.ids)
     sources = list(spec["sources"])
     scores = list((tr.get("transferability") or {}).get("scores", []))
     lines: list[str] = []
     files: list[Path] = []
     claims: list[str] = []
+    rows: list[Claim] = []
     if scores:
         long = pd.concat([emd_frame(results, spec, sources, targets, seeds),
-                          scores_frame(results, sources, targets, seeds, scores)], ignore_index=True)
+                          scores_frame(results, sources, targets, seeds, scores, rep)], ignore_index=True)
         pairs = score_pairs(long, acc[acc["source"].isin(sources)])
         pairs.to_csv(out / "transferability_pairs.csv", index=False)
         table, per_seed = rank_agreement(pairs, targets, [EMD, *scores])
         table.to_csv(out / "transferability.csv", index=False)
         plot_scores_vs_accuracy(pairs, table, out / "transferability_vs_accuracy.png")
         files += [out / "transferability.csv", out / "transferability_pairs.csv", out / "transferability_vs_accuracy.png"]
-        claim = best_score_claim(table, per_seed)
+        claim, found = best_score_claim(table, per_seed, transfer_sources(spec, random_source=bool(spec.get("random"))))
         claims.append(claim)
+        rows += found
         k = (tr.get("transferability") or {}).get("knn_k", 10)
         extract = pairs.dropna(subset=["extract_s"]).drop_duplicates(["source", "target", "seed"])["extract_s"].mean()
         lines += [
             "\n## Which score predicts transfer?\n",
             f"Each score of the {len(sources)} sources' networks on each target's training images (no fine-tuning, "
             f"no test image), against the fine-tuned top-1 accuracy over the sources: Kendall τ per target and its "
-            f"mean (score and accuracy as means over seeds {seeds}), the mean weighted τ (scipy `weightedtau`, the "
-            f"LogME paper's protocol), the mean τ of each seed on its own (mean ± std over seeds), and each score's "
-            f"seconds per (network, target) pair. Domain similarity uses the feature network's class means; the "
-            f"others the source network's own features (LogME, H-score, k-NN with k={k}, cosine, leave-one-out) or "
-            f"its softmax over the source classes (LEEP; NCE on its argmax). The forward pass feeding them took "
-            f"{extract:.2f} s per pair.\n",
+            f"mean (score and accuracy as means over the {len(seeds)} replicates), the mean weighted τ (scipy "
+            f"`weightedtau`, the LogME paper's protocol), the mean τ of each replicate on its own (mean ± std over "
+            f"replicates), and each score's seconds per (network, target) pair. Domain similarity uses the feature "
+            f"network's class means; the others the source network's own features (LogME, H-score, k-NN with k={k}, "
+            f"cosine, leave-one-out) or its softmax over the source classes (LEEP; NCE on its argmax). The forward "
+            f"pass feeding them took {extract:.2f} s per pair.\n",
             rank_markdown(table, targets),
             "\n" + claim,
             "\n![scores vs accuracy](transferability_vs_accuracy.png)\n",
         ]
     sel, rnd = spec.get("selected"), spec.get("random")
     if sel and rnd:
-        pool = _pool_source(tr)
-        ab = selection_ablation(acc, sel, rnd, pool, targets)
-        ab.to_csv(out / "selection_vs_random.csv", index=False)
-        files.append(out / "selection_vs_random.csv")
-        names = {"selected": f"`{sel}` (greedy)", "random": f"`{rnd}` (random)"}
-        if pool:
-            names["pool"] = f"`{pool}` (whole pool)"
-        m = ab.set_index("target").loc["mean"]
-        verdict = {"better": "greedy selection beats random classes", "worse": "random classes beat greedy selection",
-                   "no clear difference": "no clear difference between greedy and random classes"}[m["verdict"]]
-        sizes = {n: _source_size(results, n) for n in (sel, rnd)}
-        same = ("same number of classes and images" if sizes[sel] == sizes[rnd] else
-                f"NOT the same size: {_size_words(sizes[sel])} vs {_size_words(sizes[rnd])}")
-        ci = (f"[{m['ci_low']:+.1f}, {m['ci_high']:+.1f}] on the mean over targets (95% CI, paired over seeds {seeds}"
-              if int(m["n"]) > 1 else f"on the mean over targets (one seed, {seeds}: no interval, so no verdict")
-        claim = (f"- **Is greedy selection worth it?** {verdict}: `{sel}` − `{rnd}` = {m['selected_minus_random']:+.1f} "
-                 f"points {ci}; same recipe, {same}; one random draw, so an interval covers "
-                 "training seeds, not other draws).\n")
+        more_lines, more_files, claim, found = _selection_part(results, spec, out, acc, sel, rnd)
+        lines, files, rows = lines + more_lines, files + more_files, rows + found
         claims.append(claim)
-        lines += [
-            "\n## Is greedy selection worth it? Selected vs random classes\n",
-            f"`{sel}`: {_size_words(sizes[sel])}, chosen greedily by domain similarity; `{rnd}`: "
-            f"{_size_words(sizes[rnd])}, drawn at random from the same pool (seed "
-            f"{(tr.get('selection') or {}).get('random', {}).get('seed', 0)}); pretrained and fine-tuned with the same "
-            "recipe. Fine-tune top-1 accuracy (%), mean ± std over seeds; the difference is paired over seeds."
-            + ("" if pool else " No source of this study pools the whole selection pool (world_full.yaml has one).")
-            + "\n",
-            _ablation_markdown(ab, names),
-            "\n" + claim,
-        ]
-    return lines, files, claims
+    return lines, files, claims, rows
+
+
+def _selection_part(results: Path, spec: dict, out: Path, acc: pd.DataFrame, sel: str,
+                    rnd: str) -> tuple[list[str], list[Path], str, list[Claim]]:
+    """Greedy vs random: the table (``selection_vs_random.csv``), the claim line and its
+    ``claims.csv`` rows."""
+    from .report import _selection_sizes, transfer_sources
+
+    tr = spec["transfer"]
+    targets = tr["targets"]
+    covered = transfer_sources(spec, random_source=True)
+    pool = _pool_source(tr)
+    ab = selection_ablation(acc, sel, rnd, pool, targets)
+    ab.to_csv(out / "selection_vs_random.csv", index=False)
+    names = {"selected": f"`{sel}` (greedy)", "random": f"`{rnd}` (random)"}
+    if pool:
+        names["pool"] = f"`{pool}` (whole pool)"
+    per_rep = acc.pivot_table(index=["target", "seed"], columns="source", values="top1_acc")
+    rows = []
+    for t in [*targets, "mean"]:
+        g = per_rep.groupby("seed").mean() if t == "mean" else per_rep.loc[t]
+        what = "mean over targets" if t == "mean" else t
+        rows.append(comparison(f"transfer:{sel}-vs-{rnd}:{t}", f"greedy selection vs random classes, fine-tuned "
+                               f"top-1 accuracy (points), {what}", g[sel].tolist(), g[rnd].tolist(),
+                               higher_is_better=True, sources=covered))
+    m = rows[-1]
+    verdict = {"better": "greedy selection beats random classes", "worse": "random classes beat greedy selection",
+               "not clear": "not clear whether greedy selection beats random classes"}[m.verdict]
+    sizes = {n: _selection_sizes(results, spec, n) for n in (sel, rnd)}
+    same = ("same number of classes and images in every replicate" if sizes[sel] == sizes[rnd] else
+            f"NOT the same size: {_size_words(sizes[sel])} vs {_size_words(sizes[rnd])}")
+    claim = (f"- **Is greedy selection worth it? — {m.verdict}**: {verdict}: `{sel}` − `{rnd}` = {m.interval()} "
+             f"points on the mean over targets (95% CI, paired over {m.replicates} replicates, each with its own "
+             f"selection and random draw); holds in {m.holds_in} of {m.replicates} replicates; {m.improvement()}; "
+             f"same recipe, {same}; interval covering {covered}.\n")
+    lines = [
+        "\n## Is greedy selection worth it? Selected vs random classes\n",
+        f"`{sel}`: {_size_words(sizes[sel])}, chosen greedily by domain similarity; `{rnd}`: "
+        f"{_size_words(sizes[rnd])}, drawn at random from the same pool (one draw per replicate, seed "
+        f"{(tr.get('selection') or {}).get('random', {}).get('seed', 0)} + replicate where the draw varies); "
+        "pretrained and fine-tuned with the same recipe. Fine-tune top-1 accuracy (%), mean ± std over replicates; "
+        "the difference is paired over replicates."
+        + ("" if pool else " No source of this study pools the whole selection pool (world_full.yaml has one).")
+        + "\n",
+        _ablation_markdown(ab, names),
+        "\n" + claim,
+    ]
+    return lines, [out / "selection_vs_random.csv"], claim, rows

@@ -7,6 +7,7 @@ from pathlib import Path
 from finetail.code import PKG as INSTALLED_PKG, code_digest
 from finetail.config import check_config
 from finetail.layout import Layout, imbalance_tag
+from finetail.replicates import Replicates
 from finetail.training.recipe import crt_spec
 from finetail.report_files import commit_label, halves_of, report_entry, report_files
 
@@ -26,6 +27,10 @@ STUDY = config["study"]
 L = Layout.of_study(STUDY)  # every results/ and logs/ path (finetail.layout)
 EXPERIMENT = config["tracking"]["experiment"] or f"finetail-{STUDY}"
 CB = config.get("cbloss")
+# Replicates (finetail.replicates): replicate r is every training folder seed<r>, and reseeds
+# each stage of replicates.vary; a stage's output lives under rep<k>, k = R.<stage>_key(..., r).
+R = Replicates.of(config)
+REPS = list(R.ids)
 
 
 def cli_option(flag, value):
@@ -73,12 +78,24 @@ def get_imagefolder_source(wildcards):
 
 
 def get_world_spec(wildcards):
-    return as_json({"world": config["world"], "dataset": config["datasets"][wildcards.dataset]})
+    """The world of replicate key {rep}: world.seed + rep when the world varies."""
+    world = {**config["world"], "seed": R.seed("world", config["world"]["seed"], int(wildcards.rep))}
+    return as_json({"world": world, "dataset": config["datasets"][wildcards.dataset]})
+
+
+def dataset_manifest(name, r, file="manifest.parquet"):
+    """A dataset's manifest as replicate r sees it (a generated dataset: its world's)."""
+    return L.dataset(name, file, rep=R.dataset_key(name, r))
 
 
 def seeded(recipe, wildcards):
-    """A recipe with the job's training seed (the {seed} wildcard, from a seeds list)."""
-    return {**recipe, "seed": int(wildcards.seed)}
+    """A recipe with the job's training seed: replicate {seed}'s (finetail.replicates)."""
+    return {**recipe, "seed": R.training_seed(int(wildcards.seed))}
+
+
+def get_longtail_manifest(wildcards):
+    """The long-tailed subset a cell of replicate {seed} trains on."""
+    return L.longtail(wildcards.dataset, wildcards.imbalance, rep=R.longtail_key(wildcards.dataset, int(wildcards.seed)))
 
 
 def get_cbloss_spec(wildcards):
@@ -113,7 +130,7 @@ def get_cbloss_natural_metrics():
         dataset=NAT["datasets"],
         model=list(NAT_MODELS),
         loss=list(NAT["losses"]),
-        seed=NAT["seeds"],
+        seed=REPS,
     )
 
 
@@ -129,7 +146,7 @@ def get_cbloss_metrics():
         dataset=CB["datasets"],
         imbalance=[imbalance_tag(i) for i in CB["imbalance"]],
         loss=list(CB["losses"]),
-        seed=CB["seeds"],
+        seed=REPS,
     )
 
 
@@ -157,7 +174,7 @@ def get_posthoc_metrics():
         for ds in CB["datasets"]
         for imb in CB["imbalance"]
         for loss in ph["losses"]
-        for seed in CB["seeds"]
+        for seed in REPS
     ]
 
 
@@ -185,7 +202,6 @@ FEATS = TR["features"] if TR else {}
 FEATURE_NETWORKS = dict(FEATS.get("networks", {}))  # name -> datasets it pretrains on
 FMODEL = FEATS.get("model", "")
 FMODEL_TAG = FMODEL.replace(":", "_")
-TR_SEEDS = TR["seeds"] if TR else []
 
 
 def feature_network_recipe():
@@ -193,16 +209,22 @@ def feature_network_recipe():
     return {**TR["pretrain"]["recipe"], **FEATS.get("recipe", {})}
 
 
-# The one seed a feature model trains with (a ranked source's network: its first seed's).
-FEATURE_SEED = TR_SEEDS[0] if TR else 0
-
-
 def get_pretrain_spec(wildcards):
     if wildcards.source in FEATURE_NETWORKS:
-        recipe = feature_network_recipe()
+        # folder seed<k>: the network's replicate key; its seed is k when `features` varies
+        recipe = {**feature_network_recipe(), "seed": R.seed("features", 0, int(wildcards.seed))}
     else:
-        recipe = {**TR["pretrain"]["recipe"], **TR["pretrain"]["per_source"].get(wildcards.source, {})}
-    return as_json({"recipe": seeded(recipe, wildcards), "loss": TR["pretrain"]["loss"], "shots": config["shots"]})
+        recipe = seeded({**TR["pretrain"]["recipe"], **TR["pretrain"]["per_source"].get(wildcards.source, {})}, wildcards)
+    return as_json({"recipe": recipe, "loss": TR["pretrain"]["loss"], "shots": config["shots"]})
+
+
+def get_pretrain_manifest(wildcards):
+    """The pooled manifest a source (or the feature network) of replicate key {seed} trains on."""
+    return L.source(wildcards.source, rep=R.source_key(wildcards.source, int(wildcards.seed)))
+
+
+def get_target_manifest(wildcards):
+    return dataset_manifest(wildcards.target, int(wildcards.seed))
 
 
 def get_finetune_spec(wildcards):
@@ -211,27 +233,42 @@ def get_finetune_spec(wildcards):
 
 
 def get_source_inputs(wildcards):
-    """Manifests a source pools: its datasets, or (selected) the selection pool's sources."""
+    """Manifests a source of replicate key {rep} pools: its datasets, or (selected) the
+    selection pool's sources."""
+    k = int(wildcards.rep)
     if wildcards.source in (SELECTED, RANDOM):
         return {
-            "manifests": [L.source(s) for s in SEL["pool"]],
-            "classes": L.selection(wildcards.source),
+            "manifests": [L.source(s, rep=R.source_key(s, k)) for s in SEL["pool"]],
+            "classes": L.selection(wildcards.source, rep=R.selection_key(wildcards.source, k)),
         }
     if wildcards.source in FEATURE_NETWORKS:
-        return {"manifests": [L.dataset(d) for d in FEATURE_NETWORKS[wildcards.source]]}
-    return {"manifests": [L.dataset(d) for d in TR["sources"][wildcards.source]]}
+        return {"manifests": [dataset_manifest(d, k) for d in FEATURE_NETWORKS[wildcards.source]]}
+    return {"manifests": [dataset_manifest(d, k) for d in TR["sources"][wildcards.source]]}
+
+
+def random_seed(k):
+    """The random draw's seed in replicate key k: selection.random.seed + k when `random` varies."""
+    return R.seed("random", RANDOM_SEL["seed"], int(k))
 
 
 def get_features_manifest(wildcards):
+    k = int(wildcards.rep)
     if wildcards.fdataset in ALL_SOURCES:
-        return L.source(wildcards.fdataset)
-    return L.dataset(wildcards.fdataset)
+        return L.source(wildcards.fdataset, rep=R.source_key(wildcards.fdataset, k))
+    return dataset_manifest(wildcards.fdataset, k)
 
 
 def get_feature_model(wildcards):
-    """The pipeline-pretrained feature model's weights (a feature network's or a ranked
-    source's model.pt, trained with FEATURE_SEED), or nothing for a torchvision model."""
-    return [] if FMODEL.startswith("tv:") else [L.train("pretrain", "model.pt", source=FMODEL, seed=FEATURE_SEED)]
+    """The pipeline-pretrained feature model's weights of replicate key {rep} (a feature
+    network's or a ranked source's model.pt), or nothing for a torchvision model."""
+    if FMODEL.startswith("tv:"):
+        return []
+    return [L.train("pretrain", "model.pt", source=FMODEL, seed=R.network_key(int(wildcards.rep)))]
+
+
+def features_of(names, k):
+    """The class-mean features of ``names`` as a job of replicate key k reads them."""
+    return [L.features(FMODEL_TAG, d, rep=R.features_key(d, k)) for d in names]
 
 
 def get_features_preprocess():
@@ -242,7 +279,7 @@ def get_features_preprocess():
 
 
 def get_finetune_init(wildcards):
-    """Fine-tune seed S starts from the source's pretrain seed S (scratch: random weights)."""
+    """Fine-tune replicate R starts from the source's pretrained network of replicate R (scratch: random weights)."""
     if wildcards.source == "scratch":
         return []
     return [L.train("pretrain", "model.pt", source=wildcards.source, seed=wildcards.seed)]
@@ -253,24 +290,37 @@ def get_transfer_metrics():
         return []
     rows = ALL_SOURCES + (["scratch"] if TR["finetune"]["scratch"] else [])
     return expand(
-        L.train("finetune", source="{source}", target="{target}", seed="{seed}"), source=rows, target=TARGETS, seed=TR_SEEDS
+        L.train("finetune", source="{source}", target="{target}", seed="{seed}"), source=rows, target=TARGETS, seed=REPS
     )
 
 
 def get_scores():
-    """Every (source, target) pair's transferability scores (transferability.smk)."""
+    """Every (source, target, replicate)'s transferability scores (transferability.smk)."""
     if not SCORES:
         return []
-    return [L.scores(s, t) for s in ALL_SOURCES for t in TARGETS]
+    return [L.scores(s, t, rep=r) for s in ALL_SOURCES for t in TARGETS for r in REPS]
 
 
 def get_pretrain_metrics():
-    """Every pretraining run behind the report: each ranked source per seed, and the feature
-    network (trained once) whose features ranked them."""
-    runs = expand(L.train("pretrain", source="{source}", seed="{seed}"), source=ALL_SOURCES, seed=TR_SEEDS)
+    """Every pretraining run behind the report: each ranked source per replicate, and the
+    feature network (per replicate key) whose features ranked them."""
+    runs = expand(L.train("pretrain", source="{source}", seed="{seed}"), source=ALL_SOURCES, seed=REPS)
     if FMODEL in FEATURE_NETWORKS:
-        runs.append(L.train("pretrain", source=FMODEL, seed=FEATURE_SEED))
+        runs += [L.train("pretrain", source=FMODEL, seed=k) for k in sorted({R.network_key(r) for r in REPS})]
     return runs
+
+
+def get_similarity_outputs():
+    """The similarity matrix of every replicate key (one per replicate when anything upstream varies)."""
+    if not TR:
+        return []
+    return [L.similarity(FMODEL_TAG, rep=k) for k in sorted({R.similarity_key(ALL_SOURCES + TARGETS, r) for r in REPS})]
+
+
+def get_selection_outputs(name):
+    if not name:
+        return []
+    return [L.selection(name, rep=k) for k in sorted({R.selection_key(name, r) for r in REPS})]
 
 
 # ---------------------------------------------------------------- training jobs (training.smk)

@@ -1,15 +1,16 @@
 # Datasets: each becomes a manifest (+ array store) in its folder of the layout
-# (finetail.layout: datasets/<name>/). Code: finetail.world (generate), finetail.datasets (prepare).
+# (finetail.layout: datasets/<name>/; a generated dataset one per world, datasets/<name>/rep<k>/).
+# Code: finetail.world (generate), finetail.datasets (prepare).
 
 
 rule generate_world:
     wildcard_constraints:
         dataset=alternation(WORLD_SETS),
     output:
-        manifest=L.dataset("{dataset}", "manifest.parquet"),
-        store=L.dataset("{dataset}", "images.npy"),
-        classes=L.dataset("{dataset}", "classes.csv"),
-        source=L.dataset("{dataset}", "source.json"),
+        manifest=L.dataset("{dataset}", "manifest.parquet", rep="{rep}"),
+        store=L.dataset("{dataset}", "images.npy", rep="{rep}"),
+        classes=L.dataset("{dataset}", "classes.csv", rep="{rep}"),
+        source=L.dataset("{dataset}", "source.json", rep="{rep}"),
     params:
         code=code("generate"),
         spec=get_world_spec,
@@ -17,7 +18,7 @@ rule generate_world:
     conda:
         "../../envs/finetail.yaml"
     log:
-        L.log("generate_world", "{dataset}"),
+        L.log("generate_world", "{dataset}", "rep{rep}"),
     priority: 4  # seconds of work that every stage waits for: first (the greedy scheduler keeps to priorities)
     resources:
         mem_mb=2000,

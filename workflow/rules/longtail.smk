@@ -4,19 +4,20 @@
 
 rule longtail:
     input:
-        manifest=L.dataset("{dataset}"),
+        manifest=lambda wildcards: dataset_manifest(wildcards.dataset, int(wildcards.rep)),
     output:
-        manifest=L.longtail("{dataset}", "{imbalance}"),
-        counts=L.longtail("{dataset}", "{imbalance}", "counts.csv"),
+        manifest=L.longtail("{dataset}", "{imbalance}", rep="{rep}"),
+        counts=L.longtail("{dataset}", "{imbalance}", "counts.csv", rep="{rep}"),
     params:
         code=code("longtail"),
         profile=config["longtail"]["profile"],
-        seed=config["longtail"]["seed"],
+        # longtail.seed + rep when the subset varies between replicates (finetail.replicates)
+        seed=lambda wildcards: R.seed("longtail", config["longtail"]["seed"], int(wildcards.rep)),
         out_dir=lambda wildcards, output: os.path.dirname(output.manifest),
     conda:
         "../../envs/finetail.yaml"
     log:
-        L.log("longtail", "{dataset}_if{imbalance}"),
+        L.log("longtail", "{dataset}_if{imbalance}", "rep{rep}"),
     resources:
         mem_mb=1000,
         runtime=5,

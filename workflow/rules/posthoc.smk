@@ -11,7 +11,7 @@ rule posthoc:
     wildcard_constraints:
         method=alternation(ADJUST) if ADJUST else "^$",
     input:
-        manifest=L.longtail("{dataset}", "{imbalance}"),
+        manifest=get_longtail_manifest,
         model=L.train("cbloss", "model.pt", dataset="{dataset}", imbalance="{imbalance}", loss="{loss}", seed="{seed}"),
         cell=L.train("cbloss", dataset="{dataset}", imbalance="{imbalance}", loss="{loss}", seed="{seed}"),
     output:
@@ -46,7 +46,7 @@ use rule cbloss as crt with:
     wildcard_constraints:
         method=alternation(CRT) if CRT else "^$",
     input:
-        manifest=L.longtail("{dataset}", "{imbalance}"),
+        manifest=get_longtail_manifest,
         init=L.train("cbloss", "model.pt", dataset="{dataset}", imbalance="{imbalance}", loss="{loss}", seed="{seed}"),
     output:
         **training_outputs("posthoc", "dataset", "imbalance", "loss", "method", "seed"),

@@ -16,9 +16,9 @@ rule report:
         cbloss_natural=get_cbloss_natural_metrics(),
         finetune=get_transfer_metrics(),
         pretrain=get_pretrain_metrics() if TR else [],
-        similarity=[L.similarity(FMODEL_TAG)] if TR else [],
-        selection=[L.selection(SELECTED)] if SELECTED else [],
-        random=[L.selection(RANDOM)] if RANDOM else [],
+        similarity=get_similarity_outputs(),
+        selection=get_selection_outputs(SELECTED),
+        random=get_selection_outputs(RANDOM),
         scores=get_scores(),
     output:
         **get_report_outputs(),
@@ -36,6 +36,7 @@ rule report:
                 "datasets": config["datasets"],
                 "world": config.get("world"),
                 "study": STUDY,
+                "replicates": config["replicates"],
             }
         ),
         # every training run behind the report, for its provenance table

@@ -8,7 +8,7 @@
 
 rule cbloss:
     input:
-        manifest=L.longtail("{dataset}", "{imbalance}"),
+        manifest=get_longtail_manifest,
     output:
         # model.pt: what a post-hoc correction (posthoc.smk) reads, so adding one retrains nothing
         **training_outputs("cbloss", "dataset", "imbalance", "loss", "seed", model=True),
@@ -37,7 +37,7 @@ rule cbloss:
 
 use rule cbloss as cbloss_natural with:
     input:
-        manifest=L.dataset("{dataset}"),
+        manifest=lambda wildcards: dataset_manifest(wildcards.dataset, int(wildcards.seed)),
     output:
         **training_outputs("cbloss_natural", "dataset", "model", "loss", "seed"),
     params:
@@ -54,7 +54,7 @@ use rule cbloss as pretrain with:
     wildcard_constraints:
         source=alternation(ALL_SOURCES) if TR else "^$",
     input:
-        manifest=L.source("{source}"),
+        manifest=get_pretrain_manifest,
     output:
         **training_outputs("pretrain", "source", "seed", model=True),
     params:
@@ -81,7 +81,7 @@ use rule pretrain as feature_network with:
 
 use rule cbloss as finetune with:
     input:
-        manifest=L.dataset("{target}"),
+        manifest=get_target_manifest,
         init=get_finetune_init,
     output:
         **training_outputs("finetune", "source", "target", "seed"),

@@ -6,18 +6,18 @@ rule pool_source:
     input:
         unpack(get_source_inputs),
     output:
-        manifest=L.source("{source}"),
-        classes=L.source("{source}", "classes.csv"),
+        manifest=L.source("{source}", rep="{rep}"),
+        classes=L.source("{source}", "classes.csv", rep="{rep}"),
     params:
         code=code("pool"),
         classes=lambda wildcards, input: cli_option("--classes", input.classes if "classes" in input.keys() else None),
         # the random source keeps a drawn number of each class's images, drawn with its seed
-        seed=lambda wildcards: ["--seed", str(RANDOM_SEL["seed"])] if wildcards.source == RANDOM else [],
+        seed=lambda wildcards: ["--seed", str(random_seed(wildcards.rep))] if wildcards.source == RANDOM else [],
         out_dir=lambda wildcards, output: os.path.dirname(output.manifest),
     conda:
         "../../envs/finetail.yaml"
     log:
-        L.log("pool_source", "{source}"),
+        L.log("pool_source", "{source}", "rep{rep}"),
     priority: 3  # on the transfer half's critical path (see training.smk)
     resources:
         mem_mb=1000,

@@ -1,5 +1,5 @@
 # Transferability scores beside domain similarity: for every ranked source and every target,
-# the source's pretrained networks (one per seed) on the target's training images, scored by
+# the source's pretrained network of each replicate on that replicate's target training images, scored by
 # LogME, LEEP, NCE, H-score and k-NN (transfer.transferability.scores). The report ranks them
 # against the fine-tuned accuracy (Kendall τ and weighted τ per target).
 # Code: finetail.scoring (the job), finetail.transferability (the scores), finetail.transfer_eval.
@@ -9,20 +9,20 @@ rule transferability:
     wildcard_constraints:
         source=alternation(ALL_SOURCES) if TR else "^$",
     input:
-        manifest=L.dataset("{target}"),
-        models=lambda wildcards: [L.train("pretrain", "model.pt", source=wildcards.source, seed=s) for s in TR_SEEDS],
+        manifest=lambda wildcards: dataset_manifest(wildcards.target, int(wildcards.rep)),
+        models=lambda wildcards: [L.train("pretrain", "model.pt", source=wildcards.source, seed=wildcards.rep)],
     output:
-        L.scores("{source}", "{target}"),
+        L.scores("{source}", "{target}", rep="{rep}"),
     params:
         code=code("transferability"),
         spec=lambda wildcards: as_json(
             {"source": wildcards.source, "target": wildcards.target, **TR["transferability"]}
         ),
-        seeds=[str(s) for s in TR_SEEDS],
+        seeds=lambda wildcards: [wildcards.rep],
     conda:
         "../../envs/finetail.yaml"
     log:
-        L.log("transferability", "{source}", "{target}"),
+        L.log("transferability", "{source}", "{target}", "rep{rep}"),
     threads: 1
     resources:
         gpu=1,  # one GPU where there is one (Slurm: --gpus; locally: --resources gpu=N tokens)
