@@ -120,7 +120,7 @@ def test_paper_study_plans_the_whole_dag_without_data(tmp_path):
         for source in ("selected", "random"):
             assert f"results/paper/finetune/{source}/{target}/seed0/metrics.json" in r.stdout
         for source in ("imagenet", "inat2017", "imagenet+inat2017", "selected", "random"):
-            assert f"results/paper/transferability/{source}/{target}/scores.csv" in r.stdout
+            assert f"results/paper/transferability/{source}/{target}/rep0/scores.csv" in r.stdout
 
 
 def test_registry_and_imagefolder_kinds_are_checked(tmp_path):

@@ -131,28 +131,31 @@ def test_default_dag_trains_the_feature_network_once_and_never_ranks_or_finetune
     r = snakemake(tmp_path, cfg, "-n", "-p")
     assert r.returncode == 0, r.stderr[-2000:]
     jobs = _jobs(r.stdout)
-    model = "results/default/pretrain/probe/seed0/model.pt"
     def pretrained(rule_name):
         return sorted(re.search(r"output: results/default/pretrain/([^/\s]+)/seed(\d+)/", t).groups()
                       for rule, t in jobs if rule == rule_name)
 
-    seeds = [str(s) for s in cfg["transfer"]["seeds"]]
+    seeds = [str(s) for s in range(cfg["replicates"]["count"])]
     ranked = [*cfg["transfer"]["sources"], cfg["transfer"]["selection"]["name"],
               cfg["transfer"]["selection"]["random"]["name"]]
     assert pretrained("pretrain") == sorted((s, k) for s in ranked for k in seeds)
-    # the feature network: once, by its own rule (ahead of the sources: it heads the critical path)
-    assert pretrained("feature_network") == [("probe", "0")]
-    assert planned(r)["pretrain"] == len(ranked) * len(seeds) and planned(r)["feature_network"] == 1
-    pool = [t for rule, t in jobs if rule == "pool_source" and "sources/probe/" in t]
-    assert len(pool) == 1 and "results/default/datasets/probe/manifest.parquet" in pool[0]
+    # the feature network: once per replicate (each reseeds it and its world), by its own rule
+    # (ahead of the sources: it heads the critical path)
+    assert pretrained("feature_network") == [("probe", k) for k in seeds]
+    assert planned(r)["pretrain"] == len(ranked) * len(seeds) and planned(r)["feature_network"] == len(seeds)
+    pool = sorted(t for rule, t in jobs if rule == "pool_source" and "sources/probe/" in t)
+    assert len(pool) == len(seeds)
+    assert all(f"results/default/datasets/probe/rep{k}/manifest.parquet" in t for k, t in zip(seeds, pool, strict=True))
     for rule, text in jobs:
         if rule == "finetune":
             assert "probe" not in text
-        if rule == "features":
-            assert model in text and "features/probe/" in text
+        if rule == "features":  # replicate k's features from replicate k's feature network
+            k = re.search(r"features/probe/rep(\d+)/", text).group(1)
+            assert f"results/default/pretrain/probe/seed{k}/model.pt" in text
         if rule in ("similarity", "selection", "random_subset"):
             assert "features/probe/" in text and "features/generic+natural/" not in text
-    spec = json.loads(shlex.split(re.search(r"finetail similarity .*", r.stdout).group(0))[5])
+    words = shlex.split(re.search(r"finetail similarity .*", r.stdout).group(0))
+    spec = json.loads(words[words.index("--spec") + 1])
     assert spec["sources"] == ranked  # the matrix's rows
     finetuned = set(re.findall(r"results/default/finetune/([^/\s]+)/[^/\s]+/seed\d+/metrics\.json", r.stdout))
     assert "probe" not in finetuned and "generic" in finetuned

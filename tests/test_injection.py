@@ -386,15 +386,15 @@ def test_every_rule_quotes_every_value(tmp_path):
     assert {arg(c, "--init-model") for c in finetunes if "--init-model" in c} == {
         f"results/{study}/pretrain/{s}/seed0/model.pt" for s in ("generic", EVIL["source"], EVIL["selected"], EVIL["random"])}
     scores = {arg(c, "--out") for c in calls if c[0] == "transferability"}
-    assert scores == {f"results/{study}/transferability/{s}/{ds}/scores.csv"
+    assert scores == {f"results/{study}/transferability/{s}/{ds}/rep0/scores.csv"
                       for s in ("generic", EVIL["source"], EVIL["selected"], EVIL["random"])}
     drawn = next(c for c in calls if c[0] == "random-subset")
-    assert arg(drawn, "--out") == f"results/{study}/selection/{EVIL['random']}/classes.csv"
+    assert arg(drawn, "--out") == f"results/{study}/selection/{EVIL['random']}/rep0/classes.csv"
     pools = {arg(c, "--out-dir"): c for c in calls if c[0] == "pool"}
-    selected = pools[f"results/{study}/sources/{EVIL['selected']}"]
-    assert arg(selected, "--classes") == f"results/{study}/selection/{EVIL['selected']}/classes.csv"
+    selected = pools[f"results/{study}/sources/{EVIL['selected']}/rep0"]
+    assert arg(selected, "--classes") == f"results/{study}/selection/{EVIL['selected']}/rep0/classes.csv"
     inputs = selected[selected.index("--inputs") + 1 : selected.index("--classes")]
-    assert inputs == [f"results/{study}/sources/{s}/manifest.parquet" for s in ("generic", EVIL["source"])]
+    assert inputs == [f"results/{study}/sources/{s}/rep0/manifest.parquet" for s in ("generic", EVIL["source"])]
     cell = next(c for c in trains if arg(c, "--rule") == "cbloss")
     assert arg(cell, "--out-dir") == f"results/{study}/cbloss/{ds}/if2/{EVIL['loss']}/seed0"
     assert json.loads(arg(cell, "--wildcards")) == {"dataset": ds, "imbalance": "2", "loss": EVIL["loss"], "seed": "0"}

@@ -121,7 +121,7 @@ def test_a_folder_renamed_in_the_layout_alone_keeps_study_report_lineage_and_aud
     assert r.returncode == 0, r.stderr[-3000:]
     res = work / "results" / "renamed"
     assert (res / "grid" / "gen10" / "if5" / "softmax" / "run0" / "metrics.json").is_file()
-    assert (res / "long_tailed" / "gen10_if5" / "manifest.parquet").is_file()
+    assert (res / "long_tailed" / "gen10_if5" / "rep0" / "manifest.parquet").is_file()
     assert not (res / "cbloss").exists() and not (res / "longtail").exists()
     assert (res / "checkpoints" / "grid" / "gen10" / "if5" / "softmax" / "run0" / "run.json").is_file()
     cells = (res / "report" / "cbloss_cells.csv").read_text()

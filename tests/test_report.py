@@ -146,19 +146,19 @@ CELL = {"datasets": ["gen10"], "imbalance": [10], "losses": {"softmax": {"type":
 def test_a_nan_metric_in_a_run_fails_the_report_naming_its_file(tmp_path):
     _write_cbloss_runs(tmp_path, [{"top1_error": 0.3, "ece": 0.05}, {"top1_error": 0.31, "ece": float("nan")}])
     with pytest.raises(ValueError, match=r"seed1/metrics.json: ece is nan"):
-        cbloss_frame(tmp_path, {**CELL, "seeds": [0, 1]})
+        cbloss_frame(tmp_path, CELL, [0, 1])
 
 
 def test_an_absent_metric_is_told_apart_from_a_nan_one(tmp_path):
     # few_acc is None where no class is few-shot: absent in every seed -> n = 0, not an error
     _write_cbloss_runs(tmp_path, [{"top1_error": 0.3, "few_acc": None}, {"top1_error": 0.32, "few_acc": None}])
-    shots = shots_table(cbloss_frame(tmp_path, {**CELL, "seeds": [0, 1]})).iloc[0]
+    shots = shots_table(cbloss_frame(tmp_path, CELL, [0, 1])).iloc[0]
     assert shots["few_acc_n"] == 0 and shots["top1_error_n"] == 2
     assert shots["top1_error_mean"] == pytest.approx(31.0)
     # absent from one seed only: a mean over fewer seeds than the cell has is refused
     _write_cbloss_runs(tmp_path, [{"top1_error": 0.3, "few_acc": 0.5}, {"top1_error": 0.32, "few_acc": None}])
     with pytest.raises(ValueError, match="few_acc .* absent from 1 of its 2 runs"):
-        shots_table(cbloss_frame(tmp_path, {**CELL, "seeds": [0, 1]}))
+        shots_table(cbloss_frame(tmp_path, CELL, [0, 1]))
 
 
 METHOD_LOSSES = {

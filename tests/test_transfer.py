@@ -125,16 +125,16 @@ def test_default_dag_holds_every_source_target_finetune(tmp_path):
     tr = config["transfer"]
     ranked = [*tr["sources"], tr["selection"]["name"], tr["selection"]["random"]["name"]]
     sources = ranked + (["scratch"] if tr["finetune"]["scratch"] else [])
-    targets, seeds = tr["targets"], tr["seeds"]
+    targets, seeds = tr["targets"], list(range(config["replicates"]["count"]))
     assert len(targets) >= 3 and len(seeds) >= 3 and len(ranked) >= 4
     assert planned == {(s, t, str(k)) for s in sources for t in targets for k in seeds}
-    # every ranked source x the seeds; the feature network (probe) trained once, by its own rule
+    # every ranked source x the replicates; the feature network (probe) once per replicate, by its own rule
     assert re.search(rf"^pretrain\s+{len(ranked) * len(seeds)}$", r.stdout, flags=re.M)
-    assert re.search(r"^feature_network\s+1$", r.stdout, flags=re.M)
+    assert re.search(rf"^feature_network\s+{len(seeds)}$", r.stdout, flags=re.M)
     assert re.search(rf"^finetune\s+{len(sources) * len(targets) * len(seeds)}$", r.stdout, flags=re.M)
-    # every ranked source's networks scored on every target, one job per pair
-    assert re.search(rf"^transferability\s+{len(ranked) * len(targets)}$", r.stdout, flags=re.M)
-    assert re.search(r"^random_subset\s+1$", r.stdout, flags=re.M)
+    # every ranked source's network scored on every target, one job per pair and replicate
+    assert re.search(rf"^transferability\s+{len(ranked) * len(targets) * len(seeds)}$", r.stdout, flags=re.M)
+    assert re.search(rf"^random_subset\s+{len(seeds)}$", r.stdout, flags=re.M)
 
 
 def test_torchvision_feature_model_identity_without_download(tmp_path):

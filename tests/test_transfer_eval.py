@@ -162,8 +162,11 @@ def test_best_score_claim_says_plainly_when_no_score_leads_beyond_noise():
     pairs = score_pairs(_scores({"p": {"t1": [1, 2, 3, 4], "t2": [4, 3, 2, 1]},
                                  "q": {"t1": [4, 3, 2, 1], "t2": [1, 2, 3, 4]}}), _acc())
     table, per_seed = rank_agreement(pairs, TARGETS, ["p", "q"])
-    claim = best_score_claim(table, per_seed)
+    claim, rows = best_score_claim(table, per_seed)
     assert claim.startswith("- **Which score predicts transfer**: p ranked")
+    # claims.csv: p vs q, and the pooled "best over every other score" (Holm over one rival: its raw p)
+    assert [r.claim for r in rows] == ["transfer:score:p-vs-q:tau", "transfer:best_score:p"]
+    assert rows[0].p_holm == pytest.approx(rows[1].p_holm)
     # p leads q on both seeds by a wide margin, but with two seeds and unequal gaps the t interval
     # decides: check the verdict matches the paired test directly
     from finetail.stats import paired_difference
@@ -174,7 +177,7 @@ def test_best_score_claim_says_plainly_when_no_score_leads_beyond_noise():
     same = score_pairs(_scores({"p": {"t1": [1, 2, 3, 4], "t2": [4, 3, 2, 1]},
                                 "p2": {"t1": [2, 3, 4, 5], "t2": [5, 4, 3, 2]}}), _acc())
     table, per_seed = rank_agreement(same, TARGETS, ["p", "p2"])
-    assert "no score beats the others" in best_score_claim(table, per_seed)
+    assert "no score beats the others" in best_score_claim(table, per_seed)[0]
 
 
 def test_score_pairs_refuses_a_pair_without_accuracy():
@@ -275,6 +278,6 @@ def test_a_score_that_ranks_nothing_in_any_seed_leaves_its_tau_empty_not_the_rep
     t = table.set_index("score")
     assert math.isnan(t.loc["flat", "mean_tau"]) and math.isnan(t.loc["flat", "seed_tau_mean"])
     assert t.loc["p", "mean_tau"] == pytest.approx(1.0) and t.loc["p", "seed_tau_std"] == pytest.approx(0.0)
-    claim = best_score_claim(table, per_seed)
+    claim, rows = best_score_claim(table, per_seed)
     assert "p ranked the sources best" in claim and "flat: constant over the sources, no ranking" in claim
-    assert "no other score ranks the sources here" in claim and "beyond seed noise" not in claim
+    assert "no other score ranks the sources here" in claim and "beyond replicate noise" not in claim and rows == []

@@ -342,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cc = sub.add_parser("compare-claims", help="check a run's report/claims.csv against a committed one: no verdict "
                         "flipped between better and worse, every interval overlapping; exit 1 otherwise")
-    cc.add_argument("claims", help="this run's claims.csv (results/<study>/report/claims.csv)")
+    cc.add_argument("claims", help="this run's claims.csv (the report folder's)")
     cc.add_argument("--against", default="docs/results/default_claims.csv",
                     help="the committed claims table (default: docs/results/default_claims.csv)")
     cc.set_defaults(func=cmd_compare_claims)

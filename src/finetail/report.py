@@ -819,16 +819,6 @@ def transfer_sources(spec: dict, random_source: bool = False) -> str:
     return covers(spec, "transfer", data, random_source=random_source)
 
 
-def _selection_sizes(results: Path, spec: dict, name: str) -> list[tuple[int, int]]:
-    """(classes, training images) of the pooled source ``name`` in each replicate."""
-    rep, layout = replicates_of(spec), Layout.at(results)
-    out = []
-    for r in rep.ids:
-        c = pd.read_csv(layout.source(name, "classes.csv", rep=rep.source_key(name, r)))
-        out.append((len(c), int(c["train_count"].sum())))
-    return out
-
-
 def _transfer_section(results: Path, spec: dict, out: Path) -> tuple[list[str], list[Path], list[str], list[Claim]]:
     tr = spec["transfer"]
     targets, reps = tr["targets"], replicate_ids(spec)
@@ -882,7 +872,9 @@ def _transfer_section(results: Path, spec: dict, out: Path) -> tuple[list[str], 
     ]
     sel = spec.get("selected")
     if sel:
-        sizes = _selection_sizes(results, spec, sel)
+        from .transfer_eval import selection_sizes
+
+        sizes = selection_sizes(results, spec, sel)
         classes = sorted({c for c, _ in sizes})
         lines.append(f"\nSelected source `{sel}`: {classes[0] if len(classes) == 1 else f'{classes[0]}–{classes[-1]}'} classes "
                      f"over the replicates (greedy, union over targets; each replicate's list with scores in "

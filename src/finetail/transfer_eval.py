@@ -346,6 +346,16 @@ def selection_ablation(acc: pd.DataFrame, selected: str, random: str, pool: str 
     return pd.DataFrame(rows)
 
 
+def selection_sizes(results: Path, spec: dict, name: str) -> list[tuple[int, int]]:
+    """(classes, training images) of the pooled source ``name`` in each replicate."""
+    rep, layout = Replicates.of(spec), Layout.at(results)
+    out = []
+    for r in rep.ids:
+        c = pd.read_csv(layout.source(name, "classes.csv", rep=rep.source_key(name, r)))
+        out.append((len(c), int(c["train_count"].sum())))
+    return out
+
+
 def _size_words(sizes: list[tuple[int, int]]) -> str:
     """Classes and training images of a source over the replicates (a range where they differ)."""
     def span(values: list[int]) -> str:
@@ -426,7 +436,7 @@ def _selection_part(results: Path, spec: dict, out: Path, acc: pd.DataFrame, sel
                     rnd: str) -> tuple[list[str], list[Path], str, list[Claim]]:
     """Greedy vs random: the table (``selection_vs_random.csv``), the claim line and its
     ``claims.csv`` rows."""
-    from .report import _selection_sizes, transfer_sources
+    from .report import transfer_sources
 
     tr = spec["transfer"]
     targets = tr["targets"]
@@ -448,7 +458,7 @@ def _selection_part(results: Path, spec: dict, out: Path, acc: pd.DataFrame, sel
     m = rows[-1]
     verdict = {"better": "greedy selection beats random classes", "worse": "random classes beat greedy selection",
                "not clear": "not clear whether greedy selection beats random classes"}[m.verdict]
-    sizes = {n: _selection_sizes(results, spec, n) for n in (sel, rnd)}
+    sizes = {n: selection_sizes(results, spec, n) for n in (sel, rnd)}
     same = ("same number of classes and images in every replicate" if sizes[sel] == sizes[rnd] else
             f"NOT the same size: {_size_words(sizes[sel])} vs {_size_words(sizes[rnd])}")
     claim = (f"- **Is greedy selection worth it? — {m.verdict}**: {verdict}: `{sel}` − `{rnd}` = {m.interval()} "
