@@ -101,12 +101,15 @@ def scores_frame(results: Path, sources: list[str], targets: list[str], seeds: l
     return pd.DataFrame(rows)
 
 
-def _n_le_d(row: pd.Series) -> bool:
+def _n_le_d(row: pd.Series) -> bool | None:
     """Whether a scores.csv row was computed with no more images than feature dimensions (its
-    ``n_le_d`` column, or from ``n_images`` and ``feature_dim`` in files written before it)."""
+    ``n_le_d`` column, or from ``n_images`` and ``feature_dim`` in files written before it);
+    None where the row says neither."""
     if "n_le_d" in row.index and pd.notna(row["n_le_d"]):
         return str(row["n_le_d"]).lower() in ("true", "1", "1.0")
-    return bool(int(row["n_images"]) <= int(row["feature_dim"]))
+    if {"n_images", "feature_dim"} <= set(row.index) and pd.notna(row["n_images"]) and pd.notna(row["feature_dim"]):
+        return bool(int(row["n_images"]) <= int(row["feature_dim"]))
+    return None
 
 
 def _n_le_d_line(long: pd.DataFrame) -> str:
