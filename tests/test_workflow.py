@@ -298,10 +298,10 @@ def test_transferability_scores_and_the_random_source(study):
             classes = pd.read_csv(res / "sources" / s / "classes.csv")
             assert sc["source_classes"].iloc[0] == len(classes)  # LEEP/NCE read the source network's own head
             r = sc.iloc[0]
-            assert np.isfinite(r[["logme", "leep", "nce", "hscore", "regularized_hscore", "knn"]].astype(float)).all()
+            assert np.isfinite(r[["logme", "leep", "nce", "hscore", "knn"]].astype(float)).all()
             assert r["nce"] <= 0 and r["leep"] <= 0 and 0 <= r["knn"] <= 1
     table = pd.read_csv(res / "report" / "transferability.csv")
-    assert table["score"].tolist() == ["emd", "logme", "leep", "nce", "hscore", "regularized_hscore", "knn"]
+    assert table["score"].tolist() == ["emd", "logme", "leep", "nce", "hscore", "knn"]
     assert {"cub200_tau", "stanford_cars_tau", "mean_tau", "mean_weighted_tau", "seconds_per_pair"} <= set(table.columns)
     pairs = pd.read_csv(res / "report" / "transferability_pairs.csv")
     assert len(pairs) == 6 * len(sources) * 2
