@@ -34,16 +34,23 @@ import pandas as pd
 from .training.recipe import LONGTAIL_CIFAR_RECIPE, TrainConfig
 
 __all__ = [
+    "BEST",
     "BEST_SUFFIX",
     "CIFAR_ARCHIVES",
+    "FIELDS",
+    "LAST",
     "PUBLISHED_RECIPES",
     "Pairing",
+    "best_label",
     "best_on_test",
     "best_rows",
     "cifar_data_reason",
     "compare",
+    "followup_method",
     "our_fields",
     "pair",
+    "wanted_best",
+    "with_published",
 ]
 
 # The official archives of the CIFAR registry entries (finetail.datasets.registry): file name and

@@ -835,7 +835,7 @@ def _cbloss_section(results: Path, spec: dict, out: Path, paper_ok: dict[str, bo
         "checkpoint rule and the method's parameters, `finetail.published`); otherwise the cell names the first "
         "field that differs. A published number chosen on the test set stands beside our best evaluation, also "
         "chosen on the test set (its row says so)"
-        + ("." if methods["published_error"].notna().any() else "; here none is.")
+        + ("." if methods["published_error"].notna().any() else ". None is printed here.")
         + _followups_data_note(spec, results) + "\n",
         methods_markdown(methods),
         "\n![few-shot vs many-shot accuracy](cbloss_few_vs_many.png)\n",
