@@ -223,6 +223,20 @@ def test_normed_head_gives_cosines_and_has_no_bias():
     assert TrainConfig(loss="ldam").head == "normed" and TrainConfig(loss="softmax").head == "linear"
 
 
+def test_ldam_head_starts_with_unit_norm_class_vectors_as_the_official_normedlinear():
+    # Cao et al.: weight (D, C).uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5) -> every class
+    # column of norm 1. Ours is (C, D): every row of norm 1, and not all equal (still random).
+    torch.manual_seed(0)
+    head = NormedLinear(64, 10)
+    norms = head.weight.norm(dim=1)
+    assert head.weight.shape == (10, 64)
+    assert norms.tolist() == pytest.approx([1.0] * 10, abs=1e-5)
+    assert float(head.weight.abs().max()) < 1.0 and len({round(v, 6) for v in head.weight[:, 0].tolist()}) == 10
+    for init in ("kaiming", "glorot"):  # the CIFAR ResNets' init choice leaves the cosine head as it is
+        model = build_model("resnet32", 100, 16, init=init, head="normed")
+        assert model.head.weight.norm(dim=1).tolist() == pytest.approx([1.0] * 100, abs=1e-5)
+
+
 # --------------------------------------------------------------------------- the samplers
 LABELS = torch.tensor([0] * 50 + [1] * 10 + [2] * 2 + [4] * 1)  # class 3 has no images; N = 63
 

@@ -126,7 +126,7 @@ def test_the_cifar_methods_study_plans_with_the_papers_recipe(tmp_path):
 
     path = ROOT / "workflow" / "studies" / "longtail_methods_cifar.yaml"
     spec = yaml.safe_load(path.read_text())
-    assert followups_comparable(spec) == {"cifar10": True, "cifar100": True}
+    assert followups_comparable(spec) == {"cifar10": True, "cifar100": True}  # the registry's CIFAR-10/100
     r = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(tmp_path),
                         "--configfile", str(path), "-n", "--cores", "1"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]

@@ -50,6 +50,8 @@ def test_scores_of_an_array_target_are_the_scores_of_the_networks_outputs(source
     assert df["seed"].tolist() == [0, 1] and set(df["source"]) == {"toy"} and set(df["target"]) == {"tgt"}
     assert (df["n_images"] == 28).all() and (df["n_classes"] == 4).all() and (df["source_classes"] == 3).all()
     assert (df["feature_dim"] == 32).all() and (df["manifest_sha256"] == file_sha256(target)).all()
+    assert df["n_le_d"].all()  # 28 images, 32-d features: N <= D, where the plain H-score is C - 1
+
     model = torch.load(source, weights_only=True)
     assert (df["model_run_id"] == model["run_id"]).all()
     # the same network twice: the same scores
@@ -65,6 +67,7 @@ def test_scores_of_an_array_target_are_the_scores_of_the_networks_outputs(source
     f = f.double().numpy()
     assert df["logme"].iloc[0] == pytest.approx(tf.logme(f, data.labels), rel=1e-5)
     assert df["hscore"].iloc[0] == pytest.approx(tf.hscore(f, data.labels), rel=1e-4)
+    assert df["regularized_hscore"].iloc[0] == pytest.approx(tf.regularized_hscore(f, data.labels), rel=1e-4)
     assert df["leep"].iloc[0] == pytest.approx(tf.leep(p, data.labels), rel=1e-6)
     assert df["nce"].iloc[0] == pytest.approx(tf.nce(p.argmax(1), data.labels), rel=1e-6)
     assert df["knn"].iloc[0] == pytest.approx(tf.knn_accuracy(f, data.labels, k=5))

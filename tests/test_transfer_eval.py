@@ -264,6 +264,20 @@ def test_scores_frame_refuses_nan_stale_and_missing_scores(tmp_path):
         scores_frame(res, ["a"], ["t1"], [0, 1], ["logme"])
 
 
+def test_scores_with_no_more_images_than_feature_dimensions_are_marked(tmp_path):
+    from finetail.transfer_eval import _n_le_d, _n_le_d_line
+
+    assert _n_le_d(pd.Series({"n_le_d": True})) is True and _n_le_d(pd.Series({"n_le_d": "False"})) is False
+    # files written before the column: from the sizes; neither: unknown
+    assert _n_le_d(pd.Series({"n_images": 2040, "feature_dim": 2048})) is True
+    assert _n_le_d(pd.Series({"n_images": 5994, "feature_dim": 2048})) is False
+    assert _n_le_d(pd.Series({"logme": 1.0})) is None
+    long = pd.DataFrame({"target": ["flowers102", "cub200", "emd_row"], "n_le_d": [True, False, None]})
+    line = _n_le_d_line(long)
+    assert "(N ≤ D) on: flowers102." in line and "cub200" not in line and "regularized_hscore" in line
+    assert _n_le_d_line(long.assign(n_le_d=False)) == "" and _n_le_d_line(long.drop(columns="n_le_d")) == ""
+
+
 def test_a_score_that_ranks_nothing_in_any_seed_leaves_its_tau_empty_not_the_report_broken():
     """Two sources, one target (the smallest study): a score equal for both sources has no τ."""
     acc = _acc()

@@ -1,4 +1,4 @@
-"""Tests for finetail.transferability (LogME, LEEP, NCE, H-score, leave-one-out k-NN).
+"""Tests for finetail.transferability (LogME, LEEP, NCE, H-score and its regularised form, leave-one-out k-NN).
 
 Expected values are computed here from the formulas directly (hand-worked tables, loops,
 dense linear algebra), never by calling the module.
@@ -25,7 +25,9 @@ from finetail.transferability import (
     leep,
     logme,
     logme_fit,
+    ledoit_wolf,
     nce,
+    regularized_hscore,
 )
 
 # ----------------------------------------------------------------------------------------
@@ -145,6 +147,56 @@ def test_hscore_invariant_to_invertible_linear_maps_and_dead_directions():
     # a constant column and a column that is a sum of two others add no information
     g = np.column_stack([f, np.full(300, 7.0), f[:, 0] + f[:, 1]])
     assert hscore(g, y) == pytest.approx(h, rel=1e-8)
+
+
+# ----------------------------------------------------------------------------------------
+# regularised H-score (Ledoit-Wolf shrinkage), worked by hand
+# ----------------------------------------------------------------------------------------
+
+# Four centred 2-d points; classes {x1, x3} and {x2, x4}.
+LW_X = np.array([[2.0, 0.0], [-2.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+LW_Y = np.array([0, 1, 0, 1])
+
+
+def test_ledoit_wolf_shrinkage_by_hand():
+    # S = X^T X / 4 = diag(8/4, 2/4) = diag(2, 0.5); mu = tr S / 2 = 1.25
+    # delta = ||S - mu I||_F^2 / 2 = (0.75^2 + 0.75^2) / 2 = 0.5625 = 18/32
+    # ||x_k||^4 = 16, 16, 1, 1: sum / N = 34 / 4 = 8.5; ||S||_F^2 = 4 + 0.25 = 4.25
+    # beta = (8.5 - 4.25) / (D N) = 4.25 / 8 = 0.53125 = 17/32 < delta, so alpha = 17/18
+    # cov_alpha = (1/18) S + (17/18) 1.25 I = diag(2 + 21.25, 0.5 + 21.25) / 18
+    cov, alpha = ledoit_wolf(LW_X)
+    assert alpha == pytest.approx(17 / 18, rel=1e-12)
+    assert cov == pytest.approx(np.diag([23.25 / 18, 21.75 / 18]), rel=1e-12)
+
+
+def test_regularized_hscore_by_hand():
+    # class means (1, 0.5) and (-1, -0.5), two images each: cov(E[f|y]) = [[1, 0.5], [0.5, 0.25]]
+    # H_alpha = (1 - alpha) tr(cov_alpha^-1 B) = (1/18) (18/23.25 * 1 + 18/21.75 * 0.25)
+    #         = 4/93 + 1/87 = 441/8091 = 49/899
+    assert regularized_hscore(LW_X, LW_Y) == pytest.approx(49 / 899, rel=1e-12)
+    # the plain H-score of the same points: tr(S^-1 B) = 1/2 + 0.25/0.5 = 1 = C - 1
+    assert hscore(LW_X, LW_Y) == pytest.approx(1.0, rel=1e-12)
+
+
+def test_regularized_hscore_without_shrinkage_is_the_plain_one():
+    # 1-d features: S is a multiple of the identity (delta = 0), alpha = 0, H_alpha = H = 16/20
+    x, y = [[0.0], [2.0], [4.0], [6.0]], [0, 0, 1, 1]
+    assert ledoit_wolf(x)[1] == 0.0
+    assert regularized_hscore(x, y) == pytest.approx(0.8, rel=1e-12)
+
+
+def test_regularized_hscore_is_finite_and_informative_where_n_le_d():
+    # 12 images, 40-d features, 3 classes: the plain H-score is C - 1 = 2 for any features,
+    # even pure noise; the regularised one is finite and ranks separable features above noise.
+    rng = np.random.default_rng(3)
+    y = np.repeat([0, 1, 2], 4)
+    noise = rng.standard_normal((12, 40))
+    separable = noise + 4.0 * rng.standard_normal((3, 40))[y]
+    assert hscore(noise, y) == pytest.approx(2.0, rel=1e-6) and hscore(separable, y) == pytest.approx(2.0, rel=1e-6)
+    r_noise, r_sep = regularized_hscore(noise, y), regularized_hscore(separable, y)
+    assert math.isfinite(r_noise) and math.isfinite(r_sep)
+    assert 0.0 <= r_noise < r_sep < 2.0
+    assert regularized_hscore(np.zeros((5, 8)), [0, 1, 0, 1, 0]) == 0.0  # constant features: no shrinkage target
 
 
 # ----------------------------------------------------------------------------------------
@@ -398,7 +450,7 @@ def test_all_scores_values_and_times():
     logits = rng.standard_normal((90, 7)) + 3 * np.eye(7)[y * 2]
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     out = all_scores(f, probs, y, k=5)
-    assert list(out) == ["logme", "leep", "nce", "hscore", "knn"]
+    assert list(out) == ["logme", "leep", "nce", "hscore", "regularized_hscore", "knn"]
     for name, (value, seconds) in out.items():
         assert isinstance(value, float) and math.isfinite(value), name
         assert seconds >= 0
@@ -407,7 +459,8 @@ def test_all_scores_values_and_times():
     assert out["nce"][0] == nce(probs.argmax(1), y)
     assert out["hscore"][0] == hscore(f, y)
     assert out["knn"][0] == knn_accuracy(f, y, 5)
-    assert set(all_scores(f, None, y)) == {"logme", "hscore", "knn"}
+    assert out["regularized_hscore"][0] == regularized_hscore(f, y)
+    assert set(all_scores(f, None, y)) == {"logme", "hscore", "regularized_hscore", "knn"}
     assert set(all_scores(None, probs, y)) == {"leep", "nce"}
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import published
 from .claims import Claim, comparison, mean_claim, pooled_claim, write_claims
 from .fileio import atomic_write
 from .layout import Layout
@@ -158,6 +159,7 @@ def _run_row(path: Path, rule: str, ds: str, imb, loss: str, setting: str, spec:
         "type": spec["type"], "beta": spec.get("beta", 0.0), "gamma": spec.get("gamma", 0.0),
         "seed": int(seed), **{k: _pct(f.get(k), path, k) for k in SHOT_METRICS},
         "run_id": m.run_id, "git_commit": m.git_commit, "wall_s": m.wall_s,
+        **published.best_on_test(path),  # the best evaluation, chosen on the test set: for best-on-test papers
     }
     return row, m
 
@@ -280,47 +282,34 @@ def shots_table(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _followup_key(loss: str, cb: dict) -> str | None:
-    """The row of the published follow-ups (``reference/longtail_followups.csv``) that our
-    setting ``loss`` is, with that paper's parameters; None when it is none of them."""
-    base, _, ph = loss.partition("+")
-    spec = cb["losses"].get(base)
-    if spec is None:
-        return None
-    if ph:
-        plain = spec["type"] == "softmax" and not spec.get("beta", 0.0) and spec.get("drw_epoch") is None
-        method = cb["posthoc"][ph]["method"]
-        return method if plain and method in ("tau_norm", "crt") else None
-    if (spec["type"] == "ldam" and spec.get("drw_epoch") == 160 and np.isclose(spec.get("beta", 0.0), 0.9999)
-            and spec.get("max_margin", 0.5) == 0.5 and spec.get("scale", 30.0) == 30.0):
-        return "ldam_drw"
-    if spec["type"] == "balanced_softmax":
-        return "balanced_softmax"
-    if spec["type"] == "logit_adjusted" and spec.get("tau", 1.0) == 1.0:
-        return "logit_adjustment_loss"
-    return None
+    """The method of the published follow-ups (``reference/longtail_followups.csv``) that our
+    setting ``loss`` is, by kind; its parameters and recipe are compared field by field by
+    :func:`finetail.published.pair`. None when it is none of them."""
+    return published.followup_method(loss, cb)
 
 
 METHOD_METRICS = ("top1_error", "balanced_acc", "many_acc", "medium_acc", "few_acc")
 
 
-def methods_table(shots: pd.DataFrame, cb: dict, paper_ok: dict[str, bool]) -> pd.DataFrame:
+def methods_table(shots: pd.DataFrame, cb: dict, paper_ok: dict[str, bool],
+                  cells: pd.DataFrame | None = None) -> pd.DataFrame:
     """The long-tail methods side by side: per (dataset, imbalance, setting) the mean, std and
     n of top-1 error, balanced accuracy and many/medium/few-shot accuracy (%), and the
-    published top-1 error (``published_error``, ``published_source``) only where the dataset is
-    the paper's (CIFAR-LT), our recipe is the paper's, and the row is that paper's method with
-    its parameters (``reference/longtail_followups.csv``)."""
+    published top-1 error (``published_error``, ``published_source``;
+    ``reference/longtail_followups.csv``) only where the dataset is the real CIFAR
+    (``paper_ok``) and the row's recipe and parameters are those of the published number
+    (:mod:`finetail.published`); otherwise ``published_note`` names the first field that
+    differs. Where the published number was chosen on the test set and ``cells`` (one row per
+    run, with :func:`finetail.published.best_on_test`'s columns) are given, a best-on-test
+    row follows the last-epoch one and gets the number."""
     pub = paper_table("longtail_followups")
     keep = ["dataset", "imbalance", "loss", "setting"]
     keep += [f"{m}_{k}" for m in METHOD_METRICS for k in ("mean", "std", "n")]
     out = shots[keep].copy()
-    errors, sources = [], []
-    for ds, imb, loss in zip(out["dataset"], out["imbalance"], out["loss"], strict=True):
-        key = _followup_key(loss, cb) if paper_ok.get(ds) else None
-        hit = pub[(pub["dataset"] == ds) & (pub["imbalance"] == imb) & (pub["method"] == key)] if key else pub.iloc[0:0]
-        errors.append(float(hit["error"].iloc[0]) if len(hit) else np.nan)
-        sources.append(hit["source"].iloc[0] if len(hit) else None)
-    out["published_error"], out["published_source"] = errors, sources
-    return out
+    want = published.wanted_best(out, cb, paper_ok, pub) if cells is not None else []
+    extra = published.best_rows(cells, want) if want else None
+    best = shots_table(extra)[keep] if extra is not None and len(extra) else None
+    return published.with_published(out, cb, paper_ok, pub, best)
 
 
 def methods_markdown(methods: pd.DataFrame) -> str:
@@ -337,8 +326,10 @@ def methods_markdown(methods: pd.DataFrame) -> str:
             md[f"IF {imb:g} balanced acc"] = cell("balanced_acc")
             md[f"IF {imb:g} many / medium / few"] = [" / ".join(t) for t in zip(cell("many_acc"), cell("medium_acc"),
                                                                               cell("few_acc"), strict=True)]
-            if h["published_error"].notna().any():
-                md[f"IF {imb:g} published err"] = [f"{v:.2f}" if pd.notna(v) else "—" for v in h["published_error"]]
+            notes = h["published_note"] if "published_note" in h.columns else pd.Series(None, index=h.index)
+            if h["published_error"].notna().any() or notes.notna().any():
+                md[f"IF {imb:g} published err"] = [f"{v:.2f}" if pd.notna(v) else (n if isinstance(n, str) else "—")
+                                                   for v, n in zip(h["published_error"], notes, strict=True)]
         parts.append(f"\n**{ds}**\n\n" + to_markdown(md))
     return "".join(parts)
 
@@ -927,7 +918,7 @@ def _cbloss_section(results: Path, spec: dict, out: Path,
     base = baseline_loss(cb)
     paired = paired_table(df, base) if base else pd.DataFrame(columns=PAIRED_COLUMNS)
     paired.to_csv(out / "cbloss_paired.csv", index=False)
-    methods = methods_table(shots, cb, followups_comparable(spec))
+    methods = methods_table(shots, cb, followups_comparable(spec, results), cells=df)
     methods.to_csv(out / "cbloss_methods.csv", index=False)
     _plot_error_vs_if(df, out / "cbloss_error_vs_if.png")
     _plot_per_class(results, df[~df["loss"].str.contains("+", regex=False)], out / "cbloss_per_class.png")
@@ -952,15 +943,19 @@ def _cbloss_section(results: Path, spec: dict, out: Path,
         f"{over}. "
         f"`{BEST_CB_LABEL}`: per column the class-balanced setting with the lowest mean error, in [brackets] — "
         "chosen on the test set, as the paper chose its best setting.\n",
-        _paper_note(paper_ok, spec),
+        _paper_note(paper_ok, spec, results),
         md,
         "\n## Long-tail methods side by side (%)\n",
         "The class-balanced losses beside the later methods (LDAM-DRW, balanced softmax, logit adjustment; "
         "post-hoc corrections of a trained cell, `+`, no retraining; README: \"Long-tail methods\"), on the same "
         "subsets, replicates and recipe; mean ± std over replicates. Published numbers "
-        "(`reference/longtail_followups.csv`) stand beside a row only where the data is CIFAR-LT, the recipe is the "
-        "papers' and the row is that paper's method with its parameters"
-        + ("." if methods["published_error"].notna().any() else "; here none is.") + "\n",
+        "(`reference/longtail_followups.csv`) stand beside a row only where the data is the real CIFAR and the "
+        "row's recipe is the one that made the number (schedule, batch, augmentation, input normalisation, "
+        "checkpoint rule and the method's parameters, `finetail.published`); otherwise the cell names the first "
+        "field that differs. A published number chosen on the test set stands beside our best evaluation, also "
+        "chosen on the test set (its row says so)"
+        + ("." if methods["published_error"].notna().any() else ". None is printed here.")
+        + _followups_data_note(spec, results) + "\n",
         methods_markdown(methods),
         "\n![few-shot vs many-shot accuracy](cbloss_few_vs_many.png)\n",
         "\n## Many / medium / few-shot accuracy and calibration (%)\n",
@@ -976,40 +971,55 @@ def _cbloss_section(results: Path, spec: dict, out: Path,
     return lines, files, claims, rows
 
 
-def _paper_note(paper_ok: dict[str, bool], spec: dict) -> str:
+def _paper_note(paper_ok: dict[str, bool], spec: dict, results: Path | None = None) -> str:
     shown = [d for d, ok in paper_ok.items() if ok]
     if shown:
         return (f"`paper` columns ({', '.join(shown)}): Cui et al. 2019 Table 2, beside the rows whose setting is the "
                 "paper's (an unweighted loss; for CB, our best-CB row and the exact (loss, β, γ) behind the paper's best "
                 "in that column).\n")
-    why = paper_reasons(spec)
+    why = paper_reasons(spec, results)
     return f"Paper columns: {why}\n"
 
 
-def paper_reasons(spec: dict) -> str:
+def _data_reasons(spec: dict, results: Path | None) -> dict[str, str | None]:
+    """Per cbloss dataset: None if it is the real CIFAR (:func:`finetail.published.cifar_data_reason`), else why not."""
+    return {d: published.cifar_data_reason(spec, d, results) for d in (spec.get("cbloss") or {}).get("datasets", [])}
+
+
+def _followups_data_note(spec: dict, results: Path | None) -> str:
+    why = [w for w in _data_reasons(spec, results).values() if w]
+    return f" No published number here: {'; '.join(why)}." if why else ""
+
+
+def paper_reasons(spec: dict, results: Path | None = None) -> str:
+    """Why the paper's Table 2 columns are or are not printed, in one line."""
     cb = spec["cbloss"]
     if not PAPER_CIFAR & set(cb["datasets"]):
         return "none — these are not the paper's datasets (CIFAR-10/100-LT), so its numbers are not comparable."
+    why = [w for w in _data_reasons(spec, results).values() if w]
+    if len(why) == len(cb["datasets"]):
+        return "none — not the paper's data: " + "; ".join(why) + "."
     match = paper_recipe(cb["recipe"])
     if match.is_paper:
         return "the paper's recipe on CIFAR; see the columns."
     return "reduced recipe: not comparable (" + match.reason() + ")."
 
 
-def followups_comparable(spec: dict) -> dict[str, bool]:
+def followups_comparable(spec: dict, results: Path | None = None) -> dict[str, bool]:
     """Per cbloss dataset: whether the later long-tail papers' published numbers may stand
-    beside ours (CIFAR, trained with their recipe, ``LONGTAIL_CIFAR_RECIPE``)."""
-    cb = spec.get("cbloss") or {}
-    same = paper_recipe(cb.get("recipe", {}), "longtail_cifar").is_paper
-    return {d: same and d in PAPER_CIFAR for d in cb.get("datasets", [])}
+    beside ours as far as the data goes (the real CIFAR: a registry dataset with the official
+    archive, :func:`finetail.published.cifar_data_reason`). Each number's recipe is then
+    compared row by row (:func:`methods_table`)."""
+    return {d: why is None for d, why in _data_reasons(spec, results).items()}
 
 
-def paper_comparable(spec: dict) -> dict[str, bool]:
-    """Per cbloss dataset: whether the paper's Table 2 numbers may stand beside ours (a CIFAR
-    dataset, trained with the paper's recipe)."""
+def paper_comparable(spec: dict, results: Path | None = None) -> dict[str, bool]:
+    """Per cbloss dataset: whether the paper's Table 2 numbers may stand beside ours: the real
+    CIFAR (kind and archive digest, not the name: a world dataset named ``cifar10`` is not),
+    trained with the paper's recipe."""
     cb = spec.get("cbloss") or {}
     same = paper_recipe(cb.get("recipe", {})).is_paper
-    return {d: same and d in PAPER_CIFAR for d in cb.get("datasets", [])}
+    return {d: same and d in PAPER_CIFAR and why is None for d, why in _data_reasons(spec, results).items()}
 
 
 def build_report(results: Path, spec: dict, out: Path) -> list[Path]:
@@ -1021,7 +1031,7 @@ def build_report(results: Path, spec: dict, out: Path) -> list[Path]:
     rows: list[Claim] = []
     reps = replicate_ids(spec)
     if spec.get("cbloss"):
-        lines, files, found, found_rows = _cbloss_section(results, spec, out, paper_comparable(spec))
+        lines, files, found, found_rows = _cbloss_section(results, spec, out, paper_comparable(spec, results))
         body, written, claims, rows = body + lines, written + files, claims + found, rows + found_rows
     if spec.get("cbloss_natural"):
         nat = spec["cbloss_natural"]

@@ -9,7 +9,9 @@ the forward pass is timed apart (``extract_s``).
 
 Output: ``scores.csv``, one row per source network: the pair, the seed, the network's
 identity (its MLflow run id and weights digest), the target manifest's sha256, the sizes
-(images, classes, feature dimension, source classes), each score and its seconds. A score
+(images, classes, feature dimension, source classes), ``n_le_d`` (True where the images are
+no more than the feature dimensions: the plain H-score is then C - 1 for every network, use
+``regularized_hscore``), each score and its seconds. A score
 that comes out NaN or infinite fails the job, naming the pair and the score.
 
 Images reach the network as its own fine-tuning test images do (:func:`finetail.features.split_images`:
@@ -90,6 +92,8 @@ def write_scores(models: list[str], seeds: list[int], manifest: str | Path, out:
             "manifest_sha256": manifest_sha, "n_images": len(part.labels),
             "n_classes": len(np.unique(part.labels)), "feature_dim": feats.shape[1],
             "source_classes": probs.shape[1], "knn_k": knn_k, "device": dev, "extract_s": extract_s,
+            # N <= D: the sample covariance is singular and the plain H-score is C - 1 for any network
+            "n_le_d": bool(len(part.labels) <= feats.shape[1]),
         }
         for name, (value, secs) in pair_scores(feats, probs, part.labels, scores, knn_k).items():
             if not math.isfinite(value):

@@ -53,7 +53,7 @@ __all__ = [
 
 EMD = "emd"
 SCORE_LABELS = {EMD: "domain similarity exp(−γ EMD)", "logme": "LogME", "leep": "LEEP", "nce": "NCE",
-                "hscore": "H-score", "knn": "k-NN accuracy"}
+                "hscore": "H-score", "regularized_hscore": "H-score, Ledoit-Wolf regularised", "knn": "k-NN accuracy"}
 
 
 def scores_frame(results: Path, sources: list[str], targets: list[str], seeds: list[int], scores: list[str],
@@ -109,8 +109,31 @@ def scores_frame(results: Path, sources: list[str], targets: list[str], seeds: l
                     raise ValueError(f"{path}: {score} of seed {int(r['seed'])} is {v}")
                 rows.append({"source": s, "target": t, "seed": int(r["seed"]), "score": score, "value": v,
                              "seconds": float(r[f"{score}_s"]), "extract_s": float(r["extract_s"]),
-                             "model_run_id": r.get("model_run_id", "")})
+                             "model_run_id": r.get("model_run_id", ""), "n_le_d": _n_le_d(r)})
     return pd.DataFrame(rows)
+
+
+def _n_le_d(row: pd.Series) -> bool | None:
+    """Whether a scores.csv row was computed with no more images than feature dimensions (its
+    ``n_le_d`` column, or from ``n_images`` and ``feature_dim`` in files written before it);
+    None where the row says neither."""
+    if "n_le_d" in row.index and pd.notna(row["n_le_d"]):
+        return str(row["n_le_d"]).lower() in ("true", "1", "1.0")
+    if {"n_images", "feature_dim"} <= set(row.index) and pd.notna(row["n_images"]) and pd.notna(row["feature_dim"]):
+        return bool(int(row["n_images"]) <= int(row["feature_dim"]))
+    return None
+
+
+def _n_le_d_line(long: pd.DataFrame) -> str:
+    """One line naming the targets scored with N <= D, or nothing."""
+    if "n_le_d" not in long.columns:
+        return ""
+    small = sorted(set(long.loc[long["n_le_d"].eq(True), "target"]))
+    if not small:
+        return ""
+    return (f"\nScored with no more training images than feature dimensions (N ≤ D) on: {', '.join(small)}. There "
+            "the sample covariance is singular and the plain H-score is C − 1 for every network, so its τ says "
+            "nothing; the Ledoit-Wolf regularised H-score (`regularized_hscore`) does not have this problem.\n")
 
 
 def emd_frame(results: Path, spec: dict, sources: list[str], targets: list[str], seeds: list[int]) -> pd.DataFrame:
@@ -421,6 +444,7 @@ def transferability_section(results: Path, spec: dict, out: Path,
             f"cosine, leave-one-out) or its softmax over the source classes (LEEP; NCE on its argmax). The forward "
             f"pass feeding them took {extract:.2f} s per pair.\n",
             rank_markdown(table, targets),
+            _n_le_d_line(long),
             "\n" + claim,
             "\n![scores vs accuracy](transferability_vs_accuracy.png)\n",
         ]

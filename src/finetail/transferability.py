@@ -24,7 +24,13 @@ with each other, only the same score across source networks (or source data sets
 ``hscore`` (features)
     H-score, Bao, Li, Huang, Zhang, Zheng, Zamir and Guibas, "An Information-Theoretic
     Approach to Transferability in Task Transfer Learning", ICIP 2019:
-    ``tr(cov(f)^+ cov(E[f | y]))``. See :func:`hscore`.
+    ``tr(cov(f)^+ cov(E[f | y]))``. See :func:`hscore`. With N <= D images it is C - 1 for
+    every network (the sample covariance is singular); scoring jobs mark such pairs.
+``regularized_hscore`` (features)
+    Shrinkage-regularised H-score, Ibrahim, Ponomareva and Mazumder, "Newer is not always
+    better", ECML PKDD 2022: ``tr(cov_alpha(f)^+ (1 - alpha) cov(E[f | y]))`` with the
+    Ledoit-Wolf covariance ``cov_alpha`` and its shrinkage ``alpha``. See
+    :func:`regularized_hscore`.
 ``knn`` (features)
     Leave-one-out k-nearest-neighbour accuracy under cosine similarity, a classifier-free
     probe of how well the feature space already separates the target classes. See
@@ -68,10 +74,12 @@ __all__ = [
     "hscore",
     "knn_accuracy",
     "knn_predictions",
+    "ledoit_wolf",
     "leep",
     "logme",
     "logme_fit",
     "nce",
+    "regularized_hscore",
 ]
 
 DEFAULT_KNN_K = 10
@@ -606,6 +614,102 @@ def hscore(features: Any, labels: Any) -> float:
     return float(np.einsum("cd,cd,c->", mu @ pinv, mu, checked.counts.astype(np.float64)) / n)
 
 
+def ledoit_wolf(features: Any) -> tuple[np.ndarray, float]:
+    r"""Ledoit-Wolf shrinkage of the covariance of ``features`` (Ledoit and Wolf, "A
+    well-conditioned estimator for large-dimensional covariance matrices", J. Multivariate
+    Analysis 2004), as scikit-learn's ``LedoitWolf`` computes it, in numpy.
+
+    With ``x_k`` the N rows centred on their mean, ``S = X^T X / N`` (D x D) and
+    ``mu = tr(S) / D``:
+
+    .. math::
+        \delta = \lVert S - \mu I \rVert_F^2 / D, \qquad
+        \beta = \frac{1}{D N} \Big(\frac1N \sum_k \lVert x_k \rVert^4 - \lVert S \rVert_F^2\Big),
+
+    shrinkage ``alpha = min(beta, delta) / delta`` (0 when ``delta`` is 0: S is already a
+    multiple of the identity) and the shrunk covariance
+    ``cov_alpha = (1 - alpha) S + alpha mu I``.
+
+    Parameters
+    ----------
+    features : array_like, shape (N, D)
+
+    Returns
+    -------
+    (cov_alpha, alpha) : ndarray (D, D) float64, float in [0, 1]
+
+    Examples
+    --------
+    >>> cov, alpha = ledoit_wolf([[2.0, 0.0], [-2.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    >>> round(alpha * 18, 9), np.round(cov * 18, 9).tolist()  # alpha = 17/18; diag 23.25, 21.75 over 18
+    (17.0, [[23.25, 0.0], [0.0, 21.75]])
+    """
+    arr = np.asarray(features)
+    f = _float_matrix(arr, "features", arr.shape[0] if arr.ndim else 0, "(N, D)")  # finite, 2-d, not empty
+    n, d = f.shape
+    mean = f.sum(axis=0, dtype=np.float64) / n
+    s = _gram(f, center=mean) / n
+    fourth = 0.0  # sum_k ||x_k||^4, in row blocks
+    for start in range(0, n, _ROW_BLOCK):
+        block = np.array(f[start : start + _ROW_BLOCK], dtype=np.float64) - mean
+        fourth += float(np.sum(np.einsum("kd,kd->k", block, block) ** 2))
+    mu = float(np.trace(s)) / d
+    s_fro2 = float(np.sum(s * s))
+    delta = (s_fro2 - 2.0 * mu * float(np.trace(s)) + d * mu * mu) / d  # ||S - mu I||_F^2 / D
+    beta = (fourth / n - s_fro2) / (d * n)
+    alpha = 0.0 if delta <= 0.0 else min(max(beta, 0.0), delta) / delta
+    cov = (1.0 - alpha) * s
+    cov[np.diag_indices(d)] += alpha * mu
+    return cov, float(alpha)
+
+
+def regularized_hscore(features: Any, labels: Any) -> float:
+    r"""Shrinkage-regularised H-score (Ibrahim, Ponomareva and Mazumder, "Newer is not always
+    better: Rethinking transferability metrics, their peculiarities, stability and
+    performance", ECML PKDD 2022; TLlib's ``regularized_h_score``):
+
+    .. math:: H_\alpha = \operatorname{tr}\big(\operatorname{cov}_\alpha(f)^{+}\,
+              (1 - \alpha)\,\operatorname{cov}(\mathbb E[f \mid y])\big)
+              = \frac{1 - \alpha}{N} \sum_c n_c\, \mu_c^\top \operatorname{cov}_\alpha(f)^{+} \mu_c ,
+
+    with ``cov_alpha(f)`` the Ledoit-Wolf covariance of the centred features and ``alpha`` its
+    shrinkage (:func:`ledoit_wolf`), ``mu_c`` the centred class means, ``n_c`` their counts.
+    The plain H-score (:func:`hscore`) inverts the sample covariance, which with N <= D images
+    has rank below D: every class mean then lies in its span and the score is C - 1 for every
+    network, whatever its features. The shrunk covariance is full rank, so the score stays
+    informative (and finite) there.
+
+    Both covariances divide by N; TLlib's ``np.cov(g)`` divides the between-class one by N - 1,
+    so its value is N / (N - 1) times this one (the same ranking of networks on one target).
+
+    Parameters
+    ----------
+    features : array_like, shape (N, D)
+    labels : array_like of int, shape (N,)
+
+    Returns
+    -------
+    float
+        Higher is better; at least 0.
+
+    Examples
+    --------
+    >>> x = [[2.0, 0.0], [-2.0, 0.0], [0.0, 1.0], [0.0, -1.0]]
+    >>> round(regularized_hscore(x, [0, 1, 0, 1]) * 899, 9)  # 49 / 899, worked in tests/test_transferability.py
+    49.0
+    """
+    checked = _check_inputs(labels, features=features)
+    f = checked.features
+    n = f.shape[0]
+    cov, alpha = ledoit_wolf(f)
+    mean = f.sum(axis=0, dtype=np.float64) / n
+    groups = _class_rows(checked.y, checked.counts)
+    mu = _class_sums(f, groups) / checked.counts[:, None] - mean  # centred class means (C, D)
+    pinv = np.linalg.pinv(cov, rtol=HSCORE_RTOL, hermitian=True)
+    between = np.einsum("cd,cd,c->", mu @ pinv, mu, checked.counts.astype(np.float64)) / n
+    return float((1.0 - alpha) * between)
+
+
 # ----------------------------------------------------------------------------------------
 # k-nearest-neighbour accuracy
 # ----------------------------------------------------------------------------------------
@@ -804,6 +908,7 @@ SCORES: dict[str, ScoreSpec] = {
     "leep": ScoreSpec(leep, "probs"),
     "nce": ScoreSpec(nce, "predictions"),
     "hscore": ScoreSpec(hscore, "features"),
+    "regularized_hscore": ScoreSpec(regularized_hscore, "features"),
     "knn": ScoreSpec(knn_accuracy, "features"),
 }
 """Every score by name. Higher is better for all of them."""
