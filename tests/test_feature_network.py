@@ -232,26 +232,4 @@ def test_paper_study_uses_imagenet_resnet101_at_299_with_the_reference_crop():
         assert paper["transfer"][stage]["recipe"]["image_size"] == 299
 
 
-# --------------------------------------------------------------------------- a real run
-@pytest.mark.slow
-def test_feature_network_trains_and_gives_the_similarity_and_selection(tmp_path):
-    """A reduced study up to the similarity matrix: the feature network is one pretrain job
-    on its own pooled data, and features, similarity and selection all come from its model."""
-    from test_workflow import TINY, snakemake
-
-    cfg = json.loads(json.dumps(TINY))
-    cfg.pop("cbloss_natural")
-    cfg["datasets"]["probe"] = {"kind": "world", "train_per_class": 4, "test_per_class": 2}
-    cfg["transfer"]["features"] = {"model": "probe", "networks": {"probe": ["probe"]}, "recipe": {"width": 8}}
-    r = snakemake(tmp_path, cfg, "results/tiny/similarity/probe/matrix.csv")
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    res = tmp_path / "results" / "tiny"
-    assert sorted(p.name for p in (res / "pretrain").iterdir()) == ["probe"]  # no ranked source was needed
-    record = json.loads((res / "pretrain" / "probe" / "seed0" / "metrics.json").read_text())
-    assert record["config"]["recipe"]["width"] == 8  # the feature recipe over the pretrain recipe
-    assert len(pd.read_csv(res / "pretrain" / "probe" / "seed0" / "per_class.csv")) == len(dataset_classes("probe"))
-    for npz in (res / "features" / "probe").glob("*.npz"):
-        assert str(np.load(npz)["model_run_id"]) == record["run_id"], npz.name
-    sim = pd.read_csv(res / "similarity" / "probe" / "matrix.csv", index_col=0)
-    assert list(sim.index) == ["generic", "natural", "generic+natural", "selected", "random"]
-    assert len(pd.read_csv(res / "selection" / "selected" / "classes.csv")) >= 3
+# The feature network's real run (per replicate): tests/test_replicates.py

@@ -56,7 +56,7 @@ def test_imagefolder_study_runs_and_reports_beside_the_paper(tmp_path, small_arc
     assert len(man) == 500 and {"store", "index"} <= set(man.columns)
     names = man.groupby("label")["class_name"].first().tolist()
     assert names == sorted(names) and "airplane" in names
-    counts = pd.read_csv(res / "longtail" / "cifar10_if10" / "counts.csv")
+    counts = pd.read_csv(res / "longtail" / "cifar10_if10" / "rep0" / "counts.csv")
     assert counts["train_count"].tolist() == class_counts(40, 10, 10)
     table = pd.read_csv(res / "report" / "cbloss_table.csv")
     # a reduced recipe (1 epoch, resnet8): the paper's numbers are not printed beside ours ...

@@ -24,6 +24,7 @@ SMALL["transfer"]["sources"] = {"generic": ["generic"], "generic+natural": ["gen
 SMALL["transfer"].pop("selection", None)
 SMALL["transfer"]["targets"] = ["cub200"]
 SMALL["transfer"]["finetune"]["scratch"] = False
+SMALL["replicates"] = {"count": 1}  # one replicate: its stages under rep0/, its training runs seed0/
 
 
 @pytest.fixture(scope="module")
@@ -74,20 +75,20 @@ def test_finetune_lineage_reaches_pretrain_pooled_source_and_world_seed(study):
     pooled = by_role.pop("manifest")
     assert pooled["kind"] == "sources" and pooled["status"] == "ok"
     # the pooled manifest points into two array stores: both recorded with their sha256
-    assert {i["resolved"] for i in by_role.values()} == {str(res / "datasets" / d / "images.npy")
+    assert {i["resolved"] for i in by_role.values()} == {str(res / "datasets" / d / "rep0" / "images.npy")
                                                           for d in ("generic", "natural")}
     assert all(i["status"] == "ok" for i in by_role.values())
-    assert pooled["resolved"] == str(res / "sources" / "generic+natural" / "manifest.parquet")
+    assert pooled["resolved"] == str(res / "sources" / "generic+natural" / "rep0" / "manifest.parquet")
     world = _datasets(parent)
     assert set(world) == {"generic", "natural"}
     for name, ds in world.items():
         assert ds["origin"] == "finetail.world" and ds["seed"] == SMALL["world"]["seed"] == 0
         assert ds["world"]["image_size"] == 16 and ds["sizes"]["train_per_class"] == 12
-        assert ds["folder"] == str(res / "datasets" / name)
+        assert ds["folder"] == str(res / "datasets" / name / "rep0")
 
     text = format_lineage(chain)
     assert record["run_id"] in text and pre["run_id"] in text
-    assert "sources/generic+natural/manifest.parquet" in text and "seed=0" in text
+    assert "sources/generic+natural/rep0/manifest.parquet" in text and "seed=0" in text
     assert text.index(record["run_id"]) < text.index(pre["run_id"])  # child above its parent
 
 
@@ -123,10 +124,10 @@ def test_audit_of_an_untouched_study_is_all_ok(study):
     assert rows and {r["status"] for r in rows} == {"ok"} and all(r["current"] for r in rows)
     assert audit_exit_code(rows) == 0
     named = {r["resolved"] for r in rows}
-    assert str(res / "longtail" / "gen10_if10" / "manifest.parquet") in named
-    assert str(res / "sources" / "generic+natural" / "manifest.parquet") in named
+    assert str(res / "longtail" / "gen10_if10" / "rep0" / "manifest.parquet") in named
+    assert str(res / "sources" / "generic+natural" / "rep0" / "manifest.parquet") in named
     assert str(res / "pretrain" / "generic" / "seed0" / "model.pt") in named
-    assert str(res / "datasets" / "gen10" / "images.npy") in named  # the pixels, not only their index
+    assert str(res / "datasets" / "gen10" / "rep0" / "images.npy") in named  # the pixels, not only their index
     assert {r["role"] for r in rows} == {"input.manifest", "input.init_model", "model", "input.store.0",
                                          "input.store.1", "data", "metrics.final", "output.metrics.json",
                                          "output.per_class.csv", "output.history.csv", "output.model.pt"}
@@ -142,15 +143,15 @@ def _flip_byte(path):
 @pytest.mark.slow
 def test_audit_and_lineage_flag_a_changed_manifest(study_copy):
     res = study_copy
-    for rel in ("longtail/gen10_if10/manifest.parquet", "sources/generic+natural/manifest.parquet"):
+    for rel in ("longtail/gen10_if10/rep0/manifest.parquet", "sources/generic+natural/rep0/manifest.parquet"):
         _flip_byte(res / rel)
     rows = audit(res)
     assert all(r["resolved"].startswith(str(res)) for r in rows)  # the copy, not the original
     bad = {r["resolved"] for r in rows if r["status"] == "changed"}
-    assert bad == {str(res / "longtail" / "gen10_if10" / "manifest.parquet"),
-                   str(res / "sources" / "generic+natural" / "manifest.parquet")}
+    assert bad == {str(res / "longtail" / "gen10_if10" / "rep0" / "manifest.parquet"),
+                   str(res / "sources" / "generic+natural" / "rep0" / "manifest.parquet")}
     changed = [r for r in rows if r["status"] == "changed"]
-    assert {r["rule"] for r in changed} == {"cbloss", "pretrain"} and len(changed) == 2 * 2 + 1  # 2 losses x 2 seeds, 1 pretrain
+    assert {r["rule"] for r in changed} == {"cbloss", "pretrain"} and len(changed) == 2 + 1  # 2 losses, 1 pretrain
     assert {r["role"] for r in changed} == {"input.manifest"}
     assert all(r["actual"] != r["expected"] for r in changed)
     assert audit_exit_code(rows) != 0
@@ -239,7 +240,7 @@ def test_lineage_and_audit_commands(study_copy):
     assert json.loads(r.stdout)["parents"][0]["run_id"] == pre["run_id"]
     r = run("audit", "--results", str(res))
     assert r.returncode == 0, r.stdout + r.stderr
-    _flip_byte(res / "longtail" / "gen10_if10" / "manifest.parquet")
+    _flip_byte(res / "longtail" / "gen10_if10" / "rep0" / "manifest.parquet")
     r = run("audit", "--results", str(res))
     assert r.returncode == 1 and "changed" in r.stdout
 
@@ -260,7 +261,7 @@ def test_rerun_after_a_data_change_trains_again_and_audit_stays_clean(study_copy
     for log in logs:
         text = log.read_text()
         assert "resuming" not in text and "starting afresh" in text, log
-    manifest = pd.read_parquet(res / "longtail" / "gen10_if10" / "manifest.parquet")
+    manifest = pd.read_parquet(res / "longtail" / "gen10_if10" / "rep0" / "manifest.parquet")
     for cell in (res / "cbloss" / "gen10" / "if10").glob("*/seed*"):
         record = json.loads((cell / "metrics.json").read_text())
         assert record["final"]["num_test"] == (manifest["split"] == "test").sum() == 10 * 20

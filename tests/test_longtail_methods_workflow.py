@@ -21,12 +21,12 @@ RECIPE = {"model": "resnet8", "width": 4, "epochs": 3, "batch_size": 32, "lr": 0
           "milestones": [2], "lr_factors": [0.1], "eval_every": 3, "crop_pad": 2}
 STUDY = {
     "study": "methods",
+    "replicates": {"count": 2},
     "world": {"seed": 0, "image_size": 16},
     "datasets": {"gen10": {"kind": "world", "train_per_class": 40, "test_per_class": 10}},
     "cbloss": {
         "datasets": ["gen10"],
         "imbalance": [10],
-        "seeds": [0, 1],
         "losses": {
             "softmax": {"type": "softmax"},
             "ldam_drw": {"type": "ldam", "max_margin": 0.5, "scale": 30, "drw_epoch": 2, "beta": 0.999},
@@ -103,7 +103,7 @@ def test_adding_a_post_hoc_correction_retrains_nothing(study):
                                                 "losses": ["softmax", "balanced_softmax"]}
     r = snakemake(study, cfg, "-n")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert planned(r) == {"posthoc": 4, "report": 1, "all": 1}  # 2 losses x 2 seeds, and the report
+    assert planned(r) == {"posthoc": 4, "report": 1, "all": 1}  # 2 losses x 2 replicates, and the report
 
 
 def test_a_crt_with_a_tau_is_refused_naming_the_setting(tmp_path):

@@ -58,7 +58,7 @@ def _study_config():
         cfg.pop(key)
     cfg["datasets"] = {"gen10": cfg["datasets"]["gen10"]}
     cfg["cbloss"]["imbalance"] = [10]
-    cfg["cbloss"]["seeds"] = [0]
+    cfg["replicates"] = {"count": 1}
     return cfg
 
 
@@ -78,7 +78,7 @@ def test_study_logs_to_a_real_tracking_server(server, tmp_path):
     client = MlflowClient(server)
     exp = client.get_experiment_by_name("finetail-served")
     runs = client.search_runs([exp.experiment_id])
-    seeds = [str(k) for k in _study_config()["cbloss"].get("seeds", [0])]
+    seeds = [str(k) for k in range(_study_config()["replicates"]["count"])]
     assert sorted(r.data.tags["finetail.wildcard.loss"] for r in runs) == sorted(["cb_focal", "softmax"] * len(seeds))
     for run in runs:
         assert run.info.status == "FINISHED"

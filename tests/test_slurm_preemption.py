@@ -40,7 +40,7 @@ RECIPE = {"model": "resnet8", "width": 8, "batch_size": 16, "lr": 0.05, "warmup_
 JOB_LOG = "logs/preempt/cbloss/gen10/if10/softmax/seed0.log"
 RESULTS = "results/preempt"
 TARGET = f"{RESULTS}/cbloss/gen10/if10/softmax/seed0/metrics.json"  # the training job (no report)
-DATA = f"{RESULTS}/longtail/gen10_if10/manifest.parquet"
+DATA = f"{RESULTS}/longtail/gen10_if10/rep0/manifest.parquet"
 
 
 def seconds_per_epoch() -> float:

@@ -20,6 +20,7 @@ pytestmark = pytest.mark.slow
 
 TINY = {
     "study": "tiny",
+    "replicates": {"count": 2},  # each reseeds the world, the long-tailed subsets, the random draw, training
     "world": {"seed": 0, "image_size": 16},
     "datasets": {"gen10": {"kind": "world", "train_per_class": 40, "test_per_class": 10}},
     "cbloss": {
@@ -28,7 +29,6 @@ TINY = {
         "losses": {"softmax": {"type": "softmax"}, "cb_focal": {"type": "focal", "beta": 0.99, "gamma": 0.5}},
         "recipe": {"model": "resnet8", "width": 4, "epochs": 3, "batch_size": 32, "lr": 0.05, "warmup_epochs": 1,
                    "milestones": [2], "lr_factors": [0.1], "eval_every": 1, "crop_pad": 2},
-        "seeds": [0, 1],
     },
     "shots": {"many": 30, "few": 10},
 }
@@ -78,18 +78,20 @@ def study(tmp_path_factory):
 
 def test_outputs_of_every_stage(study):
     res = study / "results" / "tiny"
-    man = pd.read_parquet(res / "datasets" / "gen10" / "manifest.parquet")
+    man = pd.read_parquet(res / "datasets" / "gen10" / "rep0" / "manifest.parquet")
     assert len(man) == 10 * 50 and set(man["split"]) == {"train", "test"}
     for imb in (4, 10):
-        counts = pd.read_csv(res / "longtail" / f"gen10_if{imb}" / "counts.csv")
-        assert counts["train_count"].tolist() == class_counts(40, 10, imb)
+        for seed in (0, 1):  # replicate r's long-tailed subset of replicate r's world
+            counts = pd.read_csv(res / "longtail" / f"gen10_if{imb}" / f"rep{seed}" / "counts.csv")
+            assert counts["train_count"].tolist() == class_counts(40, 10, imb)
         for loss, seed in [(loss, seed) for loss in ("softmax", "cb_focal") for seed in (0, 1)]:
             m = json.loads((res / "cbloss" / "gen10" / f"if{imb}" / loss / f"seed{seed}" / "metrics.json").read_text())
             assert 0.0 <= m["final"]["top1_error"] <= 1.0 and 0.0 <= m["final"]["ece"] <= 1.0
             assert m["config"]["recipe"]["seed"] == seed and m["wildcards"]["seed"] == str(seed)
             want, got = TINY["cbloss"]["losses"][loss], m["config"]["loss"]
             assert (got["type"], got["beta"]) == (want["type"], want.get("beta", 0.0))
-            assert m["inputs"]["manifest_sha256"] == file_sha256(res / "longtail" / f"gen10_if{imb}" / "manifest.parquet")
+            lt = res / "longtail" / f"gen10_if{imb}" / f"rep{seed}" / "manifest.parquet"
+            assert m["inputs"]["manifest_sha256"] == file_sha256(lt)
             per_class = pd.read_csv(res / "cbloss" / "gen10" / f"if{imb}" / loss / f"seed{seed}" / "per_class.csv")
             assert per_class["train_count"].tolist() == class_counts(40, 10, imb)
     table = pd.read_csv(res / "report" / "cbloss_table.csv").set_index("loss")
@@ -149,33 +151,36 @@ def test_one_mlflow_run_per_training_job(study):
 
 def test_transfer_outputs(study):
     res = study / "results" / "tiny"
-    sim = pd.read_csv(res / "similarity" / "generic+natural" / "matrix.csv", index_col=0)
+    sim = pd.read_csv(res / "similarity" / "generic+natural" / "rep0" / "matrix.csv", index_col=0)
     assert list(sim.index) == ["generic", "natural", "generic+natural", "selected", "random"]  # config order
     assert list(sim.columns) == ["cub200", "stanford_cars"]
     assert ((sim > 0) & (sim <= 1)).all().all()
-    chosen = pd.read_csv(res / "selection" / "selected" / "classes.csv")
+    chosen = pd.read_csv(res / "selection" / "selected" / "rep0" / "classes.csv")
     assert 3 <= len(chosen) <= 6 and chosen["score"].is_monotonic_decreasing
-    pooled = pd.read_parquet(res / "sources" / "selected" / "manifest.parquet")
+    pooled = pd.read_parquet(res / "sources" / "selected" / "rep0" / "manifest.parquet")
     assert set(pooled["class_name"]) == set(chosen["class_name"])
     table = pd.read_csv(res / "report" / "transfer_table.csv")
     assert table["source"].tolist() == ["generic", "natural", "generic+natural", "selected", "random", "scratch"]
     corr = json.loads((res / "report" / "transfer_correlation.json").read_text())
     assert corr["vs_gain"]["n"] == 10
-    feats = np.load(res / "features" / "generic+natural" / "cub200.npz")
-    pretrain = res / "pretrain" / "generic+natural" / "seed0" / "metrics.json"
-    assert str(feats["model_run_id"]) == json.loads(pretrain.read_text())["run_id"]
+    for k in (0, 1):  # replicate k's features: from replicate k's network (a ranked source's here)
+        feats = np.load(res / "features" / "generic+natural" / f"rep{k}" / "cub200.npz")
+        pretrain = res / "pretrain" / "generic+natural" / f"seed{k}" / "metrics.json"
+        assert str(feats["model_run_id"]) == json.loads(pretrain.read_text())["run_id"]
 
 
 def test_cbloss_on_naturally_long_tailed_data(study):
     res = study / "results" / "tiny"
     table = pd.read_csv(res / "report" / "cbloss_natural_table.csv").set_index("loss")
     assert sorted(table.index) == ["cb_focal", "softmax"]
-    m = json.loads((res / "cbloss_natural" / "natural" / "resnet8" / "cb_focal" / "seed0" / "metrics.json").read_text())
-    natural = pd.read_parquet(res / "datasets" / "natural" / "manifest.parquet")
-    assert m["num_train"] == int((natural["split"] == "train").sum())  # the whole split, as it is
-    assert table.loc["cb_focal", "natural_top1_mean"] == pytest.approx(100 * m["final"]["top1_error"])
-    assert table.loc["cb_focal", "natural_top5_mean"] == pytest.approx(100 * m["final"]["top5_error"])
-    assert table.loc["cb_focal", "natural_top1_n"] == 1
+    runs = [json.loads((res / "cbloss_natural" / "natural" / "resnet8" / "cb_focal" / f"seed{k}" / "metrics.json")
+                       .read_text()) for k in (0, 1)]
+    for k, m in enumerate(runs):
+        natural = pd.read_parquet(res / "datasets" / "natural" / f"rep{k}" / "manifest.parquet")
+        assert m["num_train"] == int((natural["split"] == "train").sum())  # the whole split, as it is
+    assert table.loc["cb_focal", "natural_top1_mean"] == pytest.approx(np.mean([100 * m["final"]["top1_error"] for m in runs]))
+    assert table.loc["cb_focal", "natural_top5_mean"] == pytest.approx(np.mean([100 * m["final"]["top5_error"] for m in runs]))
+    assert table.loc["cb_focal", "natural_top1_n"] == 2
 
 
 def test_nothing_to_do_after_a_full_run(study):
@@ -189,7 +194,7 @@ def test_changing_one_beta_reruns_only_its_cells_and_the_report(study):
     cfg["cbloss"]["losses"]["cb_focal"]["beta"] = 0.9
     r = snakemake(study, cfg, "-n")
     assert r.returncode == 0, r.stderr
-    assert planned(r) == {"cbloss": 4, "report": 1, "all": 1}  # 2 imbalance factors x 2 seeds
+    assert planned(r) == {"cbloss": 4, "report": 1, "all": 1}  # 2 imbalance factors x 2 replicates
 
 
 def test_changing_one_targets_finetune_setting_reruns_only_its_finetunes(study):
@@ -197,25 +202,30 @@ def test_changing_one_targets_finetune_setting_reruns_only_its_finetunes(study):
     cfg["transfer"]["finetune"]["per_target"] = {"cub200": {"lr": 0.01}}
     r = snakemake(study, cfg, "-n")
     assert r.returncode == 0, r.stderr
-    assert planned(r) == {"finetune": 6, "report": 1, "all": 1}  # 5 sources + scratch, for cub200 only
+    assert planned(r) == {"finetune": 12, "report": 1, "all": 1}  # 5 sources + scratch, for cub200 only, x 2 replicates
     assert set(re.findall(r"output: \S*finetune/[^/\s]+/([^/\s]+)/seed\d+/metrics\.json", r.stdout)) == {"cub200"}
 
 
-def test_seeds_expand_every_training_stage_and_pair_finetunes_with_their_pretrain(study):
+def test_a_third_replicate_expands_every_stage_and_pairs_finetunes_with_their_pretrain(study):
     cfg = json.loads(json.dumps(TINY))
-    cfg["cbloss"]["seeds"] = [0, 1, 2]
-    cfg["transfer"]["seeds"] = [0, 1, 2]
+    cfg["replicates"]["count"] = 3
     r = snakemake(study, cfg, "-n", "-p")
     assert r.returncode == 0, r.stderr
     jobs = planned(r)
-    # cbloss: 2 imbalance factors x 2 losses x the new seed 2; pretrain: the 5 sources x seeds
-    # 1 and 2 (seed 0 exists); finetune: (5 sources + scratch) x 2 targets x seeds 1, 2;
-    # transferability: every (source, target) pair again, now with three networks each.
-    assert (jobs["cbloss"], jobs["pretrain"], jobs["finetune"], jobs["transferability"]) == (4, 10, 24, 10)
+    # only replicate 2 is new: its world (6 datasets), long-tailed subsets (2 IFs), cells
+    # (2 IFs x 2 losses), the 5 sources' pooling and pretraining, features (5 sources + 2
+    # targets), similarity, selection, random draw, (5 sources + scratch) x 2 targets fine-tunes
+    # and 5 x 2 scoring jobs
+    assert (jobs["generate_world"], jobs["longtail"], jobs["cbloss"], jobs["pool_source"], jobs["pretrain"]) == (5, 2, 4, 5, 5)
+    assert (jobs["features"], jobs["similarity"], jobs["selection"], jobs["random_subset"]) == (7, 1, 1, 1)
+    assert (jobs["finetune"], jobs["transferability"]) == (12, 10)
     assert len(set(re.findall(r"cbloss/gen10/if\d+/\w+/seed2/metrics\.json", r.stdout))) == 4
-    # fine-tune seed S starts from pretrain seed S
+    assert not re.findall(r"(?:seed|rep)[01]/\S*(?:metrics\.json|manifest\.parquet)\n", r.stdout.split("Job stats")[0])
+    # replicate 2 generates world seed 0 + 2
+    assert '"seed":2' in re.search(r"finetail generate --dataset gen10 .*", r.stdout).group(0)
+    # fine-tune replicate R starts from the source's network of replicate R
     inits = re.findall(r"--init-model '?\S*pretrain/([^/\s]+)/seed(\d)/model\.pt'?.*?--out-dir '?\S*finetune/([^/\s]+)/[^/\s]+/seed(\d)", r.stdout)
-    assert len(inits) == 20 and all(a == c and b == d for a, b, c, d in inits)
+    assert len(inits) == 10 and all(a == c and b == d == "2" for a, b, c, d in inits)
 
 
 def test_editing_code_plans_the_jobs_that_run_it(study, tmp_path):
@@ -242,15 +252,15 @@ def test_editing_code_plans_the_jobs_that_run_it(study, tmp_path):
         return planned(r)
 
     assert plan() == {}
-    training = {"cbloss": 8, "cbloss_natural": 2, "pretrain": 5, "finetune": 12}  # cbloss: 2 seeds
+    training = {"cbloss": 8, "cbloss_natural": 4, "pretrain": 10, "finetune": 24}  # every job x 2 replicates
     edits = [
         ("training/job.py", lambda t: t + "\n# an edit\n", training),
         ("tracking.py", lambda t: t + "\n# an edit\n", training),
         ("cli.py", lambda t: t.replace("    launch(a)\n", "    launch(a)  # an edit\n", 1), training),
-        ("transfer.py", lambda t: t + "\n# an edit\n", {"pool_source": 5, "pretrain": 5, "finetune": 10,
-                                                          "transferability": 10}),
+        ("transfer.py", lambda t: t + "\n# an edit\n", {"pool_source": 10, "pretrain": 10, "finetune": 20,
+                                                          "transferability": 20}),
         # the scores: only the scoring jobs (and the report) read them
-        ("transferability.py", lambda t: t + "\n# an edit\n", {"transferability": 10, "pretrain": None}),
+        ("transferability.py", lambda t: t + "\n# an edit\n", {"transferability": 20, "pretrain": None}),
     ]
     for name, edit, expected in edits:
         f = pkg / name
@@ -279,39 +289,43 @@ def test_transferability_scores_and_the_random_source(study):
     matches the greedy one in classes and images; the report ranks the scores and compares
     selected, random and the whole pool."""
     res = study / "results" / "tiny"
-    chosen = pd.read_csv(res / "selection" / "selected" / "classes.csv")
-    drawn = pd.read_csv(res / "selection" / "random" / "classes.csv")
+    chosen = pd.read_csv(res / "selection" / "selected" / "rep0" / "classes.csv")
+    drawn = pd.read_csv(res / "selection" / "random" / "rep0" / "classes.csv")
     assert len(drawn) == len(chosen) and set(drawn["class_name"]) != set(chosen["class_name"])
     assert int(drawn["images"].sum()) == min(int(chosen["count"].sum()), int(drawn["count"].sum()))
-    pooled = pd.read_parquet(res / "sources" / "random" / "manifest.parquet")
+    pooled = pd.read_parquet(res / "sources" / "random" / "rep0" / "manifest.parquet")
     kept = pooled[pooled["split"] == "train"].groupby("class_name").size()
     assert kept.to_dict() == drawn.set_index("class_name")["images"].to_dict()
     sources = ["generic", "natural", "generic+natural", "selected", "random"]
-    for s in sources:
-        run_id = json.loads((res / "pretrain" / s / "seed0" / "metrics.json").read_text())["run_id"]
+    for s, k in [(s, k) for s in sources for k in (0, 1)]:
+        run_id = json.loads((res / "pretrain" / s / f"seed{k}" / "metrics.json").read_text())["run_id"]
         for t in ("cub200", "stanford_cars"):
-            sc = pd.read_csv(res / "transferability" / s / t / "scores.csv")
-            assert sc["seed"].tolist() == [0] and sc["model_run_id"].tolist() == [run_id]
-            assert sc["manifest_sha256"].iloc[0] == file_sha256(res / "datasets" / t / "manifest.parquet")
-            target = pd.read_parquet(res / "datasets" / t / "manifest.parquet")
+            sc = pd.read_csv(res / "transferability" / s / t / f"rep{k}" / "scores.csv")
+            assert sc["seed"].tolist() == [k] and sc["model_run_id"].tolist() == [run_id]
+            assert sc["manifest_sha256"].iloc[0] == file_sha256(res / "datasets" / t / f"rep{k}" / "manifest.parquet")
+            target = pd.read_parquet(res / "datasets" / t / f"rep{k}" / "manifest.parquet")
             assert sc["n_images"].iloc[0] == int((target["split"] == "train").sum())
-            classes = pd.read_csv(res / "sources" / s / "classes.csv")
+            classes = pd.read_csv(res / "sources" / s / f"rep{k}" / "classes.csv")
             assert sc["source_classes"].iloc[0] == len(classes)  # LEEP/NCE read the source network's own head
             r = sc.iloc[0]
-            assert np.isfinite(r[["logme", "leep", "nce", "hscore", "knn"]].astype(float)).all()
+            assert np.isfinite(r[["logme", "leep", "nce", "hscore", "regularized_hscore", "knn"]].astype(float)).all()
             assert r["nce"] <= 0 and r["leep"] <= 0 and 0 <= r["knn"] <= 1
     table = pd.read_csv(res / "report" / "transferability.csv")
-    assert table["score"].tolist() == ["emd", "logme", "leep", "nce", "hscore", "knn"]
+    assert table["score"].tolist() == ["emd", "logme", "leep", "nce", "hscore", "regularized_hscore", "knn"]
     assert {"cub200_tau", "stanford_cars_tau", "mean_tau", "mean_weighted_tau", "seconds_per_pair"} <= set(table.columns)
     pairs = pd.read_csv(res / "report" / "transferability_pairs.csv")
-    assert len(pairs) == 6 * len(sources) * 2
+    assert len(pairs) == 7 * len(sources) * 2 * 2  # scores x sources x targets x replicates
     acc = pd.read_csv(res / "report" / "transfer_cells.csv").set_index(["source", "target", "seed"])["top1_acc"]
     for _, p in pairs.iterrows():
         assert p["top1_acc"] == pytest.approx(acc.loc[(p["source"], p["target"], p["seed"])])
     ab = pd.read_csv(res / "report" / "selection_vs_random.csv").set_index("target")
     assert list(ab.index) == ["cub200", "stanford_cars", "mean"]
     assert {"selected_mean", "random_mean", "pool_mean", "selected_minus_random"} <= set(ab.columns)
-    assert ab.loc["cub200", "selected_mean"] == pytest.approx(acc.loc[("selected", "cub200", 0)])
+    assert ab.loc["cub200", "selected_mean"] == pytest.approx(np.mean([acc.loc[("selected", "cub200", k)] for k in (0, 1)]))
+    claims = pd.read_csv(res / "report" / "claims.csv").set_index("claim")
+    mean = claims.loc["transfer:selected-vs-random:mean"]
+    assert mean["replicates"] == 2 and mean["estimate"] == pytest.approx(ab.loc["mean", "selected_minus_random"], abs=1e-6)
+    assert mean["sources"] == "world + random draw + training seed"
     summary = (res / "report" / "summary.md").read_text()
     assert "Which score predicts transfer" in summary and "Is greedy selection worth it?" in summary
     assert (res / "report" / "transferability_vs_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -322,4 +336,4 @@ def test_changing_knn_k_reruns_only_the_scores_and_the_report(study):
     cfg["transfer"]["transferability"] = {"knn_k": 3}
     r = snakemake(study, cfg, "-n")
     assert r.returncode == 0, r.stderr
-    assert planned(r) == {"transferability": 10, "report": 1, "all": 1}
+    assert planned(r) == {"transferability": 20, "report": 1, "all": 1}
