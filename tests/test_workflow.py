@@ -1,6 +1,7 @@
 """The real Snakemake DAG on a reduced study: outputs, MLflow runs, and what a change reruns."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -337,3 +338,26 @@ def test_changing_knn_k_reruns_only_the_scores_and_the_report(study):
     r = snakemake(study, cfg, "-n")
     assert r.returncode == 0, r.stderr
     assert planned(r) == {"transferability": 20, "report": 1, "all": 1}
+
+
+def test_the_report_rebuilt_from_the_same_results_is_byte_identical(study, tmp_path):
+    """One machine, one commit: the report's tables (claims.csv among them) come out
+    byte-identical when built again from the same results, by Snakemake's own command."""
+    res = study / "results" / "tiny" / "report"
+    r = snakemake(study, TINY, "-n", "-p", "--forcerun", "report")
+    assert r.returncode == 0, r.stderr[-2000:]
+    cmd = re.search(r"^(?:Shell command: )?(finetail report .*?) > \S+ 2>&1$", r.stdout, flags=re.M).group(1)
+    cmd = cmd.replace("--out-dir results/tiny/report", f"--out-dir {tmp_path / 'again'}")
+    again = subprocess.run(cmd, shell=True, cwd=study, capture_output=True, text=True,
+                           env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
+    assert again.returncode == 0, again.stderr[-2000:]
+    tables = sorted(p.name for p in res.glob("*.csv"))
+    assert "claims.csv" in tables and len(tables) >= 10
+    timed = {"transferability.csv", "transferability_pairs.csv"}  # they carry each score's measured seconds
+    for name in tables:
+        if name in timed:
+            a, b = (pd.read_csv(d / name) for d in (tmp_path / "again", res))
+            clock = [c for c in a.columns if "seconds" in c or c.endswith("_s")]
+            assert clock and a.drop(columns=clock).equals(b.drop(columns=clock)), name
+        else:
+            assert (tmp_path / "again" / name).read_bytes() == (res / name).read_bytes(), name
