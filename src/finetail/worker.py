@@ -122,12 +122,16 @@ def _send_request(sock: socket.socket, request: dict, fds: list[int]) -> None:
     data = json.dumps(request).encode()
     data = _HEADER.pack(len(data)) + data
     sent = socket.send_fds(sock, [data], fds)
-    sock.sendall(data[sent:])
+    if sent < len(data):  # (an empty send to a worker that has answered and closed would fail)
+        sock.sendall(data[sent:])
 
 
-def _recv_request(conn: socket.socket) -> tuple[dict, list[int]]:
-    """One request and the descriptors sent with it (raises ConnectionError on a short read)."""
+def _recv_request(conn: socket.socket) -> tuple[dict | None, list[int]]:
+    """One request and the descriptors sent with it; None for a connection closed at once
+    (a readiness probe); ConnectionError for one closed mid-request."""
     data, fds, _flags, _addr = socket.recv_fds(conn, 1 << 16, 3)
+    if not data:
+        return None, fds
     while len(data) < _HEADER.size or len(data) < _HEADER.size + _HEADER.unpack_from(data)[0]:
         more = conn.recv(1 << 16)
         if not more:
@@ -245,7 +249,8 @@ def _exit_code(status: int) -> int:
     code = os.waitstatus_to_exitcode(status)
     if code >= 0:
         return code
-    signal.signal(-code, signal.SIG_DFL)
+    if -code not in (signal.SIGKILL, signal.SIGSTOP):  # the two whose handler cannot be set
+        signal.signal(-code, signal.SIG_DFL)
     os.kill(os.getpid(), -code)
     return 128 - code
 
@@ -341,14 +346,15 @@ class Worker:
         fds: list[int] = []
         try:
             request, fds = _recv_request(conn)
-            why = self._refusal(conn, request)
-            if why:
-                conn.sendall(f"refused {why}\n".encode())
+            why = "" if request is None else self._refusal(conn, request)
+            if request is None or why:
+                if why:
+                    conn.sendall(f"refused {why}\n".encode())
                 conn.close()
                 return
             pid = self._fork(conn, request, fds)
         except (OSError, ValueError, KeyError) as e:
-            _log(f"dropped a request: {e}")
+            _log(f"dropped a request from pid {_peer(conn)[0]}: {e}")
             conn.close()
             return
         finally:
@@ -364,7 +370,7 @@ class Worker:
 
     def _refusal(self, conn: socket.socket, request: dict) -> str | None:
         """Why this worker must not run the request (None: it may)."""
-        uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[1]
+        uid = _peer(conn)[1]
         if uid != os.getuid():
             return f"the client runs as uid {uid}, the worker as {os.getuid()}"
         if self.stopping:
@@ -451,6 +457,11 @@ class Worker:
             if os.path.exists(self.path):
                 os.unlink(self.path)
         _log("stopped")
+
+
+def _peer(conn: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of ``conn`` (SO_PEERCRED)."""
+    return struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
 
 
 class _suppress_missing:  # noqa: N801 - used as a context manager, like contextlib.suppress
