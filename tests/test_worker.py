@@ -272,7 +272,9 @@ def test_study_tables_identical_with_and_without_the_worker(tmp_path):
 
 @pytest.mark.slow
 def test_snakemake_interrupted_with_sigint_leaves_no_worker(tmp_path):
-    proc = _snakemake(tmp_path, _study("ctrlc", 400), start_new_session=True)
+    # Long enough jobs (about 15 s each) that one runs in the worker when Ctrl-C comes; the first
+    # ones start while the worker still imports, and run in-process.
+    proc = _snakemake(tmp_path, _study("ctrlc", 120), start_new_session=True)
     log = tmp_path / "logs" / "ctrlc" / "worker" / "worker.log"
     ckpts = tmp_path / "results" / "ctrlc" / "checkpoints"
     try:
