@@ -643,9 +643,10 @@ class LocalWorker:
     ``python -m finetail.worker serve`` in a session of its own, its log in ``log``. It
     imports in the background: jobs that start before its socket exists run in-process."""
 
-    def __init__(self, path: str, log: str | os.PathLike) -> None:
+    def __init__(self, path: str, log: str | os.PathLike, env: dict[str, str] | None = None) -> None:
         self.path = path
         self.log = Path(log)
+        self.env = env  # the worker's environment (default: this process's)
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> str:
@@ -653,7 +654,7 @@ class LocalWorker:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "finetail.worker", "serve", "--socket", self.path, "--parent", str(os.getpid())]
-        env = {k: v for k, v in os.environ.items() if k != ENV}
+        env = {k: v for k, v in (self.env if self.env is not None else os.environ).items() if k != ENV}
         with open(self.log, "a") as log:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
                                          start_new_session=True, close_fds=True)
