@@ -52,6 +52,7 @@ def _env() -> dict:
     env.pop("MLFLOW_TRACKING_URI", None)  # the study's own SQLite store
     env["FINETAIL_DEVICE"] = "cpu"
     env["FINETAIL_WORKER"] = "off"  # in-process unless a run names the bench's worker
+    env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")  # as Snakemake sets them for a job (threads: 1)
     return env
 
 

@@ -13,11 +13,10 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from conftest import ROOT, assert_same_weights, write_toy_manifest
 
 from finetail.training.checkpoint import load_checkpoint
 from finetail.worker import ENV, LocalWorker, socket_path, wanted
-
-from conftest import ROOT, assert_same_weights, write_toy_manifest
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the worker's tests read /proc")
 
@@ -51,7 +50,8 @@ def manifest(tmp_path_factory):
 
 
 def _env(socket: str | None) -> dict:
-    return dict(os.environ, **{ENV: socket or "off"})
+    """A job's environment as Snakemake gives it (threads: 1), with or without the worker."""
+    return dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", **{ENV: socket or "off"})
 
 
 def _train_cmd(manifest: Path, tmp: Path, name: str, spec: dict = SPEC) -> list[str]:
@@ -62,7 +62,7 @@ def _train_cmd(manifest: Path, tmp: Path, name: str, spec: dict = SPEC) -> list[
 
 
 def _run(cmd: list[str], socket: str | None, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, env=_env(socket), timeout=300, **kw)
+    return subprocess.run(cmd, capture_output=True, text=True, env=_env(socket), timeout=300, check=False, **kw)
 
 
 def _jobs_in_log(w: LocalWorker) -> int:
@@ -210,8 +210,13 @@ def _zombie(pid: int) -> bool:
 
 def test_a_worker_refuses_a_client_it_cannot_stand_for(worker):
     cmd = [sys.executable, "-m", "finetail.cli", "check-config", str(ROOT / "config.yaml")]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(worker.path), preexec_fn=lambda: os.umask(0o077))
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(worker.path), check=False,
+                       preexec_fn=lambda: os.umask(0o077))
     assert r.returncode == 0 and "umask differs" in r.stderr and "running in-process" in r.stderr
+    # OpenBLAS would start threads in the forked job before it forks its tracker: not in the worker
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(worker.path) | {"OPENBLAS_NUM_THREADS": "2"},
+                       check=False)
+    assert r.returncode == 0 and "2 BLAS threads" in r.stderr and "running in-process" in r.stderr
 
 
 # --------------------------------------------------------------------------- the workflow
@@ -281,7 +286,7 @@ def test_snakemake_interrupted_with_sigint_leaves_no_worker(tmp_path):
         _wait_for(lambda: log.exists() and ": train " in log.read_text() and any(ckpts.rglob("last.pt")),
                   "a training job in the worker", 300)
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C on the terminal: snakemake and its jobs' clients
-        out, _ = proc.communicate(timeout=120)
+        proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -40,6 +40,7 @@ The workflow starts one worker per study for local runs (``workflow/rules/worker
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import hashlib
 import json
@@ -52,6 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -276,6 +278,7 @@ class Worker:
         self.parent = parent
         self.jobs: dict[int, _Job] = {}  # by pid
         self.stopping = False
+        self._deadline = 0.0  # once stopping: when running jobs are given up on
         self.sel = selectors.DefaultSelector()
         self.identity = _identity()
         self.stamp = _code_stamp()
@@ -286,7 +289,9 @@ class Worker:
     def serve(self) -> None:
         """Bind, then serve until told to stop; the socket file is removed on the way out."""
         if os.path.exists(self.path):
-            os.unlink(self.path)  # a dead worker's socket (the workflow starts one per run)
+            if _answers(self.path):
+                raise RuntimeError(f"another worker serves {self.path}")
+            os.unlink(self.path)  # a dead worker's socket
         old = os.umask(0o077)  # only this user may connect (SO_PEERCRED is checked too)
         try:
             self.listener.bind(self.path)
@@ -380,17 +385,21 @@ class Worker:
                 return f"the worker's {key} differs from the client's ({mine!r} here)"
         if _code_stamp() != self.stamp:
             return f"finetail's sources under {_PACKAGE} changed since the worker started"
-        if _blas_threads(request["env"]) != 1 and not _has_threadpoolctl():
-            return "the job asks for several BLAS threads and threadpoolctl, which sets them, is not installed"
+        blas = _blas_threads(request["env"])
+        if blas != 1:  # OpenBLAS would start its threads in the job before the job forks its tracker
+            return (f"the job asks for {blas} BLAS threads (OPENBLAS_NUM_THREADS or OMP_NUM_THREADS; the "
+                    "worker runs jobs with 1, as Snakemake's threads: 1 sets)")
         return None
 
     def _fork(self, conn: socket.socket, request: dict, fds: list[int]) -> int:
         pid = os.fork()
         if pid == 0:  # the child: never returns into the loop
-            code = 70
+            code = 70  # EX_SOFTWARE: the child could not become the job
             try:
                 self._detach(conn)
                 code = _run_child(request, fds, self.threads)
+            except BaseException:  # noqa: BLE001 - on the job's stderr once it is set up, else the worker's log
+                traceback.print_exc()
             finally:
                 os._exit(code)
         with _suppress_missing():
@@ -459,19 +468,24 @@ class Worker:
         _log("stopped")
 
 
+def _answers(path: str) -> bool:
+    """Whether a process listens on the Unix socket ``path``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(path)
+        except OSError:
+            return False
+    return True
+
+
 def _peer(conn: socket.socket) -> tuple[int, int, int]:
     """(pid, uid, gid) of the process at the other end of ``conn`` (SO_PEERCRED)."""
     return struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
 
 
-class _suppress_missing:  # noqa: N801 - used as a context manager, like contextlib.suppress
-    """Suppress OSError and KeyError/ValueError of an already-closed or unregistered object."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, typ, exc, tb) -> bool:
-        return typ is not None and issubclass(typ, OSError | KeyError | ValueError)
+def _suppress_missing() -> contextlib.suppress:
+    """Suppress the OSError, KeyError or ValueError of an object already closed, gone or unregistered."""
+    return contextlib.suppress(OSError, KeyError, ValueError)
 
 
 def _signal(pid: int, signum: int) -> None:
@@ -519,12 +533,6 @@ def _blas_threads(env: dict[str, str]) -> int:
     return _env_int(env, "OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS") or os.cpu_count() or 1
 
 
-def _has_threadpoolctl() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("threadpoolctl") is not None
-
-
 def _default_threads() -> int:
     """torch's intra-op thread count with no ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` (read
     in the worker, which removed both before importing torch; starts no thread)."""
@@ -534,17 +542,13 @@ def _default_threads() -> int:
 
 
 def _apply_threads(env: dict[str, str], default: int) -> None:
-    """Thread counts as a fresh interpreter with ``env`` would have them: torch's from
-    ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS``, OpenBLAS's from its variables. The job may set
-    its own afterwards (``--threads``), as it does in-process."""
+    """torch's thread count as a fresh interpreter with ``env`` would have it (from
+    ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS``, else the default); no thread starts until the
+    job's first parallel operation. The job may set its own afterwards (``--threads``), as
+    in-process. OpenBLAS's count is 1, the worker's: a job that asks for more is refused."""
     import torch
 
     torch.set_num_threads(_env_int(env, "OMP_NUM_THREADS", "MKL_NUM_THREADS") or default)
-    blas = _blas_threads(env)
-    if blas != 1:
-        from threadpoolctl import threadpool_limits
-
-        threadpool_limits(limits=blas, user_api="blas")
 
 
 def _std_streams(fds: list[int], targets: list[int], env: dict[str, str]) -> None:
@@ -599,7 +603,6 @@ def _exit_like_python(argv: list[str]) -> int:
     then non-daemon threads joined, ``atexit`` handlers run, streams flushed."""
     import atexit
     import threading
-    import traceback
 
     from finetail import cli
 
@@ -751,7 +754,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {e}") from None
     gc.collect()
     gc.freeze()  # fewer pages written (copied) in the children by the collector
-    Worker(a.socket, a.parent).serve()
+    try:
+        Worker(a.socket, a.parent).serve()
+    except RuntimeError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":
