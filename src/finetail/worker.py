@@ -279,6 +279,7 @@ class Worker:
         self.jobs: dict[int, _Job] = {}  # by pid
         self.stopping = False
         self._deadline = 0.0  # once stopping: when running jobs are given up on
+        self._stop_signal = 0  # a stop signal received, for the loop to act on
         self.sel = selectors.DefaultSelector()
         self.identity = _identity()
         self.stamp = _code_stamp()
@@ -316,16 +317,20 @@ class Worker:
             self._close()
 
     def _on_stop(self, signum: int, _frame: object) -> None:
-        if not self.stopping:
-            self._stop(f"signal {signal.Signals(signum).name}")
+        """The stop signals' handler: noted here, acted on by the loop (the wakeup fd wakes it)."""
+        self._stop_signal = self._stop_signal or signum
 
     def _stop(self, why: str) -> None:
-        """Accept no more jobs; SIGTERM the running ones and give them 30 s to checkpoint."""
+        """Accept no more jobs (the socket goes: waiting and later clients run in-process);
+        SIGTERM the running ones and give them 30 s to checkpoint and end."""
         _log(f"stopping ({why}); {len(self.jobs)} job(s) running")
         self.stopping = True
         self._deadline = time.monotonic() + 30.0
         with _suppress_missing():
             self.sel.unregister(self.listener)
+        self.listener.close()
+        with _suppress_missing():
+            os.unlink(self.path)
         for pid in self.jobs:
             _signal(pid, signal.SIGTERM)
 
@@ -339,7 +344,11 @@ class Worker:
             else:
                 self._from_client(key.data)
         self._reap()
-        if self.parent is not None and os.getppid() != self.parent and not self.stopping:
+        if self.stopping:
+            return
+        if self._stop_signal:
+            self._stop(f"signal {signal.Signals(self._stop_signal).name}")
+        elif self.parent is not None and os.getppid() != self.parent:
             self._stop(f"its parent {self.parent} ended")
 
     def _accept(self) -> None:
@@ -359,7 +368,7 @@ class Worker:
                 return
             pid = self._fork(conn, request, fds)
         except (OSError, ValueError, KeyError) as e:
-            _log(f"dropped a request from pid {_peer(conn)[0]}: {e}")
+            _log(f"dropped a request: {e}")
             conn.close()
             return
         finally:
@@ -382,7 +391,8 @@ class Worker:
             return "the worker is stopping"
         for key, mine in self.identity.items():
             if request.get(key) != mine:
-                return f"the worker's {key} differs from the client's ({mine!r} here)"
+                here = "" if key == "path" else f" ({mine!r} here)"  # sys.path: too long for one line
+                return f"the worker's {key} differs from the client's{here}"
         if _code_stamp() != self.stamp:
             return f"finetail's sources under {_PACKAGE} changed since the worker started"
         blas = _blas_threads(request["env"])
@@ -461,9 +471,9 @@ class Worker:
     def _close(self) -> None:
         signal.set_wakeup_fd(-1)
         self.sel.close()
-        self.listener.close()
-        with _suppress_missing():
-            if os.path.exists(self.path):
+        if self.listener.fileno() != -1:  # not closed by _stop: remove the socket too
+            self.listener.close()
+            with _suppress_missing():
                 os.unlink(self.path)
         _log("stopped")
 
