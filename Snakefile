@@ -20,6 +20,7 @@ validate(config, schema="workflow/schemas/config.schema.yaml")
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/worker.smk"
 
 
 wildcard_constraints:

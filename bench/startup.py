@@ -13,6 +13,11 @@ Measured as subprocesses (a fresh interpreter each, as Snakemake starts them):
   check are set up, so the figure is everything a job pays before it trains. The whole run's
   wall time is recorded too. All runs share one study folder, hence one MLflow store (as the
   jobs of a study do); the first run, which creates the store's tables, is not counted.
+- **whole job, in-process and through the worker**: the same tiny job's wall time from
+  ``Popen`` to its exit, run as today (``FINETAIL_WORKER=off``) and forwarded to a warm
+  worker (:mod:`finetail.worker`, started once for the bench, not counted), alternated
+  (in-process first in even rounds, the worker first in odd ones) so that both see the same
+  machine: ``whole_job_inprocess_s`` and ``whole_job_worker_s``.
 
 Each figure is the median of ``--runs`` runs (default 5), all runs listed. The dataset and
 the runs live in a scratch directory; nothing outside it is written except ``--out``.
@@ -46,7 +51,20 @@ def _env() -> dict:
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "") if env.get("PYTHONPATH") else src
     env.pop("MLFLOW_TRACKING_URI", None)  # the study's own SQLite store
     env["FINETAIL_DEVICE"] = "cpu"
+    env["FINETAIL_WORKER"] = "off"  # in-process unless a run names the bench's worker
+    env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")  # as Snakemake sets them for a job (threads: 1)
     return env
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``), else the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def time_import(env: dict) -> float:
@@ -82,7 +100,44 @@ def time_train(env: dict, manifest: Path, work: Path) -> tuple[float, float | No
     total = time.perf_counter() - t0
     if rc != 0 or first is None:
         raise RuntimeError(f"finetail train failed (exit {rc}) or never logged {MARK!r}:\n{''.join(lines)}")
+    if env.get("FINETAIL_WORKER") != "off" and any("running in-process" in line for line in lines):
+        raise RuntimeError(f"a job meant for the worker ran in-process:\n{''.join(lines)}")
     return first, cpu, total
+
+
+def _start_worker(env: dict, tmp: Path):
+    """A warm worker for the bench's runs (finetail.worker), ready."""
+    sys.path.insert(0, env["PYTHONPATH"].split(os.pathsep)[0])  # this checkout's library, as the jobs'
+    from finetail.worker import LocalWorker
+
+    worker = LocalWorker(str(tmp / "w.sock"), tmp / "worker.log", env={k: v for k, v in env.items()
+                                                                         if k != "FINETAIL_WORKER"})
+    worker.start()
+    if not worker.wait_ready(300):
+        raise RuntimeError(f"the worker did not start:\n{worker.log.read_text()}")
+    return worker
+
+
+def time_jobs(env: dict, manifest: Path, tmp: Path, runs: int) -> dict[str, list]:
+    """``runs`` tiny jobs in-process and ``runs`` through a warm worker, alternated, after one
+    unmeasured run of each (the first creates the MLflow store's tables)."""
+    worker = _start_worker(env, tmp)
+    modes = {"inprocess": env, "worker": dict(env, FINETAIL_WORKER=worker.path)}
+    got: dict[str, list] = {f"{m}_{k}": [] for m in modes for k in ("first", "cpu", "total")}
+    try:
+        for i in range(runs + 1):
+            for mode in (("inprocess", "worker") if i % 2 == 0 else ("worker", "inprocess")):
+                first, cpu, total = time_train(modes[mode], manifest, tmp / f"{mode}{i}")
+                if i:
+                    for k, v in (("first", first), ("cpu", cpu), ("total", total)):
+                        got[f"{mode}_{k}"].append(v)
+    finally:
+        worker.stop()
+    return got
+
+
+def _median(xs: list) -> float | None:
+    return round(statistics.median(xs), 3) if xs and None not in xs else None
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -99,23 +154,23 @@ def main(argv: list[str] | None = None) -> dict:
                        stderr=subprocess.DEVNULL)
         time_import(env)  # warm the file cache and the bytecode once, unmeasured
         imports = [time_import(env) for _ in range(a.runs)]
-        firsts, cpus, totals = [], [], []
-        for i in range(a.runs + 1):
-            first, cpu, total = time_train(env, tmp / "gen10" / "manifest.parquet", tmp / f"run{i}")
-            if i:  # the first run warms caches (and creates the MLflow store's tables): dropped
-                firsts.append(first)
-                cpus.append(cpu)
-                totals.append(total)
+        got = time_jobs(env, tmp / "gen10" / "manifest.parquet", tmp, a.runs)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     out = {
         "import_finetail_cli_s": round(statistics.median(imports), 3),
-        "train_to_first_step_s": round(statistics.median(firsts), 3),
-        "train_cpu_to_first_step_s": round(statistics.median(cpus), 3) if None not in cpus else None,
-        "train_total_s": round(statistics.median(totals), 3),
-        "runs": {"import": [round(x, 3) for x in imports], "first_step": [round(x, 3) for x in firsts],
-                 "first_step_cpu": cpus, "total": [round(x, 3) for x in totals]},
+        "train_to_first_step_s": _median(got["inprocess_first"]),
+        "train_cpu_to_first_step_s": _median(got["inprocess_cpu"]),
+        "train_total_s": _median(got["inprocess_total"]),
+        "whole_job_inprocess_s": _median(got["inprocess_total"]),
+        "whole_job_worker_s": _median(got["worker_total"]),
+        "worker_to_first_step_s": _median(got["worker_first"]),
+        "runs": {"import": [round(x, 3) for x in imports], "first_step": [round(x, 3) for x in got["inprocess_first"]],
+                 "first_step_cpu": got["inprocess_cpu"], "total": [round(x, 3) for x in got["inprocess_total"]],
+                 "worker_first_step": [round(x, 3) for x in got["worker_first"]],
+                 "worker_total": [round(x, 3) for x in got["worker_total"]]},
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model(),
         "load_1min_before": load_before,
         "load_1min_after": load,
     }
@@ -129,7 +184,8 @@ def main(argv: list[str] | None = None) -> dict:
     a.out.write_text(json.dumps(out, indent=2) + "\n")
     print(f"import finetail.cli: {out['import_finetail_cli_s']:.2f} s; finetail train to its first step: "
           f"{out['train_to_first_step_s']:.2f} s ({out['train_cpu_to_first_step_s']} s CPU; whole job "
-          f"{out['train_total_s']:.2f} s); median of {a.runs}, "
+          f"{out['train_total_s']:.2f} s); through the worker: first step {out['worker_to_first_step_s']:.2f} s, "
+          f"whole job {out['whole_job_worker_s']:.2f} s; median of {a.runs}, "
           f"1-min load {load_before} before, {load} after; -> {a.out}")
     return out
 

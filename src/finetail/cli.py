@@ -354,6 +354,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run ``finetail <argv>`` (default: the command line). From the command line, with
+    ``FINETAIL_WORKER`` naming a live worker (``finetail.worker``), the command runs there,
+    forked from a process that has imported torch & co. already, and this process ends as
+    the job ends; otherwise (no worker, dead, refused) here."""
+    if argv is None and os.environ.get("FINETAIL_WORKER"):
+        from .worker import run_in_worker
+
+        code = run_in_worker()
+        if code is not None:
+            raise SystemExit(code)
     from .errors import UserError
     from .tracking import TrackingUnavailable
 
