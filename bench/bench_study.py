@@ -126,6 +126,17 @@ def run_study(a: argparse.Namespace, worker: str | None, keep: bool) -> tuple[di
     return result, work
 
 
+def _commit() -> str:
+    """The checkout's commit (and whether it had uncommitted changes), for the record."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return head.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -168,6 +179,8 @@ def compare_worker(a: argparse.Namespace) -> dict:
         "ratio_inprocess_over_worker": round(med["inprocess"] / med["worker"], 3),
         "report_differs_worker_vs_inprocess": _differing(digests["inprocess"][0], digests["worker"][0]),
         "runs": runs,
+        "machine": runs["worker"][0]["machine"],
+        "commit": _commit(),
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
     if len(digests["inprocess"]) > 1:

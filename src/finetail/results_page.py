@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
-__all__ = ["TABLES", "check", "publish", "read_table", "render_page", "render_readme_block"]
+__all__ = ["TABLES", "check", "publish", "read_table", "render_page", "render_readme_block", "render_speed_block"]
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
@@ -35,6 +35,8 @@ PAGE = DOCS / "results.md"
 README = ROOT / "README.md"
 BEGIN, END = "<!-- results:default:begin (rendered by python -m finetail.results_page render) -->", \
     "<!-- results:default:end -->"
+SPEED_BEGIN, SPEED_END = "<!-- speed:default:begin (rendered by python -m finetail.results_page render) -->", \
+    "<!-- speed:default:end -->"
 
 # The report tables a results page reads.
 TABLES = ("claims.csv", "cbloss_methods.csv", "transfer_table.csv", "selection_vs_random.csv", "transferability.csv")
@@ -61,8 +63,9 @@ def _commit() -> str:
         return "unknown"
 
 
-def publish(report: Path, name: str, wall_s: float | None, out: Path = RESULTS) -> list[Path]:
-    """Copy ``report``'s :data:`TABLES` to ``out/<name>_<table>`` with the run's header lines."""
+def publish(report: Path, name: str, wall_s: float | None, out: Path = RESULTS, speed: Path | None = None) -> list[Path]:
+    """Copy ``report``'s :data:`TABLES` to ``out/<name>_<table>`` with the run's header lines
+    (and ``speed``, a ``bench/bench_study.py --compare-worker`` JSON, to ``out/<name>_speed.json``)."""
     claims = pd.read_csv(report / "claims.csv")
     replicates = int(claims["replicates"].max()) if len(claims) else 0
     header = [f"# commit: {_commit()}", f"# date: {datetime.now(UTC).strftime('%Y-%m-%d')}",
@@ -78,6 +81,10 @@ def publish(report: Path, name: str, wall_s: float | None, out: Path = RESULTS) 
             continue
         dst = out / f"{name}_{table}"
         dst.write_text("\n".join(header) + "\n" + src.read_text())
+        written.append(dst)
+    if speed is not None:
+        dst = out / f"{name}_speed.json"
+        dst.write_text(Path(speed).read_text())
         written.append(dst)
     return written
 
@@ -170,9 +177,36 @@ def render_page(results: Path = RESULTS, name: str = "default") -> str:
         out += [f"| {r.target} | {_ci(r.selected_minus_random, r.ci_low, r.ci_high)} | "
                 f"{r.p_improve:.2f} [{r.p_improve_low:.2f}, {r.p_improve_high:.2f}] | {r.verdict} |" for r in ab.itertuples()]
         out.append("")
+    out += ["## Speed", "", *_speed_lines(results, name), ""]
     out += ["Every comparison (each loss against softmax per metric, each score against the best) is in "
             f"[`results/{name}_claims.csv`](results/{name}_claims.csv).", ""]
     return "\n".join(out)
+
+
+def _speed_lines(results: Path, name: str) -> list[str]:
+    """The study's wall time without and with the warm worker (``<name>_speed.json``)."""
+    import json
+
+    path = results / f"{name}_speed.json"
+    if not path.is_file():
+        return ["No speed figure published for this study."]
+    sp = json.loads(path.read_text())
+    m = sp.get("machine", {})
+    walls = sp["wall_s"]
+    rows = ["| `snakemake --cores 2` from an empty `results/` | wall time (s) | runs |", "|---|---|---|",
+            f"| every job in its own interpreter (`FINETAIL_WORKER=off`) | {sp['median_wall_s']['inprocess']:.1f} | "
+            f"{', '.join(f'{w:.1f}' for w in walls['inprocess'])} |",
+            f"| through the warm local worker (the default) | {sp['median_wall_s']['worker']:.1f} | "
+            f"{', '.join(f'{w:.1f}' for w in walls['worker'])} |"]
+    return [*rows, "", f"Ratio {sp['ratio_inprocess_over_worker']:.2f} (medians; runs alternated, each from a fresh "
+            f"folder) by `bench/bench_study.py --compare-worker {len(walls['worker'])}` on {sp.get('date', '?')}, "
+            f"commit `{str(sp.get('commit', '?'))[:12]}`, {m.get('processor', '?')} ({m.get('cpus', '?')} cores), "
+            f"torch {m.get('torch', '?')}."]
+
+
+def render_speed_block(results: Path = RESULTS, name: str = "default") -> str:
+    """The README's speed block: the default study's wall time without and with the worker."""
+    return "\n".join([SPEED_BEGIN, *_speed_lines(results, name), SPEED_END])
 
 
 def render_readme_block(results: Path = RESULTS, name: str = "default") -> str:
@@ -181,11 +215,16 @@ def render_readme_block(results: Path = RESULTS, name: str = "default") -> str:
     return "\n".join([BEGIN, _provenance(meta), "", *_claims_lines(claims), "", END])
 
 
-def _with_block(readme: str, block: str) -> str:
-    if BEGIN not in readme or END not in readme:
-        raise ValueError(f"{README}: no results block ({BEGIN} ... {END})")
-    a, b = readme.index(BEGIN), readme.index(END) + len(END)
+def _with_block(readme: str, block: str, begin: str = BEGIN, end: str = END) -> str:
+    if begin not in readme or end not in readme:
+        raise ValueError(f"{README}: no rendered block ({begin} ... {end})")
+    a, b = readme.index(begin), readme.index(end) + len(end)
     return readme[:a] + block + readme[b:]
+
+
+def _rendered_readme(text: str, results: Path) -> str:
+    text = _with_block(text, render_readme_block(results))
+    return _with_block(text, render_speed_block(results), SPEED_BEGIN, SPEED_END)
 
 
 def check(results: Path = RESULTS) -> list[str]:
@@ -193,8 +232,8 @@ def check(results: Path = RESULTS) -> list[str]:
     bad = []
     if not PAGE.is_file() or PAGE.read_text() != render_page(results):
         bad.append(str(PAGE))
-    if _with_block(README.read_text(), render_readme_block(results)) != README.read_text():
-        bad.append(f"{README} (results block)")
+    if _rendered_readme(README.read_text(), results) != README.read_text():
+        bad.append(f"{README} (results or speed block)")
     return bad
 
 
@@ -205,15 +244,16 @@ def main(argv: list[str] | None = None) -> None:
     pub.add_argument("report", type=Path, help="results/<study>/report")
     pub.add_argument("--name", default="default")
     pub.add_argument("--wall-s", type=float, default=None, help="the study's wall time, seconds")
+    pub.add_argument("--speed", type=Path, default=None, help="bench/out/study_worker.json (bench_study.py --compare-worker)")
     sub.add_parser("render", help="write docs/results.md and the README's results block from docs/results/")
     sub.add_parser("check", help="exit 1 when docs/results.md or the README block differ from their rendering")
     a = p.parse_args(argv)
     if a.cmd == "publish":
-        for path in publish(a.report, a.name, a.wall_s):
+        for path in publish(a.report, a.name, a.wall_s, speed=a.speed):
             print(f"wrote {path}")
     elif a.cmd == "render":
         PAGE.write_text(render_page())
-        README.write_text(_with_block(README.read_text(), render_readme_block()))
+        README.write_text(_rendered_readme(README.read_text(), RESULTS))
         print(f"wrote {PAGE} and the results block of {README}")
     else:
         bad = check()
