@@ -15,6 +15,7 @@ rendering (a test runs it).
 from __future__ import annotations
 
 import argparse
+import json
 import io
 import math
 import os
@@ -185,7 +186,6 @@ def render_page(results: Path = RESULTS, name: str = "default") -> str:
 
 def _speed_lines(results: Path, name: str) -> list[str]:
     """The study's wall time without and with the warm worker (``<name>_speed.json``)."""
-    import json
 
     path = results / f"{name}_speed.json"
     if not path.is_file():
@@ -198,10 +198,20 @@ def _speed_lines(results: Path, name: str) -> list[str]:
             f"{', '.join(f'{w:.1f}' for w in walls['inprocess'])} |",
             f"| through the warm local worker (the default) | {sp['median_wall_s']['worker']:.1f} | "
             f"{', '.join(f'{w:.1f}' for w in walls['worker'])} |"]
-    return [*rows, "", f"Ratio {sp['ratio_inprocess_over_worker']:.2f} (medians; runs alternated, each from a fresh "
-            f"folder) by `bench/bench_study.py --compare-worker {len(walls['worker'])}` on {sp.get('date', '?')}, "
-            f"commit `{str(sp.get('commit', '?'))[:12]}`, {m.get('processor', '?')} ({m.get('cpus', '?')} cores), "
-            f"torch {m.get('torch', '?')}."]
+    out = [*rows, "", f"Ratio {sp['ratio_inprocess_over_worker']:.2f} (medians; runs alternated, each from a fresh "
+           f"folder) by `bench/bench_study.py --compare-worker {len(walls['worker'])}` on {sp.get('date', '?')}, "
+           f"commit `{str(sp.get('commit', '?'))[:12]}`, {m.get('processor', '?')} ({m.get('cpus', '?')} cores), "
+           f"torch {m.get('torch', '?')}."]
+    startup = results / "startup.json"
+    if startup.is_file():
+        st = json.loads(startup.read_text())
+        n = len(st.get("runs", {}).get("total", [])) or "?"
+        out += ["", f"A tiny `finetail train` job, start to end (`bench/startup.py --runs {n}`, "
+                f"medians, alternated): **{st['whole_job_inprocess_s']:.2f} s** in its own interpreter, "
+                f"**{st['whole_job_worker_s']:.2f} s** through the worker (its first step after "
+                f"{st['train_to_first_step_s']:.2f} s and {st['worker_to_first_step_s']:.2f} s); {st.get('cpu_model', '?')}, "
+                f"1-minute load {st.get('load_1min_before', float('nan')):.1f} before the runs."]
+    return out
 
 
 def render_speed_block(results: Path = RESULTS, name: str = "default") -> str:
