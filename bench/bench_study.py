@@ -36,6 +36,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))  # the checkout's finetail, installed or not
+
+from finetail.results_page import cpu_model, git_commit  # noqa: E402
 
 
 def _children() -> dict[int, int]:
@@ -117,34 +120,13 @@ def run_study(a: argparse.Namespace, worker: str | None, keep: bool) -> tuple[di
         "peak_rss_total_mb": round(peak_sum / 1024, 1),
         "peak_rss_single_mb": round(peak_one / 1024, 1),
         "training_jobs": {k: {"count": len(v), "mean_train_s": round(sum(v) / len(v), 1)} for k, v in jobs.items()},
-        "machine": {"cpus": os.cpu_count(), "processor": _cpu_model(),
+        "machine": {"cpus": os.cpu_count(), "processor": cpu_model(),
                     "python": platform.python_version(), "torch": torch_version, "torch_threads": threads},
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
     if not a.here and not keep:
         shutil.rmtree(work, ignore_errors=True)
     return result, work
-
-
-def _commit() -> str:
-    """The checkout's commit (and whether it had uncommitted changes), for the record."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return head.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def report_digests(work: Path) -> dict[str, str]:
@@ -180,7 +162,7 @@ def compare_worker(a: argparse.Namespace) -> dict:
         "report_differs_worker_vs_inprocess": _differing(digests["inprocess"][0], digests["worker"][0]),
         "runs": runs,
         "machine": runs["worker"][0]["machine"],
-        "commit": _commit(),
+        "commit": git_commit(),
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
     if len(digests["inprocess"]) > 1:

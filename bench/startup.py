@@ -56,17 +56,6 @@ def _env() -> dict:
     return env
 
 
-def cpu_model() -> str:
-    """The CPU's model name (Linux ``/proc/cpuinfo``), else the platform's processor string."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def time_import(env: dict) -> float:
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", "import finetail.cli"], env=env, check=True)
@@ -156,6 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
         imports = [time_import(env) for _ in range(a.runs)]
         got = time_jobs(env, tmp / "gen10" / "manifest.parquet", tmp, a.runs)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    from finetail.results_page import cpu_model  # here, after the timed runs: the parent's imports time nothing
+
     out = {
         "import_finetail_cli_s": round(statistics.median(imports), 3),
         "train_to_first_step_s": _median(got["inprocess_first"]),

@@ -104,7 +104,8 @@ UNSAFE = {
                     "cb;touch PWNED"),
     "study /": (_set(("study",), "../elsewhere"), "study", "../elsewhere"),
     "source name": (_add_key(("transfer", "sources"), "a b", ["generic"]), "transfer.sources", "a b"),
-    "target": (_append(("transfer", "targets"), "../cub200"), "transfer.targets[3]", "../cub200"),
+    # appended after the default study's seven targets
+    "target": (_append(("transfer", "targets"), "../cub200"), "transfer.targets[7]", "../cub200"),
     "selection name": (_set(("transfer", "selection", "name"), "sel`touch PWNED`"), "transfer.selection.name",
                        "sel`touch PWNED`"),
     "selection pool": (_append(("transfer", "selection", "pool"), "/etc"), "transfer.selection.pool[2]", "/etc"),

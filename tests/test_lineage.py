@@ -84,7 +84,7 @@ def test_finetune_lineage_reaches_pretrain_pooled_source_and_world_seed(study):
     for name, ds in world.items():
         assert ds["origin"] == "finetail.world" and ds["seed"] == SMALL["world"]["seed"] == 0
         assert ds["world"]["image_size"] == 16 and ds["sizes"]["train_per_class"] == 12
-        assert ds["folder"] == str(res / "datasets" / name / "rep0")
+        assert ds["folder"] == str(res / "datasets" / name / "rep0") and ds["replicate_key"] == 0
 
     text = format_lineage(chain)
     assert record["run_id"] in text and pre["run_id"] in text

@@ -126,11 +126,14 @@ def test_one_mlflow_run_per_training_job(study):
     by_rule = {}
     for run in runs:
         by_rule.setdefault(run.data.tags["finetail.rule"], []).append(run)
-    assert {k: len(v) for k, v in by_rule.items()} == {"cbloss": 8, "pretrain": 5, "finetune": 12, "cbloss_natural": 2}
-    pretrain_ids = {r.data.tags["finetail.wildcard.source"]: r.info.run_id for r in by_rule["pretrain"]}
-    for run in by_rule["finetune"]:
-        src = run.data.tags["finetail.wildcard.source"]
-        assert run.data.tags.get("mlflow.parentRunId") == pretrain_ids.get(src)  # None for scratch
+    # every job x 2 replicates; cbloss_natural's dataset is a world dataset too
+    assert {k: len(v) for k, v in by_rule.items()} == {"cbloss": 8, "pretrain": 10, "finetune": 24, "cbloss_natural": 4}
+    def key(run):
+        return run.data.tags["finetail.wildcard.source"], run.data.tags["finetail.wildcard.seed"]
+
+    pretrain_ids = {key(r): r.info.run_id for r in by_rule["pretrain"]}
+    for run in by_rule["finetune"]:  # replicate R's fine-tune: a child of the source's replicate-R pretraining
+        assert run.data.tags.get("mlflow.parentRunId") == pretrain_ids.get(key(run))  # None for scratch
     for run in by_rule["cbloss"]:
         tags, params = run.data.tags, run.data.params
         assert run.info.status == "FINISHED"
@@ -138,7 +141,7 @@ def test_one_mlflow_run_per_training_job(study):
         ds, imb, loss, seed = (tags[f"finetail.wildcard.{k}"] for k in ("dataset", "imbalance", "loss", "seed"))
         assert re.fullmatch(r"[0-9a-f]{40}|unknown", tags["mlflow.source.git.commit"])
         assert len(tags["finetail.config_digest"]) == 64
-        manifest = res / "longtail" / f"{ds}_if{imb}" / "manifest.parquet"
+        manifest = res / "longtail" / f"{ds}_if{imb}" / f"rep{seed}" / "manifest.parquet"
         assert tags["finetail.input.manifest.sha256"] == file_sha256(manifest)
         assert params["recipe.epochs"] == "3" and params["loss.type"] in ("softmax", "focal")
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]

@@ -41,7 +41,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["TRAINING", "Layout", "imbalance_tag", "parse_train_dir"]
+__all__ = ["TRAINING", "Layout", "imbalance_tag", "parse_train_dir", "split_replicate"]
 
 # One training job's result folder, per training rule, as a pattern over the rule's wildcards.
 # Every training job runs once per replicate (``replicates.count``), the last part: seed<R>.
@@ -73,9 +73,26 @@ def imbalance_tag(imbalance: float | str) -> str:
     return imbalance if isinstance(imbalance, str) else f"{imbalance:g}"
 
 
+_REP = "rep"
+
+
 def _rep(rep: int | str | None) -> list[str]:
     """The replicate part of a path (``rep<k>``), or none for data stored once (a real dataset)."""
-    return [] if rep is None else [f"rep{rep}"]
+    return [] if rep is None else [f"{_REP}{rep}"]
+
+
+def split_replicate(folder: str | os.PathLike) -> tuple[Path, int | None]:
+    """A stage's output folder without its replicate part, and the replicate key (None when
+    the folder has none): ``datasets/gen10/rep2`` -> (``datasets/gen10``, 2).
+
+    >>> split_replicate("results/s/datasets/gen10/rep2")
+    (PosixPath('results/s/datasets/gen10'), 2)
+    >>> split_replicate("results/s/datasets/cifar10")
+    (PosixPath('results/s/datasets/cifar10'), None)
+    """
+    p = Path(folder)
+    m = re.fullmatch(rf"{_REP}(\d+)", p.name)
+    return (p.parent, int(m.group(1))) if m else (p, None)
 
 
 def _folder(rule: str, wildcards: dict) -> str:

@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 
 import pandas as pd
 
-from .training.recipe import LONGTAIL_CIFAR_RECIPE, TrainConfig
+from .training.recipe import LONGTAIL_CIFAR_RECIPE, TrainConfig, show_value
 
 __all__ = [
     "BEST",
@@ -131,16 +131,6 @@ class Pairing(NamedTuple):
 NONE = Pairing(math.nan, None, None, False)
 
 
-def _show(v: Any) -> str:
-    if isinstance(v, bool) or v is None:
-        return "null" if v is None else str(v).lower()
-    if isinstance(v, float):
-        return f"{v:g}"
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(map(_show, v)) + "]"
-    return str(v)
-
-
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, list | tuple) or isinstance(b, list | tuple):
         return (isinstance(a, list | tuple) and isinstance(b, list | tuple) and len(a) == len(b)
@@ -165,9 +155,9 @@ def compare(published: Mapping[str, Any], ours: Mapping[str, Any]) -> list[str]:
             continue
         theirs = published[f]
         if f not in ours:
-            out.append(f"{f} {_show(theirs)} vs ours —")
+            out.append(f"{f} {show_value(theirs)} vs ours —")
         elif not _same(theirs, ours[f]):
-            out.append(f"{f} {_show(theirs)} vs ours {_show(ours[f])}")
+            out.append(f"{f} {show_value(theirs)} vs ours {show_value(ours[f])}")
     return out
 
 
@@ -333,7 +323,8 @@ def cifar_data_reason(spec: Mapping[str, Any], name: str, results: str | Path | 
         return f"`{name}` is not among the study's datasets, so its source is unknown"
     kind = d.get("kind")
     if kind != "registry":
-        return f"`{name}` is {'generated (world)' if kind == 'world' else f'a {kind} dataset'}, not the CIFAR archive"
+        article = "an" if str(kind)[:1] in "aeiou" else "a"
+        return f"`{name}` is {'generated (world)' if kind == 'world' else f'{article} {kind} dataset'}, not the CIFAR archive"
     reg = d.get("name", name)
     if reg not in CIFAR_ARCHIVES:
         return f"`{name}` is the registry's `{reg}`, not CIFAR-10/100"

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import pandas as pd
 
-__all__ = ["TABLES", "check", "publish", "read_table", "render_page", "render_readme_block", "render_speed_block"]
+__all__ = ["TABLES", "check", "cpu_model", "git_commit", "publish", "read_table", "render_page",
+           "render_readme_block", "render_speed_block"]
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
@@ -51,10 +52,11 @@ def cpu_model() -> str:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or "unknown CPU"
+    return platform.processor() or platform.machine()
 
 
-def _commit() -> str:
+def git_commit() -> str:
+    """The checkout's commit, and whether tracked files had uncommitted changes."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
@@ -69,7 +71,7 @@ def publish(report: Path, name: str, wall_s: float | None, out: Path = RESULTS, 
     (and ``speed``, a ``bench/bench_study.py --compare-worker`` JSON, to ``out/<name>_speed.json``)."""
     claims = pd.read_csv(report / "claims.csv")
     replicates = int(claims["replicates"].max()) if len(claims) else 0
-    header = [f"# commit: {_commit()}", f"# date: {datetime.now(UTC).strftime('%Y-%m-%d')}",
+    header = [f"# commit: {git_commit()}", f"# date: {datetime.now(UTC).strftime('%Y-%m-%d')}",
               f"# cpu: {cpu_model()} ({os.cpu_count()} cores)", f"# replicates: {replicates}",
               f"# study: {report.parent.name}"]
     if wall_s is not None:

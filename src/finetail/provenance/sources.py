@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..fileio import read_json
-from ..layout import Layout
+from ..layout import Layout, split_replicate
 
 __all__ = ["SOURCE_JSON", "dataset_node", "manifest_sources"]
 
@@ -35,7 +35,10 @@ def dataset_node(folder: Path) -> dict:
     "finetail.world" (``seed``, ``world``, ``sizes``), "registry" (``files``: filename,
     sha256, url), "imagefolder" or "unknown"."""
     sj = read_json(folder / SOURCE_JSON)
-    node: dict[str, Any] = {"type": "dataset", "name": folder.name, "folder": str(folder)}
+    named, rep = split_replicate(folder)  # a generated dataset: one folder per world (rep<k>)
+    node: dict[str, Any] = {"type": "dataset", "name": named.name, "folder": str(folder)}
+    if rep is not None:
+        node["replicate_key"] = rep
     if sj.get("source") == "finetail.world":
         world = sj.get("world", {})
         node.update(origin="finetail.world", seed=world.get("seed"), world=world, sizes=sj.get("sizes", {}),

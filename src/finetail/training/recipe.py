@@ -378,13 +378,14 @@ def _same(ours: Any, paper: Any) -> bool:
     return isinstance(ours, int | float) and not isinstance(ours, bool) and float(ours) == float(paper)
 
 
-def _show(v: Any) -> str:
+def show_value(v: Any) -> str:
+    """A recipe value as a config file spells it: ``null``, ``true``, ``0.1``, ``[160, 180]``."""
     if v is None or isinstance(v, bool):
         return "null" if v is None else str(v).lower()
     if isinstance(v, float):
         return f"{v:g}"
     if isinstance(v, list | tuple):
-        return "[" + ", ".join(map(_show, v)) + "]"
+        return "[" + ", ".join(map(show_value, v)) + "]"
     return str(v)
 
 
@@ -401,7 +402,7 @@ def paper_recipe(recipe: dict, paper: str = "cbloss_cifar") -> PaperMatch:
     if paper not in PAPER_RECIPES:
         raise ValueError(f"unknown paper recipe {paper!r}; known: {sorted(PAPER_RECIPES)}")
     ours = {**asdict(TrainConfig()), **recipe}
-    diffs = [f"{k} {_show(ours[k])} ≠ {_show(v)}" for k, v in PAPER_RECIPES[paper].items() if not _same(ours[k], v)]
+    diffs = [f"{k} {show_value(ours[k])} ≠ {show_value(v)}" for k, v in PAPER_RECIPES[paper].items() if not _same(ours[k], v)]
     return PaperMatch(not diffs, diffs)
 
 def crt_spec(cell_spec: dict, **recipe) -> dict:
