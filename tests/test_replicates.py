@@ -1,9 +1,10 @@
 """Replicates: each reseeds every stage it varies; fixed stages stay equal; claims over replicates.
 
-The real run: a 2-replicate reduced world study in which the world, the feature network's
-weights, its features, the greedy selection and the random draw differ between replicates,
-while the long-tailed subset, fixed on purpose (``vary`` without ``longtail``), keeps the
-same images of the same classes in both worlds.
+The real run: a 2-replicate reduced world study in which the world, the long-tailed subset,
+the feature network's weights, its features, the greedy selection and the random draw all
+differ between replicates; then the same study with the long-tailed subset fixed on purpose
+(``vary`` without ``longtail``): only the subsets are planned again, and they keep the same
+images of the same classes in both worlds.
 """
 
 import json
@@ -202,16 +203,16 @@ def test_compare_claims_cli_exits_nonzero_on_a_flip(tmp_path):
 
 
 # --------------------------------------------------------------------------- a real run
-REDUCED_VARY = ["world", "features", "random", "training"]  # the long-tailed subset fixed on purpose
+SUBSET_FIXED = ["world", "features", "random", "training"]  # the long-tailed subset fixed on purpose
 
 
 @pytest.fixture(scope="module")
 def two_replicates(tmp_path_factory):
-    from test_workflow import TINY, snakemake
+    from test_workflow import TINY, planned, snakemake
 
     cfg = json.loads(json.dumps(TINY))
     cfg.pop("cbloss_natural")
-    cfg["replicates"] = {"count": 2, "vary": REDUCED_VARY}
+    cfg["replicates"] = {"count": 2}  # every stage varies
     cfg["cbloss"]["imbalance"] = [10]
     cfg["datasets"]["probe"] = {"kind": "world", "train_per_class": 4, "test_per_class": 2}
     cfg["transfer"]["features"] = {"model": "probe", "networks": {"probe": ["probe"]}, "recipe": {"width": 8}}
@@ -221,12 +222,21 @@ def two_replicates(tmp_path_factory):
                 ("selection/random", "classes.csv"), ("longtail/gen10_if10", "manifest.parquet"))]
     r = snakemake(work, cfg, *targets)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return work / "results" / "tiny"
+    res = work / "results" / "tiny"
+    varied = [pd.read_parquet(res / "longtail" / "gen10_if10" / f"rep{k}" / "manifest.parquet") for k in (0, 1)]
+    cfg["replicates"]["vary"] = SUBSET_FIXED
+    subsets = [t for t in targets if "/longtail/" in t]
+    plan = snakemake(work, cfg, *targets, "-n")
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    r = snakemake(work, cfg, *subsets)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    fixed = [pd.read_parquet(res / "longtail" / "gen10_if10" / f"rep{k}" / "manifest.parquet") for k in (0, 1)]
+    return res, varied, fixed, planned(plan)
 
 
 @pytest.mark.slow
-def test_each_replicate_redraws_world_network_selection_and_draw(two_replicates):
-    res = two_replicates
+def test_each_replicate_redraws_world_subset_network_selection_and_draw(two_replicates):
+    res, varied, fixed, replanned = two_replicates
     # the world: same classes, other images
     a, b = (np.load(res / "datasets" / "gen10" / f"rep{k}" / "images.npy") for k in (0, 1))
     assert a.shape == b.shape and not np.array_equal(a, b)
@@ -253,10 +263,16 @@ def test_each_replicate_redraws_world_network_selection_and_draw(two_replicates)
     assert all(len(s) >= 3 for s in sel) and not sel[0].equals(sel[1])
     drawn = [pd.read_csv(res / "selection" / "random" / f"rep{k}" / "classes.csv") for k in (0, 1)]
     assert not drawn[0].equals(drawn[1])
-    # the fixed stage: the same images (store indices) of each class kept in both worlds
-    lt = [pd.read_parquet(res / "longtail" / "gen10_if10" / f"rep{k}" / "manifest.parquet") for k in (0, 1)]
-    assert lt[0][["index", "class_name", "split"]].equals(lt[1][["index", "class_name", "split"]])
-    assert lt[0]["store_sha256"].iloc[0] != lt[1]["store_sha256"].iloc[0]  # ... of other worlds
+    # the long-tailed subset: each replicate keeps other images of each class (longtail seed + r) ...
+    cols = ["index", "class_name", "split"]
+    assert (varied[0].groupby("class_name").size() == varied[1].groupby("class_name").size()).all()
+    assert not varied[0][cols].equals(varied[1][cols])
+    # ... and fixed on purpose, only the subsets are planned again (replicate 1's: its seed
+    # changes; replicate 0's seed is the base seed either way), and both keep the same images of
+    # each class (store indices), of other worlds
+    assert replanned == {"longtail": 1}
+    assert fixed[0][cols].equals(fixed[1][cols]) and fixed[0][cols].equals(varied[0][cols])
+    assert fixed[0]["store_sha256"].iloc[0] != fixed[1]["store_sha256"].iloc[0]
 
 
 def test_claims_table_has_the_columns_another_machine_checks(tmp_path):
