@@ -34,8 +34,10 @@ def _cmd(manifest, tmp_path, name):
             "--save-model", str(tmp_path / name / "model.pt"), "--device", "cpu"]
 
 
-def _kill_after_epoch(cmd, checkpoint, sig, min_epoch=2, timeout=120):
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _kill_after_epoch(cmd, checkpoint, sig, min_epoch=2, timeout=120, env=None):
+    """Start ``cmd`` (with ``env``, default this process's), send ``sig`` once its checkpoint has
+    reached ``min_epoch``: its return code, output and the checkpoint it left."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     t0 = time.time()
     while time.time() - t0 < timeout:
         if checkpoint.exists() and load_checkpoint(checkpoint)["epoch"] >= min_epoch:

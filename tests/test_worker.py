@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 from conftest import ROOT, assert_same_weights, write_toy_manifest
+from test_preemption import _kill_after_epoch
 
 from finetail.training.checkpoint import load_checkpoint
 from finetail.worker import ENV, LocalWorker, socket_path, wanted
@@ -129,24 +130,10 @@ def test_worker_and_in_process_give_identical_results(worker, manifest, tmp_path
         assert [r.info.status for r in runs] == ["FINISHED"]
 
 
-def _kill_after_epoch(cmd: list[str], checkpoint: Path, sig: int, socket: str | None, min_epoch: int = 2):
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(socket))
-    t0 = time.time()
-    while time.time() - t0 < 120:
-        if checkpoint.exists() and load_checkpoint(checkpoint)["epoch"] >= min_epoch:
-            break
-        if proc.poll() is not None:
-            pytest.fail("training ended before it could be killed:\n" + proc.stdout.read())
-        time.sleep(0.02)
-    proc.send_signal(sig)
-    out, _ = proc.communicate(timeout=60)
-    return proc.returncode, out
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_signal_through_the_worker_checkpoints_and_resumes(worker, manifest, tmp_path, sig):
     ck = tmp_path / "killed" / "ck" / "last.pt"
-    rc, out = _kill_after_epoch(_train_cmd(manifest, tmp_path, "killed"), ck, sig, worker.path)
+    rc, out, _ = _kill_after_epoch(_train_cmd(manifest, tmp_path, "killed"), ck, sig, env=_env(worker.path))
     assert "in-process" not in out
     if sig == signal.SIGTERM:
         assert rc == 143, out  # the job checkpointed and exited on its own

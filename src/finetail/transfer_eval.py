@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,7 @@ import pandas as pd
 from .claims import Claim, comparison, pooled_claim
 from .layout import Layout
 from .replicates import Replicates
-from .stats import Summary, format_mean_std, summarize
+from .stats import Summary, format_mean_std, holm, summarize
 
 __all__ = [
     "EMD",
@@ -262,15 +263,13 @@ def best_score_claim(table: pd.DataFrame, per_seed: dict, sources: str = "traini
     rows = [comparison(f"transfer:score:{best['score']}-vs-{name}:tau",
                        f"{best['label']} vs {labels[name]}: within-target Kendall tau, mean over targets",
                        *members[name], higher_is_better=True, sources=sources) for name in members]
+    # the rivals are one family (the best was chosen after looking): Holm-adjusted p per comparison
+    rows = [replace(r, p_holm=p) for r, p in zip(rows, holm([r.p_holm for r in rows]), strict=True)]
+    beaten = [labels[n] for n, r in zip(members, rows, strict=True) if r.p_holm < 0.05 and r.estimate > 0]
     if members:
         pooled, _ = pooled_claim(f"transfer:best_score:{best['score']}", f"{best['label']} ranks sources better than "
                                  f"every other score (Holm over {len(members)})", members, True, sources)
-        from .stats import holm
-
-        adjusted = dict(zip(members, holm([r.p_holm for r in rows]), strict=True))
-        rows = [Claim(**{**r.__dict__, "p_holm": adjusted[name]}) for r, name in zip(rows, members, strict=True)]
         rows.append(pooled)
-    beaten = [labels[n] for n, r in zip(members, rows, strict=False) if r.p_holm < 0.05 and r.estimate > 0]
     tied = [r["label"] for _, r in ranked.iloc[1:].iterrows() if r["label"] not in beaten]
     if not tied:
         return head + ", ahead of every other score beyond replicate noise (per-replicate τ, paired, Holm).\n", rows
