@@ -17,7 +17,7 @@ from conftest import ROOT, assert_same_weights, write_toy_manifest
 from test_preemption import _kill_after_epoch
 
 from finetail.training.checkpoint import load_checkpoint
-from finetail.worker import ENV, LocalWorker, socket_path, wanted
+from finetail.worker import ENV, LocalWorker, socket_path, starting_path, wanted
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the worker's tests read /proc")
 
@@ -188,6 +188,24 @@ def test_a_job_whose_worker_died_runs_in_process(manifest, tmp_path):
     assert r.returncode == 0 and "no worker at" in r.stderr
 
 
+def test_a_job_started_while_the_worker_imports_waits_for_it(tmp_path):
+    w = LocalWorker(str(tmp_path / "w.sock"), tmp_path / "worker.log")
+    w.start()  # no wait_ready: the job below starts while the worker imports torch
+    try:
+        assert not os.path.exists(w.path) and os.path.exists(starting_path(w.path))
+        r = _run([sys.executable, "-m", "finetail.cli", "check-config", str(ROOT / "config.yaml")], w.path)
+        assert r.returncode == 0 and "in-process" not in r.stderr, r.stderr
+        assert _jobs_in_log(w) == 1 and not os.path.exists(starting_path(w.path))
+    finally:
+        assert w.stop() == 0, w.log.read_text()
+    # a worker that died while importing is not waited for
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    Path(starting_path(str(tmp_path / "x.sock"))).write_text(f"{dead.pid}\n")
+    r = _run([sys.executable, "-m", "finetail.cli", "check-config", str(ROOT / "config.yaml")], str(tmp_path / "x.sock"))
+    assert r.returncode == 0 and f"(pid {dead.pid}) is gone: running in-process" in r.stderr, r.stderr
+
+
 def _zombie(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
@@ -265,8 +283,7 @@ def test_study_tables_identical_with_and_without_the_worker(tmp_path):
 
 @pytest.mark.slow
 def test_snakemake_interrupted_with_sigint_leaves_no_worker(tmp_path):
-    # Long enough jobs (about 15 s each) that one runs in the worker when Ctrl-C comes; the first
-    # ones start while the worker still imports, and run in-process.
+    # Long enough jobs (about 15 s each) that one runs in the worker when Ctrl-C comes.
     proc = _snakemake(tmp_path, _study("ctrlc", 120), start_new_session=True)
     log = tmp_path / "logs" / "ctrlc" / "worker" / "worker.log"
     try:

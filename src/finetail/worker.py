@@ -11,7 +11,9 @@ that runs the command as the command line would (the shape of Python's forkserve
   relays SIGTERM, SIGINT, SIGHUP, SIGUSR1 and SIGUSR2 to the job and ends as the job ended:
   its exit code, or death by the same signal. No worker, a dead one, or one that refuses
   (another Python, other finetail sources, edited sources): the command runs in-process,
-  as without a worker.
+  as without a worker. A worker that is still importing (its ``<socket>.starting`` file
+  names its live pid) is waited for: the rest of its import costs a job no more than its
+  own import would.
 - **worker** (:class:`Worker`, ``python -m finetail.worker serve``): one thread and a
   ``select`` loop, in a session of its own (a Ctrl-C on the terminal reaches the jobs
   through their clients, not twice). It forks a child per request, relays signals to it,
@@ -78,6 +80,7 @@ PRELOAD_IF_INSTALLED = ("tabulate",)
 WARM_CODE = ("train", "posthoc")
 # Set in the worker before anything is imported: no thread may exist when it forks.
 WORKER_ENV = {"OPENBLAS_NUM_THREADS": "1", "JE_ARROW_MALLOC_CONF": "background_thread:false"}
+STARTING_WAIT_S = 120.0  # longest a job waits for a worker still importing
 _HEADER = struct.Struct("!I")
 _SUN_PATH_MAX = 107  # AF_UNIX sun_path is 108 bytes with its NUL
 _PACKAGE = Path(__file__).resolve().parent
@@ -216,8 +219,45 @@ def run_in_worker(argv: list[str] | None = None) -> int | None:
     return _exit_code(status)
 
 
+def starting_path(path: str) -> str:
+    """The file that holds the pid of a worker still importing for socket ``path``."""
+    return path + ".starting"
+
+
+def _wait_for_socket(path: str, relay: _Relay, timeout: float = STARTING_WAIT_S) -> str | None:
+    """While a worker for ``path`` is still importing (its pid in the starting file, alive),
+    wait for its socket; None when there is a socket to connect to, or why not."""
+    t0 = time.monotonic()
+    while not os.path.exists(path):
+        try:
+            pid = int(Path(starting_path(path)).read_text().strip() or 0)
+        except (OSError, ValueError):
+            return None  # no worker starting: the connect says what is wrong
+        if pid <= 0 or not _alive(pid):
+            return f"the worker starting for {path} (pid {pid}) is gone"
+        if relay.pending:
+            return "signalled while the worker was starting"
+        if time.monotonic() - t0 > timeout:
+            return f"the worker at {path} was not ready after {timeout:.0f} s"
+        time.sleep(0.05)
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _converse(sock: socket.socket, relay: _Relay, argv: list[str], path: str) -> int | str:
     """Send the request, relay signals, return the job's wait status (or why it did not run)."""
+    why = _wait_for_socket(path, relay)
+    if why is not None:
+        return why
     sock.settimeout(10.0)
     sock.connect(path)
     fds = [fd for fd in (0, 1, 2) if _is_open(fd)]
@@ -308,6 +348,8 @@ class Worker:
         self.sel.register(self.listener, selectors.EVENT_READ, None)
         self.sel.register(self.wake_r, selectors.EVENT_READ, None)
         _log(f"ready on {self.path} (pid {os.getpid()})")
+        with _suppress_missing():
+            os.unlink(starting_path(self.path))  # clients waiting for the import connect now
         try:
             while not self.stopping or self.jobs:
                 self._step()
@@ -654,7 +696,8 @@ def _system_exit_code(value: object) -> int:
 class LocalWorker:
     """A worker the workflow starts for one run (:meth:`start`) and stops (:meth:`stop`):
     ``python -m finetail.worker serve`` in a session of its own, its log in ``log``. It
-    imports in the background: jobs that start before its socket exists run in-process."""
+    imports in the background: jobs that start before its socket exists wait for it while it
+    is alive (``<socket>.starting``), and run in-process if it dies."""
 
     def __init__(self, path: str, log: str | os.PathLike, env: dict[str, str] | None = None) -> None:
         self.path = path
@@ -671,6 +714,7 @@ class LocalWorker:
         with open(self.log, "a") as log:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
                                          start_new_session=True, close_fds=True)
+        Path(starting_path(self.path)).write_text(f"{self.proc.pid}\n")  # jobs wait for the import
         return self.path
 
     def stop(self, timeout: float = 40.0) -> int | None:
@@ -685,9 +729,9 @@ class LocalWorker:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        with _suppress_missing():
-            if os.path.exists(self.path):
-                os.unlink(self.path)
+        for path in (self.path, starting_path(self.path)):
+            with _suppress_missing():
+                os.unlink(path)
         return self.proc.returncode
 
     def wait_ready(self, timeout: float = 120.0) -> bool:

@@ -18,7 +18,7 @@ LOCAL_WORKER = None
 
 def start_local_worker():
     """Start the study's worker for a local run (it imports in the background: jobs that
-    start before it is ready run in-process)."""
+    start before it is ready wait for it, and run in-process if it dies)."""
     global LOCAL_WORKER
     if not worker_wanted() or not workflow.local_exec or workflow.exec_mode != ExecMode.DEFAULT or workflow.touch:
         return
