@@ -35,7 +35,7 @@ import torch
 from .errors import UserError
 from .losses import log_prior
 from .metrics import classification_metrics
-from .training.recipe import POSTHOC_METHODS, SOFTMAX_LOSSES, TrainConfig, crt_spec, precision
+from .training.recipe import POSTHOC_METHODS, SOFTMAX_LOSSES, TrainConfig, channels_last, crt_spec, precision
 
 __all__ = [
     "METHODS",
@@ -155,9 +155,9 @@ def extract_features(backbone: torch.nn.Module, batches, mean: torch.Tensor, std
     bf16 = precision(cfg, device.type) == "bf16"
     for x, y in batches:
         xb = (x.float() - mean) / std
-        if device.type == "cuda" and cfg.channels_last:
+        if channels_last(cfg, device.type):
             xb = xb.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             feats.append(backbone(xb).float())
         labels.append(y.cpu().numpy())
     if not feats:

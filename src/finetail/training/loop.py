@@ -51,7 +51,7 @@ from ..models import Classifier, build_model, init_head_bias, param_groups
 from .batches import BatchSource, batch_source, normalisation_tensors
 from .checkpoint import Checkpointer, MidEpoch, Resumed, digest_data, resume_key
 from .optim import sgd
-from .recipe import DIV128_NORMALISATION, SOFTMAX_LOSSES, TrainConfig, lr_at, precision
+from .recipe import DIV128_NORMALISATION, SOFTMAX_LOSSES, TrainConfig, channels_last, lr_at, precision
 
 __all__ = ["Preempted", "TrainResult", "confidence", "eval_logits", "evaluate", "predict", "score", "train",
            "train_one_epoch"]
@@ -75,7 +75,7 @@ class TrainResult:
     world_size: int
     start_backbone_sha256: str  # the backbone's weights before training (after init_backbone)
     epochs: int  # the schedule's epochs (after budget_images)
-    precision: str  # what the forward passes computed in: "bf16" (autocast on CUDA) or "fp32"
+    precision: str  # what the forward passes computed in: "bf16" (autocast) or "fp32"
 
 
 @dataclass
@@ -140,11 +140,10 @@ def predict(model: nn.Module, data: BatchSource, mean, std, cfg: TrainConfig, ba
     """Top-k predicted labels of the test split, best first, ``(N, min(k, C))``, and the
     confidence of the first, ``(N,)`` float64 (see :func:`confidence`)."""
     model.eval()
-    cuda = data.device.type == "cuda"
     out, conf = [], []
     for x, _ in data.test_batches(batch):
-        xb = _normalise(x, mean, std, cuda and cfg.channels_last)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision(cfg, data.device.type) == "bf16"):
+        xb = _normalise(x, mean, std, channels_last(cfg, data.device.type))
+        with torch.autocast(data.device.type, dtype=torch.bfloat16, enabled=precision(cfg, data.device.type) == "bf16"):
             logits = eval_logits(model(xb).float(), cfg)
         top = logits.topk(min(k, logits.shape[1]), dim=1).indices
         out.append(top)
@@ -230,10 +229,10 @@ def train_one_epoch(r: _Run, epoch: int, n_train: int, history: list[dict], extr
         xb, yb = next(batches)
         wait += time.perf_counter() - tw
         n_global = min(cfg.batch_size, n_train - it * cfg.batch_size)
-        xb = _normalise(xb, r.mean, r.std, r.cuda and cfg.channels_last)
+        xb = _normalise(xb, r.mean, r.std, channels_last(cfg, r.dev.type))
         for g in r.opt.param_groups:
             g["lr"] = lr_at(cfg, epoch, it, r.iters)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision(cfg, r.dev.type) == "bf16"):
+        with torch.autocast(r.dev.type, dtype=torch.bfloat16, enabled=precision(cfg, r.dev.type) == "bf16"):
             logits = r.net(xb)
         loss = r.loss_fn(logits.float(), yb)
         r.opt.zero_grad(set_to_none=True)
@@ -338,7 +337,7 @@ def _model(cfg: TrainConfig, num_classes: int, init_backbone: dict | None, dev: 
         for p in model.backbone.parameters():
             p.requires_grad_(False)
     model.to(dev)
-    if dev.type == "cuda" and cfg.channels_last:
+    if channels_last(cfg, dev.type):
         model.to(memory_format=torch.channels_last)
     return model, start_backbone
 

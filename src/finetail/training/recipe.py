@@ -134,8 +134,10 @@ class TrainConfig:
     few_shot: int = FEW_SHOT  # classes with < few_shot training images are few-shot
     seed: int = 0
     deterministic: bool = False  # torch.use_deterministic_algorithms
-    amp: bool = True  # bf16 autocast (CUDA only; CPU always fp32)
-    channels_last: bool = True  # CUDA only
+    amp: bool = True  # bf16 autocast on CUDA (and on the CPU with cpu_bf16)
+    channels_last: bool = True  # channels-last tensors on CUDA
+    cpu_bf16: bool = False  # with amp: bf16 autocast on the CPU too (fast where it has AVX512-BF16 or AMX)
+    cpu_channels_last: bool = False  # channels-last tensors on the CPU
     image_size: int = 224  # file manifests: side of the training crop and the test centre crop, pixels
     num_workers: int | None = None  # file manifests: loader processes per rank (None = min(8, CPUs per rank))
     compile: bool = False  # torch.compile the training forward/backward (inductor; needs a C compiler on the CPU)
@@ -304,12 +306,25 @@ def lr_at(cfg: TrainConfig, epoch: int, it: int, iters_per_epoch: int) -> float:
 
 def precision(cfg: TrainConfig, device_type: str) -> str:
     """What the training and evaluation forward passes compute in: ``"bf16"`` (autocast) when
-    ``cfg.amp`` is on and the device is CUDA, else ``"fp32"`` (the CPU always runs fp32).
+    ``cfg.amp`` is on and the device is CUDA, or the CPU with ``cfg.cpu_bf16``; else ``"fp32"``.
 
     >>> precision(TrainConfig(amp=True), "cpu"), precision(TrainConfig(amp=True), "cuda")
     ('fp32', 'bf16')
+    >>> precision(TrainConfig(amp=True, cpu_bf16=True), "cpu"), precision(TrainConfig(amp=False, cpu_bf16=True), "cpu")
+    ('bf16', 'fp32')
     """
-    return "bf16" if cfg.amp and device_type == "cuda" else "fp32"
+    on = cfg.amp and (device_type == "cuda" or (device_type == "cpu" and cfg.cpu_bf16))
+    return "bf16" if on else "fp32"
+
+
+def channels_last(cfg: TrainConfig, device_type: str) -> bool:
+    """Whether the model and its input batches use the channels-last memory format: on CUDA
+    with ``cfg.channels_last``, on the CPU with ``cfg.cpu_channels_last``.
+
+    >>> channels_last(TrainConfig(), "cuda"), channels_last(TrainConfig(), "cpu")
+    (True, False)
+    """
+    return cfg.channels_last if device_type == "cuda" else device_type == "cpu" and cfg.cpu_channels_last
 
 
 # The CB-loss paper's CIFAR-LT recipe (Cui et al., CVPR 2019, section 5.2, and the reference
