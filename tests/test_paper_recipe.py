@@ -135,10 +135,34 @@ def test_reference_options_train_in_fp32_with_inputs_scaled_by_128(tmp_path):
     assert 0.0 <= res.metrics["ece"] <= 1.0
 
 
-def test_precision_is_bf16_only_with_amp_on_cuda():
+def test_precision_is_bf16_with_amp_on_cuda_and_on_the_cpu_only_when_asked():
     assert precision(TrainConfig(amp=True), "cuda") == "bf16"
     assert precision(TrainConfig(amp=False), "cuda") == "fp32"
     assert precision(TrainConfig(amp=True), "cpu") == "fp32"
+    assert precision(TrainConfig(amp=True, cpu_bf16=True), "cpu") == "bf16"
+    assert precision(TrainConfig(amp=False, cpu_bf16=True), "cpu") == "fp32"  # amp off wins
+
+
+def test_cpu_bf16_and_channels_last_train_record_and_stay_close_to_fp32(tmp_path):
+    """The CPU speed options train the same recipe: bf16 autocast is recorded as the run's
+    precision and learns; channels-last in fp32 computes the same function (its convolutions
+    sum in another order, so the losses agree to float tolerance, not bitwise)."""
+    from finetail.training.loop import train
+
+    torch.set_num_threads(1)
+    x, y = toy_images(20, 3, 16, 0)
+    xt, yt = toy_images(6, 3, 16, 1)
+    base = dict(model="resnet8", width=8, batch_size=16, lr=0.05, warmup_epochs=1, milestones=[3], lr_factors=[0.1],
+                eval_every=4, crop_pad=2, epochs=4, deterministic=True)
+    runs = {}
+    for name, extra in (("fp32", {}), ("bf16", {"cpu_bf16": True}), ("channels_last", {"cpu_channels_last": True})):
+        cfg = TrainConfig(**base, **extra)
+        runs[name] = train(cfg, x, y, xt, yt, 3, tmp_path / name / "ck.pt", device="cpu", log=lambda m: None)
+    assert [runs[n].precision for n in ("fp32", "bf16", "channels_last")] == ["fp32", "bf16", "fp32"]
+    loss = {n: [h["train_loss"] for h in r.history] for n, r in runs.items()}
+    assert loss["bf16"][-1] < loss["bf16"][0] and all(map(math.isfinite, loss["bf16"]))
+    assert loss["channels_last"] == pytest.approx(loss["fp32"], rel=1e-3)
+    assert loss["bf16"] != loss["fp32"]  # it did compute in another precision
 
 
 # --------------------------------------------------------------------------- the record

@@ -1,5 +1,6 @@
-"""Results pages rendered from committed tables, never typed: ``docs/results.md`` and the
-README's results block.
+"""Results pages rendered from committed tables, never typed: ``docs/results.md`` (the
+default study), ``docs/results_<study>.md`` (every other published study) and the README's
+results blocks.
 
 A finished study's report tables are *published* into ``docs/results/<name>_<table>.csv``,
 each with ``#`` lines at its top naming the commit, date, CPU model, replicates and wall time
@@ -8,7 +9,9 @@ docs is always the number of a committed run; ``check`` fails when a page differ
 rendering (a test runs it).
 
     python -m finetail.results_page publish results/default/report --name default --wall-s 512
-    python -m finetail.results_page render     # writes docs/results.md and the README block
+    python -m finetail.results_page publish results/cifar10lt_cpu/report --name cifar10lt_cpu \
+        --wall-s 1800 --extra bench/out/cpu_recipe.json:throughput.json
+    python -m finetail.results_page render     # writes the pages and the README blocks
     python -m finetail.results_page check      # exit 1 if either differs from its rendering
 """
 
@@ -27,8 +30,8 @@ from pathlib import Path
 
 import pandas as pd
 
-__all__ = ["TABLES", "check", "cpu_model", "git_commit", "publish", "read_table", "render_page",
-           "render_readme_block", "render_speed_block"]
+__all__ = ["TABLES", "check", "cpu_model", "git_commit", "page_path", "publish", "read_table", "render_page",
+           "render_readme_block", "render_speed_block", "studies"]
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
@@ -37,6 +40,12 @@ PAGE = DOCS / "results.md"
 README = ROOT / "README.md"
 BEGIN, END = "<!-- results:default:begin (rendered by python -m finetail.results_page render) -->", \
     "<!-- results:default:end -->"
+
+
+def block_marks(name: str) -> tuple[str, str]:
+    """The README's begin and end marks of study ``name``'s results block."""
+    return (f"<!-- results:{name}:begin (rendered by python -m finetail.results_page render) -->",
+            f"<!-- results:{name}:end -->")
 SPEED_BEGIN, SPEED_END = "<!-- speed:default:begin (rendered by python -m finetail.results_page render) -->", \
     "<!-- speed:default:end -->"
 
@@ -66,9 +75,11 @@ def git_commit() -> str:
         return "unknown"
 
 
-def publish(report: Path, name: str, wall_s: float | None, out: Path = RESULTS, speed: Path | None = None) -> list[Path]:
+def publish(report: Path, name: str, wall_s: float | None, out: Path = RESULTS, speed: Path | None = None,
+            extra: dict[str, Path] | None = None) -> list[Path]:
     """Copy ``report``'s :data:`TABLES` to ``out/<name>_<table>`` with the run's header lines
-    (and ``speed``, a ``bench/bench_study.py --compare-worker`` JSON, to ``out/<name>_speed.json``)."""
+    (and ``speed``, a ``bench/bench_study.py --compare-worker`` JSON, to ``out/<name>_speed.json``;
+    each ``extra`` file, a benchmark's output, to ``out/<name>_<key>``)."""
     claims = pd.read_csv(report / "claims.csv")
     replicates = int(claims["replicates"].max()) if len(claims) else 0
     header = [f"# commit: {git_commit()}", f"# date: {datetime.now(UTC).strftime('%Y-%m-%d')}",
@@ -85,11 +96,22 @@ def publish(report: Path, name: str, wall_s: float | None, out: Path = RESULTS, 
         dst = out / f"{name}_{table}"
         dst.write_text("\n".join(header) + "\n" + src.read_text())
         written.append(dst)
-    if speed is not None:
-        dst = out / f"{name}_speed.json"
-        dst.write_text(Path(speed).read_text())
+    for key, src in ({"speed.json": speed} if speed is not None else {}) | (extra or {}).items():
+        dst = out / f"{name}_{key}"
+        dst.write_text(Path(src).read_text())
         written.append(dst)
     return written
+
+
+def studies(results: Path = RESULTS) -> list[str]:
+    """The published studies (those with a ``<name>_claims.csv``), ``default`` first."""
+    names = sorted(p.name[: -len("_claims.csv")] for p in results.glob("*_claims.csv"))
+    return sorted(names, key=lambda n: n != "default")
+
+
+def page_path(name: str) -> Path:
+    """Study ``name``'s page: ``docs/results.md`` for the default study, else ``docs/results_<name>.md``."""
+    return PAGE if name == "default" else DOCS / f"results_{name}.md"
 
 
 def read_table(path: Path) -> tuple[dict[str, str], pd.DataFrame]:
@@ -134,6 +156,63 @@ def _methods_lines(m: pd.DataFrame) -> list[str]:
     return rows
 
 
+def _versus_lines(claims: pd.DataFrame) -> list[str]:
+    """Each method against softmax (the ``cbloss:…-vs-softmax:…`` comparisons): one row per
+    method, one column per metric, the paired difference over replicates and its verdict."""
+    rows = claims[claims["claim"].str.match(r"cbloss:.*-vs-softmax:")].copy()
+    if rows.empty:
+        return []
+    parts = rows["claim"].str.extract(r"cbloss:(?P<dataset>[^:]+):if(?P<imbalance>[^:]+):(?P<method>.+)-vs-softmax:(?P<metric>.+)")
+    rows = pd.concat([rows, parts], axis=1)
+    names = {"top1_error": "top-1 error", "balanced_acc": "balanced acc.", "few_acc": "few-shot acc."}
+    metrics = [m for m in names if m in set(rows["metric"])]
+    out = ["| dataset | IF | method − softmax | " + " | ".join(names[m] for m in metrics) + " |",
+           "|---|---|---|" + "---|" * len(metrics)]
+    for (ds, imb, method), g in rows.groupby(["dataset", "imbalance", "method"], sort=False):
+        cells = []
+        for m in metrics:
+            r = g[g["metric"] == m]
+            if r.empty:
+                cells.append("")
+                continue
+            r = r.iloc[0]
+            verdict = r["verdict"] if isinstance(r["verdict"], str) and r["verdict"] else "not tested"
+            cells.append(f"{_ci(r['estimate'], r['low'], r['high'])} **{verdict}**")
+        out.append(f"| {ds} | {imb} | {method} | " + " | ".join(cells) + " |")
+    return out
+
+
+def _throughput_lines(results: Path, name: str) -> list[str]:
+    """The CPU throughput options measured for the study's recipe (``<name>_throughput.json``,
+    ``bench/cpu_recipe.py``'s output)."""
+    path = results / f"{name}_throughput.json"
+    if not path.is_file():
+        return []
+    t = json.loads(path.read_text())
+    out = ["| torch threads | batch | precision | memory format | images/s | vs first | test error after "
+           f"{t['epochs']} epochs |", "|---|---|---|---|---|---|---|"]
+    out += [f"| {v['threads']} | {v['batch_size']} | {v['precision']} | {v['memory_format']} | {v['images_per_s']:.0f} | "
+            f"{v['ratio_to_first']:.2f} | {100 * v['top1_error']:.1f}% |" for v in t["variants"]]
+    out += ["", f"`{t['command']}` on {t['date']}: {t['cpu']} ({t['cpus']} cores; bf16 flags: "
+            f"{', '.join(t['cpu_bf16_flags']) or 'none'}), torch {t['torch']}, {t['train_images']:,} training images, "
+            f"{t['rounds']} alternated rounds ({t['measured']})."]
+    return out
+
+
+def _precision_lines(results: Path, name: str) -> list[str]:
+    """The recipe's precision check (``<name>_precision.csv``, ``bench/precision_check.py``)."""
+    path = results / f"{name}_precision.csv"
+    if not path.is_file():
+        return []
+    meta, t = read_table(path)
+    out = ["| metric | bf16 (study) | fp32 (check) | bf16 − fp32 [95% CI] | verdict |", "|---|---|---|---|---|"]
+    out += [f"| {r.metric} | {_pm(r.bf16_mean, r.bf16_std)} | {_pm(r.fp32_mean, r.fp32_std)} | "
+            f"{_ci(r.difference, r.low, r.high)} | {r.verdict} |" for r in t.itertuples()]
+    out += ["", f"Softmax cells, paired by replicate ({meta.get('replicates', '?')} replicates, the same long-tailed "
+            f"subsets and seeds), {meta.get('note', '')}".rstrip()]
+    return out
+
+
 def _transfer_lines(t: pd.DataFrame) -> list[str]:
     targets = [c[: -len("_mean")] for c in t.columns if c.endswith("_mean") and c != "mean"]
     rows = ["| source | " + " | ".join(targets) + " | mean |", "|---" * (len(targets) + 2) + "|"]
@@ -157,13 +236,19 @@ def _provenance(meta: dict[str, str]) -> str:
 
 
 def render_page(results: Path = RESULTS, name: str = "default") -> str:
-    """``docs/results.md``: every published table of study ``name``, as Markdown."""
+    """Study ``name``'s page (:func:`page_path`): every published table of it, as Markdown."""
     meta, claims = read_table(results / f"{name}_claims.csv")
     out = [f"# Results of the `{name}` study", "",
            "Rendered by `python -m finetail.results_page render` from the tables in `docs/results/` "
            "(each carries the commit, date, CPU, replicates and wall time of its run); "
            "`python -m finetail.results_page check` (a test) fails when this page differs from them.", "",
-           _provenance(meta), "", "## Claims", "", *_claims_lines(claims), ""]
+           _provenance(meta), ""]
+    head = _claims_lines(claims)
+    if len(head) > 2:
+        out += ["## Claims", "", *head, ""]
+    versus = _versus_lines(claims)
+    if versus:
+        out += ["## Each method against softmax (points, paired over replicates, 95% CI)", "", *versus, ""]
     parts = [("cbloss_methods.csv", "## Long-tail methods (%, mean ± std over replicates)", _methods_lines),
              ("transfer_table.csv", "## Transfer: fine-tuned top-1 accuracy (%, mean ± std over replicates)",
               _transfer_lines),
@@ -180,7 +265,14 @@ def render_page(results: Path = RESULTS, name: str = "default") -> str:
         out += [f"| {r.target} | {_ci(r.selected_minus_random, r.ci_low, r.ci_high)} | "
                 f"{r.p_improve:.2f} [{r.p_improve_low:.2f}, {r.p_improve_high:.2f}] | {r.verdict} |" for r in ab.itertuples()]
         out.append("")
-    out += ["## Speed", "", *_speed_lines(results, name), ""]
+    precision = _precision_lines(results, name)
+    if precision:
+        out += ["## Precision of the recipe: bf16 autocast against fp32", "", *precision, ""]
+    throughput = _throughput_lines(results, name)
+    if throughput:
+        out += ["## CPU throughput options (one training job)", "", *throughput, ""]
+    if (results / f"{name}_speed.json").is_file() or name == "default":
+        out += ["## Speed", "", *_speed_lines(results, name), ""]
     out += ["Every comparison (each loss against softmax per metric, each score against the best) is in "
             f"[`results/{name}_claims.csv`](results/{name}_claims.csv).", ""]
     return "\n".join(out)
@@ -222,9 +314,21 @@ def render_speed_block(results: Path = RESULTS, name: str = "default") -> str:
 
 
 def render_readme_block(results: Path = RESULTS, name: str = "default") -> str:
-    """The README's results block: the run's provenance and its claims table."""
+    """The README's results block of study ``name``: the run's provenance and its claims
+    table (the default study), or its methods table and each method against softmax."""
     meta, claims = read_table(results / f"{name}_claims.csv")
-    return "\n".join([BEGIN, _provenance(meta), "", *_claims_lines(claims), "", END])
+    begin, end = block_marks(name)
+    if name == "default":
+        return "\n".join([begin, _provenance(meta), "", *_claims_lines(claims), "", end])
+    body = [_provenance(meta), ""]
+    methods = results / f"{name}_cbloss_methods.csv"
+    if methods.is_file():
+        body += ["Errors and accuracies (%, mean ± std over replicates):", "", *_methods_lines(read_table(methods)[1]), ""]
+    versus = _versus_lines(claims)
+    if versus:
+        body += ["Each method against softmax (points, paired over replicates, 95% CI, verdict):", "", *versus, ""]
+    return "\n".join([begin, *body, f"More: [`{page_path(name).relative_to(ROOT)}`]({page_path(name).relative_to(ROOT)}).",
+                      end])
 
 
 def _with_block(readme: str, block: str, begin: str = BEGIN, end: str = END) -> str:
@@ -235,17 +339,20 @@ def _with_block(readme: str, block: str, begin: str = BEGIN, end: str = END) -> 
 
 
 def _rendered_readme(text: str, results: Path) -> str:
-    text = _with_block(text, render_readme_block(results))
+    for name in studies(results):
+        text = _with_block(text, render_readme_block(results, name), *block_marks(name))
     return _with_block(text, render_speed_block(results), SPEED_BEGIN, SPEED_END)
 
 
 def check(results: Path = RESULTS) -> list[str]:
     """The pages that differ from their rendering (empty: all match)."""
     bad = []
-    if not PAGE.is_file() or PAGE.read_text() != render_page(results):
-        bad.append(str(PAGE))
+    for name in studies(results):
+        page = page_path(name)
+        if not page.is_file() or page.read_text() != render_page(results, name):
+            bad.append(str(page))
     if _rendered_readme(README.read_text(), results) != README.read_text():
-        bad.append(f"{README} (results or speed block)")
+        bad.append(f"{README} (results or speed blocks)")
     return bad
 
 
@@ -257,16 +364,26 @@ def main(argv: list[str] | None = None) -> None:
     pub.add_argument("--name", default="default")
     pub.add_argument("--wall-s", type=float, default=None, help="the study's wall time, seconds")
     pub.add_argument("--speed", type=Path, default=None, help="bench/out/study_worker.json (bench_study.py --compare-worker)")
-    sub.add_parser("render", help="write docs/results.md and the README's results block from docs/results/")
-    sub.add_parser("check", help="exit 1 when docs/results.md or the README block differ from their rendering")
+    pub.add_argument("--extra", action="append", default=[], metavar="FILE:KEY",
+                     help="a benchmark's output published as docs/results/<name>_<KEY> (throughput.json, precision.csv)")
+    sub.add_parser("render", help="write the results pages and the README's blocks from docs/results/")
+    sub.add_parser("check", help="exit 1 when a results page or a README block differs from its rendering")
     a = p.parse_args(argv)
     if a.cmd == "publish":
-        for path in publish(a.report, a.name, a.wall_s, speed=a.speed):
+        extra = {}
+        for item in a.extra:
+            src, sep, key = item.rpartition(":")
+            if not sep or not src or not key:
+                p.error(f"--extra {item!r}: expected FILE:KEY")
+            extra[key] = Path(src)
+        for path in publish(a.report, a.name, a.wall_s, speed=a.speed, extra=extra):
             print(f"wrote {path}")
     elif a.cmd == "render":
-        PAGE.write_text(render_page())
+        for name in studies():
+            page_path(name).write_text(render_page(RESULTS, name))
+            print(f"wrote {page_path(name)}")
         README.write_text(_rendered_readme(README.read_text(), RESULTS))
-        print(f"wrote {PAGE} and the results block of {README}")
+        print(f"wrote the results blocks of {README}")
     else:
         bad = check()
         for b in bad:
