@@ -51,6 +51,8 @@ SPEED_BEGIN, SPEED_END = "<!-- speed:default:begin (rendered by python -m fineta
 
 # The report tables a results page reads.
 TABLES = ("claims.csv", "cbloss_methods.csv", "transfer_table.csv", "selection_vs_random.csv", "transferability.csv")
+# The report figures a results page shows (copied as they are: PNGs of the same run).
+FIGURES = ("cbloss_few_vs_many.png",)
 
 
 def cpu_model() -> str:
@@ -96,6 +98,11 @@ def publish(report: Path, name: str, wall_s: float | None, out: Path = RESULTS, 
         dst = out / f"{name}_{table}"
         dst.write_text("\n".join(header) + "\n" + src.read_text())
         written.append(dst)
+    for figure in FIGURES:
+        if (report / figure).is_file():
+            dst = out / f"{name}_{figure}"
+            dst.write_bytes((report / figure).read_bytes())
+            written.append(dst)
     for key, src in ({"speed.json": speed} if speed is not None else {}) | (extra or {}).items():
         dst = out / f"{name}_{key}"
         dst.write_text(Path(src).read_text())
