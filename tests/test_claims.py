@@ -352,10 +352,34 @@ def test_cb_claim_refuses_a_nan_and_replicates_that_differ():
                        "cb_softmax": [29.0, 32.0, 31.0], "ldam_drw": [1.0, 1.0, 1.0]})
     with pytest.raises(ValueError, match=r"top1_error of cb_focal is absent from replicate\(s\) \[2\] of its 3"):
         _cb(cells)
+    from finetail.report import comparison_claims, paired_table
+
+    with pytest.raises(ValueError, match="absent from replicate"):  # the paired table and its claims.csv rows too
+        paired_table(cells, "softmax")
+    with pytest.raises(ValueError, match="absent from replicate"):
+        comparison_claims(cells, "softmax", "world")
     cells = _cb_cells({"softmax": [30.0, 31.0, 32.0], "cb_focal": [20.0, 21.0],
                        "cb_softmax": [29.0, 32.0, 31.0], "ldam_drw": [1.0, 1.0, 1.0]})
     with pytest.raises(ValueError, match=r"cb_focal and softmax ran different replicates \(\[0, 1\] vs \[0, 1, 2\]\)"):
         _cb(cells)
+
+
+def test_every_paired_comparison_is_a_claims_row_with_a_stable_id():
+    from finetail.report import comparison_claims
+
+    cells = _cb_cells({"softmax": [30.0, 31.0, 32.0], "cb_focal": [20.0, 20.0, 20.0],
+                       "cb_softmax": [29.0, 32.0, 31.0], "ldam_drw": [40.0, 42.0, 44.0]})
+    rows = {r.claim: r for r in comparison_claims(cells, "softmax", "world")}
+    # 3 losses x 2 imbalance factors x 3 metrics (top-1 error, few-shot and balanced accuracy)
+    assert len(rows) == 18
+    assert rows["cbloss:gen10:if100:cb_focal-vs-softmax:top1_error"].verdict == "better"  # lower error
+    assert rows["cbloss:gen10:if100:cb_focal-vs-softmax:balanced_acc"].verdict == "better"  # higher accuracy
+    assert rows["cbloss:gen10:if100:ldam_drw-vs-softmax:top1_error"].verdict == "worse"  # +10, +11, +12
+    assert rows["cbloss:gen10:if100:cb_softmax-vs-softmax:top1_error"].verdict == "not clear"
+    assert rows["cbloss:gen10:if10:cb_focal-vs-softmax:top1_error"].verdict == "worse"  # 40 vs 20, no spread
+    assert rows["cbloss:gen10:if100:cb_focal-vs-softmax:few_acc"].verdict == "not clear"
+    assert rows["cbloss:gen10:if100:cb_focal-vs-softmax:top1_error"].statement == (
+        "cb_focal vs softmax, top-1 error (points), gen10 IF 100")
 
 
 def test_cb_claim_without_a_metric_anywhere_or_without_a_baseline():
