@@ -2,6 +2,7 @@
 each gives its documented output, or one error line and exit status 2 (argparse's usage errors
 also exit 2). No training, no Snakemake: the tracking store is made once with finetail's Tracker."""
 
+import argparse
 import json
 import math
 import re
@@ -43,7 +44,8 @@ def one_error(err: str) -> str:
 def test_every_command_has_a_help_page(capsys):
     code, out, _ = run(capsys, "--help")
     assert code == 0 and out.startswith("usage: finetail")
-    commands = build_parser()._subparsers._group_actions[0].choices
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     assert {"generate", "longtail", "similarity", "select", "report", "ui", "lineage", "audit", "check-config",
             "compare-claims"} <= set(commands)
     for name in commands:
@@ -281,6 +283,9 @@ def test_check_config_valid_missing_unparsable_and_not_a_mapping(tmp_path, capsy
     assert code == 2 and "a study is a mapping of keys (study, datasets, ...), not a list" in one_error(err)
     code, _, err = run(capsys, "check-config", tmp_path)
     assert code == 2 and "is not a file" in one_error(err)
+    bad.write_bytes(b"study: \xff\xfe\n")
+    code, _, err = run(capsys, "check-config", bad)
+    assert code == 2 and f"config file {bad} is not a text file (byte 7 is not UTF-8)" in one_error(err)
     bad.write_text("study: tiny\n")
     code, _, err = run(capsys, "check-config", bad)
     assert code == 2 and "invalid study configuration" in err and "'datasets' is a required property" in err
@@ -352,7 +357,8 @@ def test_audit_and_lineage_read_the_store_given_by_tracking_uri(tracked, capsys,
     metrics = res / "cbloss" / "gen10" / "if10" / "softmax" / "seed0" / "metrics.json"
     # the study has no mlflow.db and its metrics.json recorded no store: audit cannot guess one
     code, _, err = run(capsys, "audit", "--results", res)
-    assert code == 2 and f"no tracking store: {res / 'mlflow.db'} does not exist" in one_error(err)
+    assert code == 2 and one_error(err).endswith(f"no tracking store: {res / 'mlflow.db'} does not exist (give "
+                                                 "--tracking-uri, or set MLFLOW_TRACKING_URI)")
     code, out, _ = run(capsys, "lineage", metrics)
     assert code == 0 and f"run {current}" in out and "[unknown]" in out and "no tracking store" in out
     # --tracking-uri: the run is found, with its config digest and commit, its input checked

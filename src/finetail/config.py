@@ -342,7 +342,11 @@ def load_config(path: str | Path, schema: str | Path = SCHEMA) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {path} is not a file")
     try:
-        config = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not a text file (byte {e.start} is not UTF-8)") from None
+    try:
+        config = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
