@@ -457,6 +457,13 @@ def test_similarity_claim_not_clear():
     assert "— not clear**" in line
 
 
+def test_similarity_claim_of_one_replicate_has_no_verdict():
+    # tau 1 on both targets, but one replicate: no spread to judge by, so not clear, and said so
+    _, line, claim = _similarity_claim([(1.0, 1.0)])
+    assert claim.verdict == "not clear" and claim.replicates == 1 and math.isnan(claim.low)
+    assert "— not clear**: +1.0 (one replicate: no interval)" in line
+
+
 def test_similarity_claim_with_too_few_sources_to_rank():
     _, line, claim = _similarity_claim([(1.0, 1.0), (1.0, 1.0)], sources=["A", "B"])
     assert claim is None and line == "- Similarity vs fine-tune accuracy: too few sources per target to rank.\n"
