@@ -17,18 +17,32 @@ from .fileio import log
 __all__ = ["main"]
 
 
+def _spec(a: argparse.Namespace, *required: str) -> dict:
+    """``--spec``: a JSON object holding at least the keys ``required`` (else one clear error)."""
+    try:
+        spec = json.loads(a.spec)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--spec is not JSON ({e}): {a.spec[:200]}") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"--spec must be a JSON object, got {type(spec).__name__}: {a.spec[:200]}")
+    missing = [k for k in required if k not in spec]
+    if missing:
+        raise ValueError(f"--spec lacks the key(s) {missing}; it has {sorted(spec)}")
+    return spec
+
+
 # --------------------------------------------------------------------------- generate
 def cmd_generate(a: argparse.Namespace) -> None:
     from .world import write_world_dataset
 
-    log(write_world_dataset(a.dataset, json.loads(a.spec), Path(a.out_dir)))
+    log(write_world_dataset(a.dataset, _spec(a), Path(a.out_dir)))
 
 
 # --------------------------------------------------------------------------- prepare
 def cmd_prepare(a: argparse.Namespace) -> None:
     from .datasets.pipeline import prepare_from_spec
 
-    path = prepare_from_spec(a.dataset, json.loads(a.spec), a.resources, Path(a.out_dir), log=log,
+    path = prepare_from_spec(a.dataset, _spec(a), a.resources, Path(a.out_dir), log=log,
                              progress=sys.stderr.isatty())
     log(f"prepared {a.dataset} -> {path}")
 
@@ -79,25 +93,25 @@ def _features_arg(a: argparse.Namespace):
 def cmd_similarity(a: argparse.Namespace) -> None:
     from .similarity import write_similarity
 
-    log(write_similarity(_features_arg(a), json.loads(a.spec), Path(a.out_dir)))
+    log(write_similarity(_features_arg(a), _spec(a, "sources", "targets"), Path(a.out_dir)))
 
 
 def cmd_select(a: argparse.Namespace) -> None:
     from .selection import write_selection
 
-    log(write_selection(_features_arg(a), json.loads(a.spec), Path(a.out)))
+    log(write_selection(_features_arg(a), _spec(a, "pool", "targets"), Path(a.out)))
 
 
 def cmd_random_subset(a: argparse.Namespace) -> None:
     from .selection import write_random_subset
 
-    log(write_random_subset(_features_arg(a), json.loads(a.spec), Path(a.selection), Path(a.out)))
+    log(write_random_subset(_features_arg(a), _spec(a, "pool"), Path(a.selection), Path(a.out)))
 
 
 def cmd_transferability(a: argparse.Namespace) -> None:
     from .scoring import write_scores
 
-    log(write_scores(a.models, a.seeds, a.manifest, a.out, json.loads(a.spec), threads=a.threads, device=a.device,
+    log(write_scores(a.models, a.seeds, a.manifest, a.out, _spec(a), threads=a.threads, device=a.device,
                      workers=a.workers))
 
 
@@ -112,7 +126,7 @@ def cmd_report(a: argparse.Namespace) -> None:
     from .report import build_report
     from .report_files import finish_report
 
-    spec = json.loads(a.spec)
+    spec = _spec(a)
     written = build_report(Path(a.results), spec, Path(a.out_dir))
     # provenance.csv, commits.csv and the HTML views that `snakemake --report` embeds
     written += finish_report(Path(a.out_dir), spec, Path(a.results), a.metrics, a.experiment)

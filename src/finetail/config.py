@@ -339,7 +339,21 @@ def load_config(path: str | Path, schema: str | Path = SCHEMA) -> dict:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
-    config = yaml.safe_load(path.read_text()) or {}
+    if not path.is_file():
+        raise ConfigError(f"config file {path} is not a file")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not a text file (byte {e.start} is not UTF-8)") from None
+    try:
+        config = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
+        raise ConfigError(f"config file {path} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"config file {path}: a study is a mapping of keys (study, datasets, ...), "
+                          f"not a {type(config).__name__}")
     check_legacy(config)
     _validate_with_defaults(config, yaml.safe_load(Path(schema).read_text()))
     check_config(config)

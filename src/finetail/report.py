@@ -386,7 +386,9 @@ def baseline_loss(cb: dict) -> str | None:
 
 def _pair(g: pd.DataFrame, loss: str, baseline: str, metric: str) -> tuple[list[float], list[float]] | None:
     """``loss`` and ``baseline``'s ``metric`` over the replicates both have, in replicate order;
-    None where the metric is absent (e.g. no few-shot class)."""
+    None where the metric is absent from every replicate of either (e.g. no few-shot class).
+    Absent from some replicates only raises: the comparison would silently drop out of the
+    claims (NaN here means absent; :func:`_pct` refused non-finite values already)."""
     a = g[g["loss"] == loss].set_index("seed")[metric]
     b = g[g["loss"] == baseline].set_index("seed")[metric]
     seeds = sorted(set(a.index) & set(b.index))
@@ -394,8 +396,13 @@ def _pair(g: pd.DataFrame, loss: str, baseline: str, metric: str) -> tuple[list[
         raise ValueError(f"{loss} and {baseline} ran different replicates ({sorted(a.index)} vs {sorted(b.index)}): "
                          "a paired comparison needs the same ones")
     a, b = a.loc[seeds], b.loc[seeds]
-    if a.isna().any() or b.isna().any():
+    if a.isna().all() or b.isna().all():
         return None
+    for name, v in ((loss, a), (baseline, b)):
+        if v.isna().any():
+            raise ValueError(f"{metric} of {name} is absent from replicate(s) {sorted(v.index[v.isna()])} of its "
+                             f"{len(v)}: the comparison with {baseline if name == loss else loss} would silently "
+                             "leave the claims")
     return a.tolist(), b.tolist()
 
 
@@ -675,6 +682,10 @@ def correlations(x: np.ndarray, y: np.ndarray) -> dict:
     """Spearman's rho and Kendall's tau (with p-values) of paired samples."""
     from scipy import stats
 
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise ValueError(f"correlation of non-finite values ({x.tolist()} vs {y.tolist()}): a NaN similarity or "
+                         "accuracy must not become a silent NaN correlation")
     rho = stats.spearmanr(x, y)
     tau = stats.kendalltau(x, y)
     return {"n": int(len(x)), "spearman": float(rho.statistic), "spearman_p": float(rho.pvalue),
@@ -699,6 +710,11 @@ def _with_similarity(df: pd.DataFrame, sims: dict[int, pd.DataFrame]) -> pd.Data
     """Fine-tune rows of the ranked sources, each with its replicate's similarity."""
     g = df[df["source"].isin(next(iter(sims.values())).index)].copy()
     g["similarity"] = [float(sims[int(r)].loc[s, t]) for s, t, r in zip(g["source"], g["target"], g["seed"], strict=True)]
+    bad = g[~np.isfinite(g["similarity"])]
+    if len(bad):
+        r = bad.iloc[0]
+        raise ValueError(f"similarity of {r['source']} -> {r['target']} in replicate {int(r['seed'])} is "
+                         f"{r['similarity']}: rerun that replicate's similarity job")
     return g
 
 

@@ -128,7 +128,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
 from statistics import NormalDist
@@ -1008,6 +1008,9 @@ def write_world_dataset(name: str, spec: dict, out: Path) -> str:
     from .fileio import write_json
     from .manifest import class_table, write_array_dataset
 
+    unknown = sorted(set(spec.get("world", {})) - {f.name for f in fields(WorldConfig)})
+    if unknown:
+        raise ValueError(f"unknown world setting(s) {unknown}; valid: {', '.join(f.name for f in fields(WorldConfig))}")
     world = WorldConfig(**spec.get("world", {}))
     ds = {k: v for k, v in spec.get("dataset", {}).items() if k != "kind"}
     t0 = time.perf_counter()

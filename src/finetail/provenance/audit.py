@@ -81,7 +81,8 @@ def audit(results_dir: str | os.PathLike, tracking_uri: str | None = None, exper
         raise FileNotFoundError(f"results folder {rd} does not exist")
     store = open_store(tracking_uri, rd, recorded_uris(rd))
     if store.uri is None:
-        raise FileNotFoundError(f"no tracking store: {Layout.at(rd).mlflow_db()} does not exist (pass tracking_uri)")
+        raise FileNotFoundError(f"no tracking store: {Layout.at(rd).mlflow_db()} does not exist "
+                                "(give --tracking-uri, or set MLFLOW_TRACKING_URI)")
     if not store.available:
         raise FileNotFoundError(f"tracking store {store.uri} does not exist")
     walker = Walker(rd, store)
