@@ -272,6 +272,8 @@ ADDED_SETTINGS: dict[str, Any] = {
     "drw_epoch": None,
     "sampler": "instance",
     "holdout": 0.0,
+    "cpu_bf16": False,  # the CPU's precision and memory format: they change the floats a run computes
+    "cpu_channels_last": False,
 }
 
 
@@ -279,8 +281,8 @@ def key_settings(cfg: TrainConfig) -> dict[str, Any]:
     """The recipe as a resume key holds it: every setting but the speed-only switches
     (:data:`SPEED_ONLY`) and the :data:`ADDED_SETTINGS` at their neutral values.
 
-    >>> sorted(set(asdict(TrainConfig())) - set(key_settings(TrainConfig())))[:3]
-    ['compile', 'cuda_graphs', 'drw_epoch']
+    >>> sorted(set(asdict(TrainConfig())) - set(key_settings(TrainConfig())))[:5]
+    ['compile', 'cpu_bf16', 'cpu_channels_last', 'cuda_graphs', 'drw_epoch']
     """
     return {k: v for k, v in asdict(cfg).items()
             if k not in SPEED_ONLY and not (k in ADDED_SETTINGS and v == ADDED_SETTINGS[k])}
