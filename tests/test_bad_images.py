@@ -280,6 +280,7 @@ def test_16bit_png_in_the_array_store_and_pre_resize(tmp_path):
     assert abs(read_image(tmp_path / "small" / dim["path"]).astype(int) - 78).max() <= 2  # a JPEG copy
 
 
+@pytest.mark.slow
 def test_16bit_png_file_manifest_trains_through_the_loader(tmp_path):
     rows = []
     for split, n in (("train", 4), ("test", 2)):
@@ -374,6 +375,7 @@ def test_user_errors_are_user_errors_and_keep_their_bases():
     assert issubclass(ManualDownloadRequired, FileNotFoundError) and issubclass(ManualDownloadRequired, UserError)
 
 
+@pytest.mark.slow
 def test_cli_bad_image_is_one_line_and_skip_logs_warnings(tmp_path):
     tree = _tree(tmp_path / "tree")
     bad = tree / "test" / "b" / "broken.jpg"
@@ -388,6 +390,7 @@ def test_cli_bad_image_is_one_line_and_skip_logs_warnings(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_cli_bad_torchvision_names_are_one_line(tmp_path):
     common = ["--model-name", "m", "--manifest", str(tmp_path / "m.parquet"), "--out", str(tmp_path / "f.npz")]
     line = _one_line_error(_cli("features", "--model", "tv:resnet18", "--weights", "IMAGENET1K_V7", *common))
@@ -396,6 +399,7 @@ def test_cli_bad_torchvision_names_are_one_line(tmp_path):
     assert "'resnet19'" in line and "resnet18" in line
 
 
+@pytest.mark.slow
 def test_cli_unsafe_and_corrupt_archives_are_one_line(tmp_path):
     evil = tmp_path / "evil.tar.gz"
     evil.write_bytes(make_tar({"train/a/0.jpg": jpeg(0), "../outside.jpg": jpeg(1)}))

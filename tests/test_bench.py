@@ -44,6 +44,7 @@ def _run(cmd, env=None, timeout=300):
     return p.stdout
 
 
+@pytest.mark.slow
 def test_bench_pipeline_reports_both_figures_and_ratio(small_archive, tmp_path):
     out = tmp_path / "pipeline.json"
     stdout = _run([sys.executable, "bench/bench_pipeline.py", "--archive", str(small_archive), "--device", "cpu",
@@ -64,6 +65,7 @@ def test_bench_pipeline_reports_both_figures_and_ratio(small_archive, tmp_path):
     assert "ratio" in stdout and "target on cpu" in stdout and str(out) in stdout
 
 
+@pytest.mark.slow
 def test_bench_pipeline_subset_and_epochs(small_archive, tmp_path):
     out = tmp_path / "p.json"
     _run([sys.executable, "bench/bench_pipeline.py", "--archive", str(small_archive), "--device", "cpu",

@@ -59,6 +59,7 @@ def test_cross_checks(tmp_path):
         load_config(_write(tmp_path, cfg))
 
 
+@pytest.mark.slow
 def test_snakemake_names_the_misspelt_key(tmp_path):
     cfg = _default()
     cfg["cbloss"]["recipe"]["epochz"] = 3
@@ -90,6 +91,7 @@ def test_random_source_name_must_not_clash(tmp_path):
         load_config(_write(tmp_path, cfg))
 
 
+@pytest.mark.slow
 def test_paper_grid_study_plans_the_full_grid():
     r = subprocess.run(
         [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile", "workflow/studies/cbloss_paper_grid.yaml"],
@@ -101,6 +103,7 @@ def test_paper_grid_study_plans_the_full_grid():
     assert re.search(r"^longtail\s+12$", r.stdout, flags=re.M)
 
 
+@pytest.mark.slow
 def test_paper_study_plans_the_whole_dag_without_data(tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "-s", str(ROOT / "Snakefile"), "--directory",
@@ -134,6 +137,7 @@ def test_registry_and_imagefolder_kinds_are_checked(tmp_path):
         load_config(_write(tmp_path, cfg))
 
 
+@pytest.mark.slow
 def test_default_study_is_found_from_another_working_directory(tmp_path):
     """Without --configfile the checkout's config.yaml is the study, wherever --directory points."""
     r = subprocess.run(

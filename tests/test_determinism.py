@@ -5,6 +5,7 @@ on the CPU), twice per seed; another seed must give other numbers, or the seeds 
 would measure nothing.
 """
 
+import pytest
 import json
 import os
 import subprocess
@@ -13,6 +14,8 @@ import sys
 import pandas as pd
 
 from conftest import write_toy_manifest
+
+pytestmark = pytest.mark.slow  # starts training subprocesses
 
 SPEC = {
     "recipe": {"model": "resnet8", "width": 8, "epochs": 3, "batch_size": 16, "lr": 0.05, "warmup_epochs": 1,

@@ -188,6 +188,7 @@ def test_cuda_graphs_need_compile():
         TrainConfig(cuda_graphs=True).validate()
 
 
+@pytest.mark.slow
 def test_sgd_is_torchs_sgd_without_the_compiler_stack():
     """finetail.training.optim.SGD updates and saves exactly as torch.optim.SGD, and a few
     steps (with zero_grad, state_dict, load_state_dict) do not import torch._dynamo."""

@@ -125,6 +125,7 @@ def _jobs(out: str) -> list[tuple[str, str]]:
     return [(m.group(1), m.group(0)) for m in re.finditer(r"^rule (\w+):\n(?:    .*\n)+", out, flags=re.M)]
 
 
+@pytest.mark.slow
 def test_default_dag_trains_the_feature_network_once_and_never_ranks_or_finetunes_it(tmp_path):
     from test_workflow import planned, snakemake
 
@@ -197,6 +198,7 @@ def test_central_crop_is_the_reference_crop():
         eval_transform(img, 16, 0.875, "squash")
 
 
+@pytest.mark.slow
 def test_features_cli_reads_a_file_manifest_and_records_the_preprocessing(tmp_path):
     manifest, _, _ = write_toy_file_manifest(tmp_path / "files", 4, 2, height=30, width=50)
     out = tmp_path / "f.npz"

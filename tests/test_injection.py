@@ -176,6 +176,7 @@ def test_check_config_cli_reports_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["dataset key $(...)", "features weights", "loss name ;", "study /"])
+@pytest.mark.slow
 def test_snakemake_refuses_naming_the_key_before_any_job(tmp_path, case):
     edit, key, value = UNSAFE[case]
     cfg = _default()
@@ -330,6 +331,7 @@ def _shell_commands(dry_run_output: str) -> list[tuple[str, str]]:
     return out
 
 
+@pytest.mark.slow
 def test_every_rule_quotes_every_value(tmp_path):
     """With unsafe names forced past the schema, every rule's rendered command still parses
     into whole arguments, and running the commands (``finetail`` replaced by a stub that

@@ -27,6 +27,8 @@ from finetail.manifest import write_array_dataset
 
 from conftest import ROOT, assert_same_weights, toy_images, write_toy_manifest
 
+pytestmark = pytest.mark.slow  # starts training subprocesses
+
 RECIPE = {"model": "resnet8", "width": 4, "epochs": 3, "batch_size": 32, "lr": 0.05, "warmup_epochs": 1,
           "milestones": [2], "lr_factors": [0.1], "eval_every": 1, "crop_pad": 2, "deterministic": True}
 SPEC = {"recipe": RECIPE, "loss": {"type": "softmax"}, "shots": {"many": 100, "few": 20}}

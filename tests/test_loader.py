@@ -122,6 +122,7 @@ def test_sigterm_mid_epoch_resumes_the_file_path_exactly(file_manifest, tmp_path
     assert resumed.metrics == full.metrics
 
 
+@pytest.mark.slow
 def test_cli_trains_a_file_manifest(file_manifest, tmp_path):
     spec = {"recipe": {**FAST, "epochs": 2, "num_workers": 2}, "loss": {"type": "softmax"}}
     cmd = [sys.executable, "-m", "finetail.cli", "train", "--manifest", str(file_manifest), "--spec", json.dumps(spec),

@@ -178,6 +178,7 @@ def test_confidence_follows_the_losss_probability_model():
         assert confidence(logits, top1, loss).tolist() == pytest.approx([2 / 3, 3 / 4])
 
 
+@pytest.mark.slow
 def test_a_training_job_records_ece_and_precision(tmp_path):
     """End to end: a tiny `finetail train` puts ``ece`` (in [0, 1]) and the precision in
     metrics.json, ``test_ece`` per evaluated epoch in history.csv and MLflow, and tags the run."""

@@ -129,6 +129,7 @@ def _run(cell, run_id):
     return MlflowClient(f"sqlite:///{cell['root'] / 'study' / 'mlflow.db'}").get_run(run_id)
 
 
+@pytest.mark.slow
 def test_posthoc_logit_adjust_auto_is_a_child_run_that_keeps_the_backbone(cell):
     model = cell["dir"] / "model.pt"
     before = file_sha256(model)
@@ -165,6 +166,7 @@ def _evaluate(cell, model_dir, method, tau):
     return evaluate_cell(a, posthoc_spec(a), torch.device("cpu"))
 
 
+@pytest.mark.slow
 def test_posthoc_at_tau_zero_reproduces_the_cells_own_numbers(cell):
     res = _evaluate(cell, cell["dir"], "logit_adjust", "0")
     assert (res["choice"].source, res["choice"].tau) == ("given", 0.0)
@@ -174,11 +176,13 @@ def test_posthoc_at_tau_zero_reproduces_the_cells_own_numbers(cell):
     assert shifted["ece"] != res["metrics"]["ece"]
 
 
+@pytest.mark.slow
 def test_tau_norm_of_a_cosine_head_is_refused(cell):
     with pytest.raises(UserError, match="normalises them itself"):
         _evaluate(cell, cell["dir"], "tau_norm", "1")
 
 
+@pytest.mark.slow
 def test_crt_retrains_only_the_head_and_tau_norm_applies_to_its_model(cell):
     root = cell["root"]
     spec = crt_spec(cell["spec"], epochs=2)
@@ -198,6 +202,7 @@ def test_crt_retrains_only_the_head_and_tau_norm_applies_to_its_model(cell):
     assert out["start_backbone_sha256"] == crt["start_backbone_sha256"]
 
 
+@pytest.mark.slow
 def test_posthoc_refuses_a_model_that_is_not_the_cells(cell, tmp_path):
     other = tmp_path / "other"
     other.mkdir()

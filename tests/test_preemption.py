@@ -14,6 +14,8 @@ from finetail.training.checkpoint import load_checkpoint
 
 from conftest import assert_same_weights, write_toy_manifest
 
+pytestmark = pytest.mark.slow  # starts training subprocesses
+
 SPEC = {
     "recipe": {"model": "resnet8", "width": 8, "epochs": 10, "batch_size": 32, "lr": 0.05, "warmup_epochs": 1,
                "milestones": [7], "lr_factors": [0.1], "eval_every": 3, "crop_pad": 2, "deterministic": True},

@@ -118,6 +118,7 @@ def test_old_seeds_keys_are_refused_with_what_replaced_them(tmp_path):
         load_config(p)
 
 
+@pytest.mark.slow
 def test_default_study_dry_run_reseeds_every_stage(tmp_path):
     """The default study plans each replicate's world (world seed + r), long-tailed subset
     (longtail seed + r), feature network (seed r) and random draw (seed + r)."""

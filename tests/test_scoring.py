@@ -17,6 +17,8 @@ from finetail.manifest import load_array_split
 
 from conftest import write_toy_file_manifest, write_toy_manifest
 
+pytestmark = pytest.mark.slow  # starts training subprocesses
+
 RECIPE = dict(model="resnet8", width=8, epochs=1, batch_size=8, lr=0.05, warmup_epochs=1, milestones=[], lr_factors=[],
               eval_every=1, num_workers=0, deterministic=True)
 

@@ -17,6 +17,8 @@ from conftest import write_toy_manifest
 
 from finetail.tracking import TrackerProcess, TrackingUnavailable, sqlite_uri
 
+pytestmark = pytest.mark.slow  # starts training subprocesses
+
 RECIPE = {"model": "resnet8", "width": 4, "epochs": 2, "batch_size": 32, "lr": 0.05, "warmup_epochs": 0,
           "milestones": [], "lr_factors": [], "eval_every": 1, "crop_pad": 2}
 SPEC = {"recipe": RECIPE, "loss": {"type": "softmax"}, "shots": {"many": 100, "few": 20}}

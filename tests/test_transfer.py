@@ -1,6 +1,7 @@
 """Transfer half: pooling, class-mean features, fine-tuning from exactly the pretrained backbone,
 and the DAG's shape (every source x target fine-tune)."""
 
+import pytest
 import json
 import re
 import subprocess
@@ -77,6 +78,7 @@ def test_class_mean_features_are_per_class_means():
     assert counts.tolist() == [5, 3, 3, 0]
 
 
+@pytest.mark.slow
 def test_finetune_starts_from_exactly_the_pretrained_backbone(tmp_path):
     src = _dataset(tmp_path / "src", 4, "s", 0)
     tgt = _dataset(tmp_path / "tgt", 3, "t", 7)
@@ -115,6 +117,7 @@ def test_linear_probe_keeps_the_backbone(tmp_path):
     assert_same_weights(res.model.backbone, backbone)
 
 
+@pytest.mark.slow
 def test_default_dag_holds_every_source_target_finetune(tmp_path):
     r = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(tmp_path),
                         "--configfile", str(ROOT / "config.yaml"), "-n", "--cores", "1"],
@@ -137,6 +140,7 @@ def test_default_dag_holds_every_source_target_finetune(tmp_path):
     assert re.search(rf"^random_subset\s+{len(seeds)}$", r.stdout, flags=re.M)
 
 
+@pytest.mark.slow
 def test_torchvision_feature_model_identity_without_download(tmp_path):
     """The torchvision path (users with internet pass weights=...); here without weights."""
     from finetail.features import load_feature_model

@@ -19,7 +19,8 @@ from test_preemption import _kill_after_epoch
 from finetail.training.checkpoint import load_checkpoint
 from finetail.worker import ENV, LocalWorker, socket_path, starting_path, wanted
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the worker's tests read /proc")
+pytestmark = [pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the worker's tests read /proc"),
+              pytest.mark.slow]  # every test starts a worker or a training subprocess
 
 SPEC = {
     "recipe": {"model": "resnet8", "width": 8, "epochs": 10, "batch_size": 32, "lr": 0.05, "warmup_epochs": 1,
