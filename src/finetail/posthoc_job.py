@@ -74,14 +74,15 @@ def parse_tau_grid(text: str) -> list[float]:
 
 def posthoc_spec(a: argparse.Namespace) -> dict:
     """The job's settings, as its run's params and its config digest hold them."""
+    plugin = getattr(a, "plugin", None)  # (a Namespace built by hand may lack the plugin options)
     if a.method == "plugin":
-        if not a.plugin or a.tau is not None:
+        if not plugin or a.tau is not None:
             raise ValueError("--method plugin takes --plugin (and --plugin-params), not --tau")
-        params = json.loads(a.plugin_params)
+        params = json.loads(getattr(a, "plugin_params", "{}"))
         if not isinstance(params, dict):
             raise ValueError(f"--plugin-params must be a JSON object, got {a.plugin_params!r}")
-        return {"method": "plugin", "plugin": a.plugin, "params": params}
-    if a.plugin:
+        return {"method": "plugin", "plugin": plugin, "params": params}
+    if plugin:
         raise ValueError(f"--plugin applies to --method plugin, not {a.method}")
     if a.tau is None:
         raise ValueError(f"--method {a.method} needs --tau (a number, or auto)")
