@@ -47,6 +47,7 @@ import ast
 import hashlib
 import importlib
 import importlib.metadata
+import importlib.util
 import inspect
 import os
 import re
@@ -180,10 +181,17 @@ def _distribution_of(module: str) -> tuple[str | None, str | None]:
 
 
 # --------------------------------------------------------------------------- source files
-def _find_chain(module: str, search: Sequence[str]) -> list[ModuleSpec] | None:
-    """The specs of ``module`` and its parent packages, found without importing anything."""
+def _find_chain(module: str, search: Sequence[str], meta: bool = False) -> list[ModuleSpec] | None:
+    """The specs of ``module`` and its parent packages, found without importing anything:
+    the top-level module on ``search``, or (``meta``) by the interpreter's finders, such as
+    the one an editable install (``pip install -e``) adds; submodules in their package's folders."""
     parts = module.split(".")
     spec = PathFinder.find_spec(parts[0], list(search))
+    if spec is None and meta:
+        try:
+            spec = importlib.util.find_spec(parts[0])  # a top-level name: imports nothing
+        except (ImportError, ValueError):
+            spec = None
     chain = [spec]
     for i in range(1, len(parts)):
         if spec is None or not spec.submodule_search_locations:
@@ -226,26 +234,31 @@ def _imports(tree: ast.AST, module: str, is_package: bool) -> set[str]:
 
 def source_files(module: str, search: Sequence[str] | None = None) -> list[tuple[str, Path]]:
     """The files ``module`` runs: its own, its packages' ``__init__`` files and every module
-    they import that lies under the same search-path folder (so not the standard library,
-    torch or finetail), as ``(path relative to that folder, absolute path)``, sorted.
+    they import that is the plugin's own (its top-level package's) or, outside an installed
+    packages folder (``site-packages``), lies beside it in the same search-path folder; never
+    the standard library, another installed package or finetail. As ``(path relative to that
+    folder, absolute path)``, sorted.
 
     Raises :class:`PluginError` when ``module`` is not found on ``search`` (default:
-    :func:`search_path`).
+    :func:`search_path`) nor by the interpreter's finders (an editable install's).
     """
     search = search_path() if search is None else list(search)
-    chain = _find_chain(module, search)
+    chain = _find_chain(module, search, meta=True)
     if chain is None or _origin(chain[-1]) is None and not chain[-1].submodule_search_locations:
         beyond = [p for p in search if p and p not in sys.path]
         raise PluginError(f"module {module!r} is not on sys.path (PYTHONPATH)"
                           + (f" nor in {', '.join(beyond)}" if beyond else "")
                           + f" (a study file's folder is searched too, and {PATH_ENV})")
     root = _root(chain[0])
+    own = module.split(".")[0]
+    installed = root.name in ("site-packages", "dist-packages")
     files: dict[Path, str] = {}
     todo = [module]
     seen: set[str] = set()
     while todo:
         name = todo.pop()
-        if name in seen:
+        top = name.split(".")[0]
+        if name in seen or (top != own and (installed or top == "finetail")):
             continue
         seen.add(name)
         specs = _find_chain(name, [str(root)])
@@ -344,7 +357,7 @@ def load(kind: str, ref: str, search: Sequence[str] | None = None) -> Plugin:
     except (SyntaxError, UnicodeDecodeError) as e:
         raise PluginError(f"{kind} plugin {ref!r}: module {target.module!r} does not import: "
                           f"{type(e).__name__}: {e}") from None
-    chain = _find_chain(target.module, search)
+    chain = _find_chain(target.module, search, meta=True)
     origin = _origin(chain[-1]) if chain else None
     _purge_stale(target.module, origin)
     added = [p for p in search if p not in sys.path]
