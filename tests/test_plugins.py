@@ -106,6 +106,21 @@ PLUGIN_FILES = {
         def wrong_shape(logits, counts):
             return logits[:, :1]
         """,
+    "plugin_cosine.py": """
+        import torch.nn.functional as F
+        from torch import nn
+
+
+        class CosineMargin(nn.Module):
+            head = "normed"  # a cosine head, as LDAM's: the contract's head
+
+            def __init__(self, counts, scale=10.0):
+                super().__init__()
+                self.scale = scale
+
+            def forward(self, logits, targets):
+                return F.cross_entropy(self.scale * logits, targets)
+        """,
     "plugin_broken_import.py": """
         import a_package_nobody_installed  # noqa: F401
         """,
@@ -238,6 +253,29 @@ def test_a_plugin_loss_keeps_its_recipe_key_and_refuses_built_in_keys():
         TrainConfig.from_spec({"loss": {"type": "plugin", "plugin": "m:f", "tau": 2.0}})
     with pytest.raises(ValueError, match="loss 'softmax' takes no 'plugin'"):
         TrainConfig.from_spec({"loss": {"type": "softmax", "plugin": "m:f"}})
+
+
+def test_a_loss_plugin_asks_for_its_head(tmp_path, monkeypatch):
+    """A plugin that declares head = "normed" trains on a cosine head; the head joins the
+    cell's spec, so post-hoc jobs rebuild the same network, and tau_norm of it is refused."""
+    from finetail.models import NormedLinear, build_model
+    from finetail.training.job import _plugin_loss
+    from finetail.training.recipe import TrainConfig
+
+    d = write_plugins(tmp_path / "p")
+    monkeypatch.setenv("FINETAIL_PLUGIN_PATH", str(d))
+    spec = {"recipe": {"model": "resnet8", "width": 4}, "loss": {"type": "plugin", "plugin": "plugin_cosine:CosineMargin"}}
+    spec2, cfg, info = _plugin_loss(spec, TrainConfig.from_spec(spec))
+    assert spec2["loss"]["head"] == "normed" and "head" not in spec["loss"] and info["ref"] == "plugin_cosine:CosineMargin"
+    assert cfg.head == TrainConfig.from_spec(spec2).head == "normed"
+    assert isinstance(build_model(cfg.model, 3, cfg.width, head=cfg.head).head, NormedLinear)
+
+    def normed(c):
+        c["cbloss"]["losses"]["prior"] = {"type": "plugin", "plugin": "plugin_cosine:CosineMargin"}
+        c["cbloss"]["posthoc"]["tau"] = {"method": "tau_norm", "tau": 1.0, "losses": ["prior"]}
+
+    with pytest.raises(ConfigError, match="cbloss.posthoc.tau: tau_norm on the cells of 'prior' changes nothing"):
+        load_config(_study(tmp_path / "s", normed))
 
 
 def test_corrections_and_scores_are_checked(tmp_path):

@@ -38,6 +38,10 @@ until epoch ``drw_epoch``, then with the class-balanced weights above as PyTorch
 mean ``sum_i w[y_i] CE_i / sum_i w[y_i]``: :func:`drw_weights` gives the weights of an epoch,
 a function of the epoch alone, so a resumed job applies what an uninterrupted one does.
 All of them compute in float32, whatever the logits' dtype.
+
+**A researcher's own loss** is a plugin (:mod:`finetail.plugins`): :func:`build_plugin_loss`
+calls it on the counts and wraps what it returns in :class:`PluginLoss`, which checks that
+every call returns a scalar.
 """
 
 from __future__ import annotations
