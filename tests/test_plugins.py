@@ -532,4 +532,4 @@ def test_the_example_by_entry_point_gives_the_numbers_of_its_module_callable(stu
     assert cell_e["plugin"]["digest"] == cell_m["plugin"]["digest"] == ph_e["plugin"]["digest"]
     assert cell_e["plugin"]["entry_point"] == "finetail.losses:seql"
     assert (cell_e["plugin"]["distribution"], cell_e["plugin"]["version"]) == ("finetail-extras", "0.1.0")
-    assert sc_e["gbc_plugin"].iloc[0] == "plugin gbc, finetail-extras 0.1.0"
+    assert sc_e["gbc_plugin"].iloc[0] == f"plugin gbc, finetail-extras 0.1.0, code {cell_e['plugin']['digest']}"

@@ -318,9 +318,10 @@ class Plugin:
         return head
 
     def label(self) -> str:
-        """``plugin <ref>, <distribution> <version>`` (or ``, code <digest>`` when not installed)."""
+        """``plugin <ref>, <distribution> <version>, code <digest>`` (no distribution when it is
+        not installed)."""
         t = self.target
-        return f"plugin {t.ref}, " + (f"{t.distribution} {t.version}" if t.distribution else f"code {self.digest}")
+        return f"plugin {t.ref}, " + (f"{t.distribution} {t.version}, " if t.distribution else "") + f"code {self.digest}"
 
     def info(self) -> dict[str, Any]:
         """What a run records of its plugin (``metrics.json``'s ``plugin``, the MLflow tags)."""

@@ -18,7 +18,7 @@ Score plugins (``spec["plugins"]``: name -> an entry point of ``finetail.scores`
 ``module:callable``, :mod:`finetail.plugins`) are loaded and checked before any image is read,
 then called on the same features and labels (and the softmax, when they declare ``probs``),
 timed like the built-in scores. Their columns are ``<name>``, ``<name>_s`` and
-``<name>_plugin`` (the plugin's ref, distribution and version or code digest). A plugin that
+``<name>_plugin`` (the plugin's ref, distribution and version if installed, and code digest). A plugin that
 raises, or returns anything but a finite number, fails the job in one line naming it, and no
 ``scores.csv`` is written.
 
