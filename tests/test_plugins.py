@@ -529,7 +529,10 @@ def test_the_example_by_entry_point_gives_the_numbers_of_its_module_callable(stu
     (cell_e, ph_e, sc_e), (cell_m, ph_m, sc_m) = got["entry"], got["module"]
     assert cell_e["final"] == cell_m["final"] and ph_e["final"] == ph_m["final"]
     assert sc_e["gbc"].iloc[0] == sc_m["gbc"].iloc[0]
-    assert cell_e["plugin"]["digest"] == cell_m["plugin"]["digest"] == ph_e["plugin"]["digest"]
+    assert cell_e["plugin"]["digest"] == cell_m["plugin"]["digest"] and ph_e["plugin"]["digest"] == ph_m["plugin"]["digest"]
+    assert [rel for rel, _ in cell_e["plugin"]["files"]] == ["finetail_extras/__init__.py", "finetail_extras/losses.py"]
     assert cell_e["plugin"]["entry_point"] == "finetail.losses:seql"
     assert (cell_e["plugin"]["distribution"], cell_e["plugin"]["version"]) == ("finetail-extras", "0.1.0")
-    assert sc_e["gbc_plugin"].iloc[0] == f"plugin gbc, finetail-extras 0.1.0, code {cell_e['plugin']['digest']}"
+    gbc = plugin_digest("score", "finetail_extras.scores:gbc", [str(site)])
+    assert sc_e["gbc_plugin"].iloc[0] == f"plugin gbc, finetail-extras 0.1.0, code {gbc}"
+    assert sc_m["gbc_plugin"].iloc[0].endswith(f"code {gbc}")
