@@ -413,7 +413,7 @@ def test_lineage_of_a_plugin_row_names_the_plugin_and_its_digest(study):
     assert out.returncode == 0, out.stderr
     assert "plugin loss plugin_loss:PriorShifted -> plugin_loss:PriorShifted  (not installed)" in out.stdout
     assert f"code sha256 {digest} ok" in out.stdout
-    assert f"file plugin_loss.py {study / 'plugin_loss.py'}" in out.stdout
+    assert f"file plugin_loss.py {(study / 'plugin_loss.py').resolve()}" in out.stdout
     chain = json.loads(subprocess.run([sys.executable, "-m", "finetail.cli", "lineage", "--json",
                                        "posthoc:gen10:if10:softmax:adjust:seed0", "--results", str(res)],
                                       capture_output=True, text=True, timeout=300).stdout)
