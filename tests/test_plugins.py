@@ -536,3 +536,33 @@ def test_the_example_by_entry_point_gives_the_numbers_of_its_module_callable(stu
     gbc = plugin_digest("score", "finetail_extras.scores:gbc", [str(site)])
     assert sc_e["gbc_plugin"].iloc[0] == f"plugin gbc, finetail-extras 0.1.0, code {gbc}"
     assert sc_m["gbc_plugin"].iloc[0].endswith(f"code {gbc}")
+
+
+# --------------------------------------------------------------------------- records: lineage and the report's marks
+def test_lineage_says_whether_a_plugins_files_still_match(tmp_path):
+    from finetail.provenance.walk import plugin_node
+
+    d = write_plugins(tmp_path / "p")
+    info = load("loss", "plugin_loss:PriorShifted", [str(d)]).info()
+    assert plugin_node(info)["status"] == "ok"
+    (d / "plugin_helpers.py").write_text((d / "plugin_helpers.py").read_text() + "\n# an edit\n")
+    node = plugin_node(info)
+    assert node["status"] == "changed" and node["actual"] != info["digest"]
+    (d / "plugin_helpers.py").unlink()
+    assert plugin_node(info)["status"] == "missing"
+
+
+def test_a_report_row_of_one_plugin_needs_one_version_of_its_code(tmp_path):
+    from finetail.record import MetricsRecord
+    from finetail.report import plugin_mark
+
+    def run(digest, dist=None):
+        return tmp_path / f"{digest}.json", MetricsRecord(extra={"plugin": {"ref": "m:f", "digest": digest,
+                                                                            "distribution": dist, "version": "1.2"}})
+
+    assert plugin_mark([run("aaa"), run("aaa")]) == " [plugin, code aaa]"
+    assert plugin_mark([run("aaa", "mypkg")]) == " [plugin, mypkg 1.2]"
+    with pytest.raises(ValueError, match="ran different code of their plugin"):
+        plugin_mark([run("aaa"), run("bbb")])
+    with pytest.raises(ValueError, match="records no plugin"):
+        plugin_mark([run("aaa"), (tmp_path / "x.json", MetricsRecord())])
