@@ -440,9 +440,8 @@ def _finetail(*args: str, plugin_dir: Path, cwd: Path) -> subprocess.CompletedPr
 @pytest.mark.parametrize("plugin,message", [
     ("plugin_bad:scalar_per_image", r"loss plugin 'plugin_bad:scalar_per_image' returned a tensor of shape \(32,\)"),
     ("plugin_bad:NaNLoss", r"training diverged: the loss became non-finite \(NaN or inf\) at epoch 1, step 1"),
+    # (a missing callable or a wrong signature: refused when the study loads, above; the job checks the same way)
     ("plugin_broken_import:x", r"does not import: ModuleNotFoundError: No module named 'a_package_nobody_installed'"),
-    ("plugin_bad:missing", r"module 'plugin_bad' has no 'missing'"),
-    ("plugin_bad:wrong_signature", r"has the signature \(\): it takes 0 positional argument"),
 ])
 def test_a_bad_loss_plugin_job_writes_nothing(study, tmp_path, plugin, message):
     import re
