@@ -10,12 +10,13 @@ import yaml
 from conftest import ROOT
 
 from finetail.config import SCHEMA
-from finetail.training.recipe import ADDED_SETTINGS, CB_LOSS_TYPES, FEW_SHOT, LOSS_TYPES, MANY_SHOT, TrainConfig
+from finetail.training.recipe import ADDED_SETTINGS, CB_LOSS_TYPES, FEW_SHOT, LOSS_TYPES, MANY_SHOT, PLUGIN_FIELDS, TrainConfig
 
 DEFS = yaml.safe_load(SCHEMA.read_text())
 
 
-LOSS_FIELDS = {"loss", "beta", "gamma", "max_margin", "scale", "tau", "drw_epoch"}
+LOSS_FIELDS = {"loss", "beta", "gamma", "max_margin", "scale", "tau", "drw_epoch", "plugin", "plugin_params",
+               "plugin_head"}
 
 
 def test_every_schema_recipe_key_is_a_train_config_field_with_the_same_default():
@@ -43,7 +44,7 @@ def test_loss_and_shot_defaults_agree():
     loss = DEFS["$defs"]["loss"]["properties"]
     assert (loss["beta"]["default"], loss["gamma"]["default"]) == (TrainConfig.beta, TrainConfig.gamma)
     assert set(CB_LOSS_TYPES) <= set(loss["type"]["enum"]) <= set(LOSS_TYPES)
-    assert set(loss) - {"type"} <= LOSS_FIELDS
+    assert {PLUGIN_FIELDS.get(k, k) for k in set(loss) - {"type"}} <= LOSS_FIELDS  # a plugin's params: plugin_params
     for key in set(loss) & set(ADDED_SETTINGS):
         assert "default" not in loss[key], f"loss.{key} was added later: absent means {ADDED_SETTINGS[key]!r}"
     shots = DEFS["properties"]["shots"]["properties"]

@@ -247,8 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_args(t)
     t.set_defaults(func=cmd_train)
 
-    ph = sub.add_parser("posthoc", help="tau-normalisation or logit adjustment of a trained cell, tracked in MLflow "
-                                         "as a child of the cell's run")
+    ph = sub.add_parser("posthoc", help="tau-normalisation, logit adjustment or a plugin's correction of a trained "
+                                         "cell, tracked in MLflow as a child of the cell's run")
     from .posthoc_job import add_posthoc_args
 
     add_posthoc_args(ph)
@@ -306,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--models", nargs="+", required=True, help="the source's pretrained model.pt files, one per seed")
     ts.add_argument("--seeds", nargs="+", type=int, required=True, help="their pretraining seeds, in the same order")
     ts.add_argument("--manifest", required=True, help="the target's manifest (array store or image files)")
-    ts.add_argument("--spec", required=True, help='JSON: {"scores": [...], "knn_k": K, "source": name, "target": name}')
+    ts.add_argument("--spec", required=True, help='JSON: {"scores": [...], "knn_k": K, "source": name, "target": name, '
+                    '"plugins": {name: entry point or module:callable}}')
     ts.add_argument("--out", required=True, help="scores.csv: one row per source model (seed), each score and its seconds")
     ts.add_argument("--workers", type=int, default=None, help="file manifests: loader processes (default: per CPUs)")
     ts.add_argument("--threads", type=int, default=1)

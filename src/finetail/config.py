@@ -149,11 +149,51 @@ def _check_losses(section: str, grid: dict) -> None:
             raise ConfigError(f"{section}.losses.{key}: {e}") from None
 
 
-def _check_posthoc(cb: dict) -> None:
+def _load_plugin(kind: str, ref: str, where: str, params: dict | None, search: list[str]):
+    """Import a plugin and check the study's params against its signature (one line naming
+    ``where`` on any failure): a plugin's contract is checked when the config is loaded, not
+    at its first batch. Returns the plugin and the optional keywords it declares."""
+    from .plugins import PluginError, check_signature, load
+
+    try:
+        plugin = load(kind, ref, search)
+        return plugin, check_signature(plugin, params or {})
+    except PluginError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _check_plugin_losses(section: str, losses: dict, search: list[str]) -> dict[str, object]:
+    """Each plugin loss of ``losses`` (name -> setting, at ``<section>.<name>``) loads and takes
+    its params; returns name -> plugin."""
+    out = {}
+    for key, loss in losses.items():
+        if loss["type"] == "plugin":
+            if "plugin" not in loss:
+                raise ConfigError(f"{section}.{key}: type plugin needs plugin: <entry point or module:callable>")
+            out[key], _ = _load_plugin("loss", loss["plugin"], f"{section}.{key}", loss.get("params"), search)
+    return out
+
+
+def _check_posthoc(cb: dict, search: list[str] | None = None, plugin_losses: dict | None = None) -> None:
     from .training.recipe import SOFTMAX_LOSSES, TrainConfig
 
+    plugin_losses = plugin_losses or {}
     for name, ph in cb.get("posthoc", {}).items():
-        if ph["method"] == "crt":
+        if ph["method"] != "plugin" and ({"plugin", "params"} & set(ph)):
+            raise ConfigError(f"cbloss.posthoc.{name}: plugin and params apply to method plugin only")
+        if ph["method"] == "plugin":
+            if "plugin" not in ph:
+                raise ConfigError(f"cbloss.posthoc.{name}: method plugin needs plugin: <entry point or module:callable>")
+            if "tau" in ph or "recipe" in ph:
+                raise ConfigError(f"cbloss.posthoc.{name}: a plugin correction takes params, not "
+                                  f"{'tau' if 'tau' in ph else 'a recipe'}")
+            _, declared = _load_plugin("posthoc", ph["plugin"], f"cbloss.posthoc.{name}", ph.get("params"),
+                                       search or [])
+            if declared.get("holdout") and not cb["recipe"].get("holdout"):
+                raise ConfigError(f"cbloss.posthoc.{name}: plugin {ph['plugin']!r} asks for held-out training images "
+                                  "(it declares holdout); set cbloss.recipe.holdout (e.g. 0.1) so the cells keep some "
+                                  "out of training")
+        elif ph["method"] == "crt":
             if "tau" in ph:
                 raise ConfigError(f"cbloss.posthoc.{name}: cRT retrains the head and takes no tau (give it a recipe)")
             try:
@@ -174,14 +214,33 @@ def _check_posthoc(cb: dict) -> None:
             if ph["method"] == "tau_norm" and cb["losses"][loss]["type"] == "ldam":
                 raise ConfigError(f"cbloss.posthoc.{name}: tau_norm on the LDAM cells of {loss!r} changes nothing "
                                   "(their normalised head divides by the row norms already); use logit_adjust")
+            if ph["method"] == "tau_norm" and loss in plugin_losses and plugin_losses[loss].head == "normed":
+                raise ConfigError(f"cbloss.posthoc.{name}: tau_norm on the cells of {loss!r} changes nothing (its "
+                                  "plugin trains a normalised head, which divides by the row norms already)")
         if ph.get("tau") == "auto" and not cb["recipe"].get("holdout"):
             raise ConfigError(f"cbloss.posthoc.{name}: tau auto is chosen on held-out training images; "
                               "set cbloss.recipe.holdout (e.g. 0.1) so the cells keep some out of training")
 
 
-def check_config(config: dict) -> None:
+def _check_score_plugins(tr: dict, search: list[str]) -> None:
+    plugins = (tr.get("transferability") or {}).get("plugins") or {}
+    if not plugins:
+        return
+    from .transferability import SCORES
+
+    for name, ref in plugins.items():
+        if name in SCORES or name == "emd":
+            raise ConfigError(f"transfer.transferability.plugins.{name}: the name is a built-in score's; rename it")
+        _load_plugin("score", ref, f"transfer.transferability.plugins.{name}", None, search)
+
+
+def check_config(config: dict, plugin_dirs=()) -> None:
     """Cross-field checks: every name is safe as a path part, every dataset a stage names is
-    declared, and so on."""
+    declared, every plugin imports and takes its params (searched on ``sys.path``, then
+    ``plugin_dirs``, e.g. the study file's folder, then ``FINETAIL_PLUGIN_PATH``), and so on."""
+    from .plugins import search_path
+
+    search = search_path(plugin_dirs)
     _check_names(config)
     datasets = config.get("datasets", {})
     cb = config.get("cbloss")
@@ -193,16 +252,19 @@ def check_config(config: dict) -> None:
         if len(r.get("milestones", [])) != len(r.get("lr_factors", [])):
             raise ConfigError("cbloss.recipe: milestones and lr_factors must have the same length")
         _check_losses("cbloss", cb)
-        _check_posthoc(cb)
+        _check_posthoc(cb, search, _check_plugin_losses("cbloss.losses", cb["losses"], search))
     nat = config.get("cbloss_natural")
     if nat:
         for name in nat["datasets"]:
             if name not in datasets:
                 raise ConfigError(f"cbloss_natural.datasets names {name!r}, which is not declared under datasets")
         _check_losses("cbloss_natural", nat)
+        _check_plugin_losses("cbloss_natural.losses", nat["losses"], search)
     tr = config.get("transfer")
     if tr:
         _check_transfer(tr, datasets)
+        _check_plugin_losses("transfer.pretrain", {"loss": tr["pretrain"]["loss"]}, search)
+        _check_score_plugins(tr, search)
     shots = config.get("shots", {})
     if shots and shots.get("few", FEW_SHOT) > shots.get("many", MANY_SHOT):
         raise ConfigError("shots.few must not exceed shots.many")
@@ -335,7 +397,8 @@ def _check_disjoint_world_classes(network: str, parts: list[str], datasets: dict
 
 
 def load_config(path: str | Path, schema: str | Path = SCHEMA) -> dict:
-    """Read a study YAML, validate it (filling defaults) and run :func:`check_config`."""
+    """Read a study YAML, validate it (filling defaults) and run :func:`check_config`
+    (plugins: also searched beside the study file)."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
@@ -356,5 +419,5 @@ def load_config(path: str | Path, schema: str | Path = SCHEMA) -> dict:
                           f"not a {type(config).__name__}")
     check_legacy(config)
     _validate_with_defaults(config, yaml.safe_load(Path(schema).read_text()))
-    check_config(config)
+    check_config(config, plugin_dirs=[str(path.resolve().parent)])
     return config

@@ -38,6 +38,10 @@ until epoch ``drw_epoch``, then with the class-balanced weights above as PyTorch
 mean ``sum_i w[y_i] CE_i / sum_i w[y_i]``: :func:`drw_weights` gives the weights of an epoch,
 a function of the epoch alone, so a resumed job applies what an uninterrupted one does.
 All of them compute in float32, whatever the logits' dtype.
+
+**A researcher's own loss** is a plugin (:mod:`finetail.plugins`): :func:`build_plugin_loss`
+calls it on the counts and wraps what it returns in :class:`PluginLoss`, which checks that
+every call returns a scalar.
 """
 
 from __future__ import annotations
@@ -57,8 +61,10 @@ __all__ = [
     "ClassBalancedLoss",
     "LDAMLoss",
     "LogitAdjustedLoss",
+    "PluginLoss",
     "ReweightedCrossEntropy",
     "build_loss",
+    "build_plugin_loss",
     "class_balanced_weights",
     "drw_weights",
     "effective_number",
@@ -417,11 +423,69 @@ def drw_weights(counts: Sequence[int] | torch.Tensor, epoch: int, drw_epoch: int
     return class_balanced_weights(counts, beta)
 
 
+class PluginLoss(nn.Module):
+    """A loss plugin's module (:mod:`finetail.plugins`), checked at every call: the plugin's
+    ``forward(logits, targets)`` must return a scalar (a 0-d floating tensor). Anything else,
+    or an exception inside the plugin, stops training with one line naming the plugin
+    (:class:`~finetail.plugins.PluginError`); a NaN or infinite value is the engine's to catch
+    (:class:`~finetail.errors.NonFiniteError`, naming the epoch and step).
+
+    Parameters
+    ----------
+    inner : the module the plugin built.
+    ref : the plugin's name, for messages.
+    """
+
+    def __init__(self, inner: nn.Module, ref: str) -> None:
+        super().__init__()
+        self.inner, self.ref = inner, ref
+
+    def extra_repr(self) -> str:
+        return f"plugin={self.ref!r}"
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        from .plugins import PluginError
+
+        try:
+            out = self.inner(logits, targets)
+        except Exception as e:  # the plugin's own bug, reported in one line
+            raise PluginError(f"loss plugin {self.ref!r} raised {type(e).__name__}: {e}") from None
+        if not isinstance(out, torch.Tensor) or out.ndim != 0 or not out.is_floating_point():
+            what = f"a tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+            raise PluginError(f"loss plugin {self.ref!r} returned {what} for a batch of {len(targets)}; "
+                              "a loss returns a scalar (a 0-d floating tensor, e.g. the batch mean)")
+        return out
+
+
+def build_plugin_loss(cfg: TrainConfig, counts: Sequence[int] | torch.Tensor) -> PluginLoss:
+    """The plugin ``cfg.plugin``'s loss on ``counts``: ``callable(counts, **cfg.plugin_params)``
+    with ``counts`` a ``(C,)`` int64 tensor, after checking the parameters against its
+    signature; it must return an ``nn.Module``."""
+    from .plugins import PluginError, check_signature, load
+
+    plugin = load("loss", cfg.plugin)
+    params = dict(cfg.plugin_params or {})
+    check_signature(plugin, params)
+    n = torch.as_tensor(counts, dtype=torch.int64).flatten().clone()
+    try:
+        inner = plugin.fn(n, **params)
+    except Exception as e:  # a plugin's constructor may raise anything
+        raise PluginError(f"loss plugin {cfg.plugin!r} raised {type(e).__name__} when built on the class counts: "
+                          f"{e}") from None
+    if not isinstance(inner, nn.Module):
+        raise PluginError(f"loss plugin {cfg.plugin!r} returned a {type(inner).__name__}; a loss plugin returns a "
+                          "torch.nn.Module whose forward(logits, targets) is the loss")
+    return PluginLoss(inner, cfg.plugin)
+
+
 def build_loss(cfg: TrainConfig, counts: Sequence[int] | torch.Tensor) -> nn.Module:
     """The loss a recipe trains with, on the training set's ``counts`` (each >= 1):
     :class:`LDAMLoss`, :class:`BalancedSoftmaxLoss`, :class:`LogitAdjustedLoss`,
-    :class:`ReweightedCrossEntropy` (softmax with ``drw_epoch``) or :class:`ClassBalancedLoss`.
+    :class:`ReweightedCrossEntropy` (softmax with ``drw_epoch``), a plugin's
+    (:func:`build_plugin_loss`) or :class:`ClassBalancedLoss`.
     A DRW loss starts unweighted; the engine sets :func:`drw_weights` at every epoch."""
+    if cfg.loss == "plugin":
+        return build_plugin_loss(cfg, counts)
     if cfg.loss == "ldam":
         return LDAMLoss(counts, cfg.max_margin, cfg.scale)
     if cfg.loss == "balanced_softmax":

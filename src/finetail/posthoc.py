@@ -19,6 +19,10 @@ Never on the test split. Both methods apply to softmax models (every loss of
 :data:`~finetail.training.recipe.SOFTMAX_LOSSES`); for LDAM the adjusted logits are the
 scaled cosines ``scale * z`` the loss's softmax sees (:func:`finetail.training.loop.eval_logits`).
 
+A researcher's own correction is a plugin (:mod:`finetail.plugins`, method ``plugin``):
+``callable(logits, counts, **params)`` on the cell's test logits, applied by
+:func:`plugin_correction`, which checks what it returns.
+
 ``finetail posthoc`` (:mod:`finetail.posthoc_job`) applies one method to one trained cell
 and records it as a run of its own, a child of the cell's.
 """
@@ -45,6 +49,7 @@ __all__ = [
     "crt_spec",
     "extract_features",
     "logit_adjust",
+    "plugin_correction",
     "tau_normalize",
 ]
 
@@ -182,12 +187,45 @@ def adjusted_logits(model, feats: torch.Tensor, method: str, tau: float, counts:
         return logit_adjust(eval_logits(model.head(feats).float(), cfg), counts, tau)
 
 
+def plugin_correction(plugin, declared: dict[str, bool], logits: torch.Tensor, counts: np.ndarray, params: dict,
+                      extras: dict) -> torch.Tensor:
+    """A post-hoc plugin's corrected logits: ``plugin.fn(logits, counts, **params, **extras)``
+    with ``counts`` a ``(C,)`` int64 tensor on the logits' device and, of ``extras``
+    (``features``, ``weight``, ``bias``, ``holdout``: see :mod:`finetail.plugins`), those
+    the plugin declares (``declared``, from :func:`finetail.plugins.check_signature`).
+
+    Raises :class:`~finetail.plugins.PluginError` in one line when the plugin raises, or
+    returns anything but a finite ``(N, C)`` tensor (a float array is taken as one).
+    """
+    from .plugins import PluginError
+
+    n = torch.as_tensor(np.asarray(counts), dtype=torch.int64, device=logits.device)
+    given = {k: v for k, v in extras.items() if declared.get(k)}
+    try:
+        out = plugin.fn(logits.clone(), n, **params, **given)
+    except Exception as e:  # the plugin's own bug, reported in one line
+        raise PluginError(f"post-hoc plugin {plugin.ref!r} raised {type(e).__name__}: {e}") from None
+    if not isinstance(out, torch.Tensor):
+        try:
+            out = torch.as_tensor(np.asarray(out, dtype=np.float64))
+        except (TypeError, ValueError):
+            raise PluginError(f"post-hoc plugin {plugin.ref!r} returned a {type(out).__name__}; it returns the "
+                              f"corrected logits, a ({logits.shape[0]}, {logits.shape[1]}) tensor") from None
+    if tuple(out.shape) != tuple(logits.shape):
+        raise PluginError(f"post-hoc plugin {plugin.ref!r} returned shape {tuple(out.shape)}; the corrected logits "
+                          f"are {tuple(logits.shape)}, one row per test image")
+    out = out.to(device=logits.device, dtype=torch.float32)
+    if not bool(torch.isfinite(out).all()):
+        raise PluginError(f"post-hoc plugin {plugin.ref!r} returned NaN or infinite logits; nothing is written")
+    return out
+
+
 def check_method(method: str, cfg: TrainConfig) -> None:
     """Raise :class:`~finetail.errors.UserError` unless ``method`` applies to a model trained
     with ``cfg``: both methods assume a softmax model; tau-normalisation a linear head (a
     cosine head normalises its rows itself, so tau would change nothing)."""
-    if method not in METHODS:
-        raise UserError(f"post-hoc method must be one of {METHODS}, got {method!r}")
+    if method not in (*METHODS, "plugin"):
+        raise UserError(f"post-hoc method must be one of {(*METHODS, 'plugin')}, got {method!r}")
     if cfg.loss not in SOFTMAX_LOSSES:
         raise UserError(f"post-hoc {method} assumes a softmax model; this cell trained with the {cfg.loss} loss "
                         f"(one sigmoid per class)")

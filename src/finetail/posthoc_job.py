@@ -38,10 +38,15 @@ def add_posthoc_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", required=True, help="the cell's manifest (train and test splits)")
     p.add_argument("--model", required=True, help="the cell's model.pt (finetail train --save-model)")
     p.add_argument("--cell-metrics", required=True, help="the cell's metrics.json (its run id, spec and inputs)")
-    p.add_argument("--method", required=True, choices=METHODS)
-    p.add_argument("--tau", required=True,
+    p.add_argument("--method", required=True, choices=[*METHODS, "plugin"],
+                   help="plugin: your own correction (--plugin, finetail.plugins)")
+    p.add_argument("--tau", default=None,
                    help="a number, or 'auto': the grid's best balanced accuracy on the cell's held-out training "
-                        "images (recipe holdout > 0)")
+                        "images (recipe holdout > 0); not for --method plugin")
+    p.add_argument("--plugin", default=None,
+                   help="--method plugin: an entry point of finetail.posthoc or module:callable (found on PYTHONPATH, "
+                        "then in FINETAIL_PLUGIN_PATH)")
+    p.add_argument("--plugin-params", default="{}", help="--method plugin: JSON of its keyword arguments")
     p.add_argument("--tau-grid", default="0:2:0.1", help="--tau auto: start:stop:step, both ends included")
     p.add_argument("--out-dir", required=True, help="writes metrics.json, per_class.csv (and tau.csv)")
     add_run_args(p, rule="posthoc")
@@ -69,6 +74,18 @@ def parse_tau_grid(text: str) -> list[float]:
 
 def posthoc_spec(a: argparse.Namespace) -> dict:
     """The job's settings, as its run's params and its config digest hold them."""
+    plugin = getattr(a, "plugin", None)  # (a Namespace built by hand may lack the plugin options)
+    if a.method == "plugin":
+        if not plugin or a.tau is not None:
+            raise ValueError("--method plugin takes --plugin (and --plugin-params), not --tau")
+        params = json.loads(getattr(a, "plugin_params", "{}"))
+        if not isinstance(params, dict):
+            raise ValueError(f"--plugin-params must be a JSON object, got {a.plugin_params!r}")
+        return {"method": "plugin", "plugin": plugin, "params": params}
+    if plugin:
+        raise ValueError(f"--plugin applies to --method plugin, not {a.method}")
+    if a.tau is None:
+        raise ValueError(f"--method {a.method} needs --tau (a number, or auto)")
     if a.tau == "auto":
         return {"method": a.method, "tau": "auto", "tau_grid": parse_tau_grid(a.tau_grid)}
     try:
@@ -134,6 +151,12 @@ def evaluate_cell(a: argparse.Namespace, spec: dict, dev) -> dict:
     from .training.loop import confidence, score
     from .training.recipe import precision
 
+    plugin = declared = None
+    if spec["method"] == "plugin":  # loaded and checked before any data is read
+        from .plugins import check_signature, load
+
+        plugin = load("posthoc", spec["plugin"])
+        declared = check_signature(plugin, spec["params"])
     record, cfg, model, norm, tr, te, inputs = load_cell(a)
     check_method(a.method, cfg)
     model.to(dev)
@@ -142,6 +165,11 @@ def evaluate_cell(a: argparse.Namespace, spec: dict, dev) -> dict:
     trained = split_subset(tr, ~held)
     counts = np.bincount(trained.labels, minlength=len(tr.class_names))[: len(tr.class_names)]
     prior = np.maximum(counts, 1)
+    if plugin is not None:
+        return _evaluate_plugin(model, cfg, plugin, declared, spec, tr, te, held, counts, prior, mean, std, dev) | {
+            "record": record, "cfg": cfg, "inputs": inputs, "class_names": tr.class_names,
+            "num_train": len(trained.labels), "backbone": state_digest(model.backbone.state_dict()),
+            "precision": precision(cfg, dev.type), "torch": torch.__version__}
     if spec["tau"] == "auto":
         if not held.any():
             raise UserError(f"--tau auto chooses tau on training images the cell never saw, and this cell trained "
@@ -166,13 +194,54 @@ def evaluate_cell(a: argparse.Namespace, spec: dict, dev) -> dict:
             "torch": torch.__version__}
 
 
+def _evaluate_plugin(model, cfg, plugin, declared: dict, spec: dict, tr, te, held, counts, prior, mean, std,
+                     dev) -> dict:
+    """A post-hoc plugin on the cell's test logits (and, if it asks, features, head and
+    held-out training images): its metrics, scored as the built-in methods' are."""
+    import torch
+
+    from .errors import UserError
+    from .plugins import Holdout
+    from .posthoc import extract_features, plugin_correction
+    from .training.batches import plain_batches
+    from .training.job import split_subset
+    from .training.loop import confidence, eval_logits, score
+
+    head = model.head
+    extras = {"weight": head.weight.detach().float(),
+              "bias": None if getattr(head, "bias", None) is None else head.bias.detach().float()}
+    with torch.no_grad():
+        if declared.get("holdout"):
+            if not held.any():
+                raise UserError(f"post-hoc plugin {plugin.ref!r} asks for held-out training images, and this cell "
+                                f"trained on all of them (recipe holdout {cfg.holdout}); train it with holdout > 0")
+            hold = split_subset(tr, held)
+            hf, hy = extract_features(model.backbone, plain_batches(hold.images, hold.labels, cfg, dev), mean, std,
+                                      cfg, dev)
+            extras["holdout"] = Holdout(eval_logits(head(hf).float(), cfg), torch.as_tensor(hy, device=dev), hf)
+        feats, labels = extract_features(model.backbone, plain_batches(te.images, te.labels, cfg, dev), mean, std, cfg,
+                                         dev)
+        extras["features"] = feats
+        logits = plugin_correction(plugin, declared, eval_logits(head(feats).float(), cfg), prior, spec["params"],
+                                   extras)
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    conf = confidence(logits, top[:, 0], cfg.loss).double().cpu().numpy()
+    return {"choice": None, "metrics": score(top.cpu().numpy(), conf, labels, counts, cfg),
+            "counts": counts, "test_labels": labels, "plugin": plugin.info()}
+
+
 def _job_key(spec: dict, inputs: dict) -> str:
-    """What makes two posthoc jobs the same job: settings, input bytes, code."""
+    """What makes two posthoc jobs the same job: settings, input bytes, code (a plugin's too)."""
     from .code import code_digest
     from .tracking import config_digest
 
     digests = {k: v for k, v in inputs.items() if k.endswith("_sha256")}
-    return config_digest({"spec": spec, "inputs": digests, "code": code_digest("posthoc")})
+    key = {"spec": spec, "inputs": digests, "code": code_digest("posthoc")}
+    if spec["method"] == "plugin":
+        from .plugins import plugin_digest
+
+        key["plugin"] = plugin_digest("posthoc", spec["plugin"])
+    return config_digest(key)
 
 
 def _run(a: argparse.Namespace, spec: dict, tracker) -> None:
@@ -197,14 +266,14 @@ def _run(a: argparse.Namespace, spec: dict, tracker) -> None:
     key, out_dir = _job_key(spec, res["inputs"]), str(out.resolve())
     tags = job_tags(a.rule, wildcards, git_commit=commit, git_dirty=dirty, config_digest=config_digest(spec),
                     job_key=key, output_dir=out_dir, world_size=1, inputs=res["inputs"], parent_run=record.run_id,
-                    precision=res["precision"])
+                    precision=res["precision"], plugin=res.get("plugin"))
     run_id = tracker.start(run_name(a.rule, wildcards), spec, tags, resume_run_id=tracker.find_run(key, out_dir))
     try:
         out.mkdir(parents=True, exist_ok=True)
         written = {"per_class.csv": out / "per_class.csv"}
         per_class_table(res["counts"], per_class, res["class_names"], res["test_labels"],
                         (record.config or {}).get("shots", {})).to_csv(written["per_class.csv"], index=False)
-        if choice.source == "holdout":
+        if choice is not None and choice.source == "holdout":
             import pandas as pd
 
             written["tau.csv"] = out / "tau.csv"
@@ -216,13 +285,13 @@ def _run(a: argparse.Namespace, spec: dict, tracker) -> None:
             start_backbone_sha256=res["backbone"], git_commit=commit, num_classes=len(res["counts"]),
             num_train=res["num_train"], final=final, device=str(dev), precision=res["precision"], world_size=1,
             torch=res["torch"], wall_s=round(time.perf_counter() - t0, 2),
-            extra={"posthoc": {"method": a.method, **choice.to_json()}},
+            extra=_extra(spec, choice, res.get("plugin")),
         )
         partial = out / (METRICS_JSON + ".partial")
         write_json(metrics.to_json(), partial)
         written = {METRICS_JSON: partial, **written}
-        tracker.log_metrics({**final_metrics(final), "posthoc_tau": choice.tau})
-        tracker.log_tags({"finetail.posthoc.tau_source": choice.source,
+        tracker.log_metrics({**final_metrics(final), **({"posthoc_tau": choice.tau} if choice else {})})
+        tracker.log_tags({**({"finetail.posthoc.tau_source": choice.source} if choice else {}),
                           **output_tags(FileRef(n, str(out / n), file_sha256(p)) for n, p in written.items())})
         tracker.log_artifacts(list(written.values()))
         tracker.end("FINISHED")
@@ -230,5 +299,14 @@ def _run(a: argparse.Namespace, spec: dict, tracker) -> None:
         tracker.end("FAILED")
         raise
     os.replace(partial, out / METRICS_JSON)
-    log(f"{a.method} at tau {choice.tau:g} ({choice.source}): top-1 error {100 * final['top1_error']:.2f}%, "
+    how = f"plugin {spec['plugin']}" if choice is None else f"{a.method} at tau {choice.tau:g} ({choice.source})"
+    log(f"{how}: top-1 error {100 * final['top1_error']:.2f}%, "
         f"balanced accuracy {100 * final['balanced_acc']:.2f}% -> {out / METRICS_JSON}")
+
+
+def _extra(spec: dict, choice, plugin: dict | None) -> dict:
+    """``metrics.json``'s ``posthoc`` (the method and its tau, or the plugin and its params) and
+    ``plugin`` (the plugin's record: finetail.plugins.Plugin.info)."""
+    if choice is None:
+        return {"posthoc": {"method": "plugin", "plugin": spec["plugin"], "params": spec["params"]}, "plugin": plugin}
+    return {"posthoc": {"method": spec["method"], **choice.to_json()}}

@@ -29,6 +29,7 @@ Tags, at a glance::
     finetail.precision                 "bf16" (autocast on CUDA) or "fp32": what the job computes in
     finetail.parent_runs               comma-separated run ids (fine-tune -> pretrain)
     finetail.resumed                   "true" on a run that a rerun continued
+    finetail.plugin.<field>            a plugin's kind, ref, distribution, version, digest (finetail.plugins)
     mlflow.parentRunId                 the first parent run
     mlflow.source.git.commit           the commit the job ran
 """
@@ -56,6 +57,7 @@ __all__ = [
     "OUTPUT",
     "OUTPUT_DIR",
     "PARENT_RUNS",
+    "PLUGIN",
     "PRECISION",
     "RESUMED",
     "RULE",
@@ -75,6 +77,7 @@ __all__ = [
     "job_tags",
     "output_tags",
     "parent_runs",
+    "plugin_tags",
     "sha_tag",
     "tagged_files",
     "wildcard_tag",
@@ -92,6 +95,7 @@ WORLD_SIZE = "finetail.world_size"
 PRECISION = "finetail.precision"
 PARENT_RUNS = "finetail.parent_runs"
 RESUMED = "finetail.resumed"
+PLUGIN = "finetail.plugin."
 MLFLOW_PARENT = "mlflow.parentRunId"
 GIT_COMMIT = "mlflow.source.git.commit"
 _WILDCARD = "finetail.wildcard."
@@ -152,7 +156,8 @@ def flat_inputs(files: Iterable[FileRef]) -> dict[str, str | None]:
 # --------------------------------------------------------------------------- writing tags and params
 def job_tags(rule: str, wildcards: Mapping[str, Any], *, git_commit: str, git_dirty: bool, config_digest: str,
              job_key: str, output_dir: str | os.PathLike, world_size: int, inputs: Mapping[str, str | None],
-             parent_run: str | None = None, precision: str | None = None) -> dict[str, str]:
+             parent_run: str | None = None, precision: str | None = None,
+             plugin: Mapping[str, Any] | None = None) -> dict[str, str]:
     """The tags a training job starts its run with.
 
     Parameters
@@ -166,6 +171,7 @@ def job_tags(rule: str, wildcards: Mapping[str, Any], *, git_commit: str, git_di
     inputs : flat inputs (see :func:`input_files`).
     parent_run : the run that made the init model, if any.
     precision : ``"bf16"`` or ``"fp32"`` (:func:`finetail.training.recipe.precision`), if known.
+    plugin : the plugin the job runs (:meth:`finetail.plugins.Plugin.info`), if any.
     """
     tags = {
         RULE: rule,
@@ -185,7 +191,17 @@ def job_tags(rule: str, wildcards: Mapping[str, Any], *, git_commit: str, git_di
     if parent_run:
         tags[MLFLOW_PARENT] = parent_run
         tags[PARENT_RUNS] = parent_run
+    if plugin:
+        tags.update(plugin_tags(plugin))
     return tags
+
+
+def plugin_tags(plugin: Mapping[str, Any]) -> dict[str, str]:
+    """``finetail.plugin.<field>`` for a plugin's kind, ref, module, callable, entry point,
+    distribution, version and digest (fields it lacks are left out; its files are in
+    ``metrics.json``)."""
+    keys = ("kind", "ref", "module", "callable", "entry_point", "distribution", "version", "digest")
+    return {f"{PLUGIN}{k}": str(plugin[k]) for k in keys if plugin.get(k)}
 
 
 def output_tags(files: Iterable[FileRef]) -> dict[str, str]:

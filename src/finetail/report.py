@@ -81,6 +81,8 @@ def _loss_label(spec: dict) -> str:
         return "balanced softmax"
     if t == "logit_adjusted":
         return f"logit-adjusted loss τ={spec.get('tau', 1.0):g}"
+    if t == "plugin":
+        return _plugin_call(spec["plugin"], spec.get("params"))
     s = t if t != "focal" else f"focal γ={gamma:g}"
     if drw:
         return s + drw
@@ -90,7 +92,40 @@ def _loss_label(spec: dict) -> str:
 POSTHOC_LABELS = {"tau_norm": "τ-norm", "logit_adjust": "post-hoc logit adjustment", "crt": "cRT"}
 
 
+def _plugin_call(ref: str, params: dict | None) -> str:
+    """A plugin as a row label names it: ``ref (key=value, ...)``."""
+    args = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in (params or {}).items())
+    return f"{ref} ({args})" if args else ref
+
+
+def plugin_mark(runs: list[tuple[Path, MetricsRecord]]) -> str:
+    """The mark of a plugin's row: `` [plugin, <distribution> <version>]`` (installed) or
+    `` [plugin, code <digest>]``, from the ``plugin`` record of its runs (``metrics.json``). Runs
+    of one row that ran different code of their plugin (or none) raise, naming the files:
+    their numbers cannot be averaged."""
+    digests: dict[str | None, Path] = {}
+    for path, m in runs:
+        digests.setdefault((m.extra.get("plugin") or {}).get("digest"), path)
+    if None in digests:
+        raise ValueError(f"{digests[None]} records no plugin, but its setting names one: rerun that job")
+    if len(digests) > 1:
+        raise ValueError("the runs of one row ran different code of their plugin ("
+                         + ", ".join(f"{d} in {p}" for d, p in digests.items()) + "): rerun the stale ones")
+    info = runs[0][1].extra["plugin"]
+    if info.get("distribution"):
+        return f" [plugin, {info['distribution']} {info.get('version') or '?'}]"
+    return f" [plugin, code {info['digest']}]"
+
+
+def _plugin_columns(m: MetricsRecord) -> dict:
+    """A run's plugin, for cbloss_cells.csv: its ref, version (or None) and code digest."""
+    info = m.extra.get("plugin") or {}
+    return {"plugin": info.get("ref"), "plugin_version": info.get("version"), "plugin_digest": info.get("digest")}
+
+
 def _posthoc_label(base: dict, ph: dict) -> str:
+    if ph["method"] == "plugin":
+        return f"{_loss_label(base)} + {_plugin_call(ph['plugin'], ph.get('params'))}"
     if ph["method"] == "crt":
         epochs = ph.get("recipe", {}).get("epochs")
         return (f"{_loss_label(base)} + cRT (new head on the frozen backbone, class-balanced sampling"
@@ -124,25 +159,43 @@ SHOT_METRICS = ("top1_error", "balanced_acc", "many_acc", "medium_acc", "few_acc
 def cbloss_frame(results: Path, cb: dict, replicates: list[int]) -> pd.DataFrame:
     """One row per CB-loss run (cell x replicate, column ``seed``): settings and final metrics (percentages); then
     one per post-hoc job (``cbloss.posthoc``): loss ``<loss>+<name>``, the corrected cell's
-    settings, its metrics, and the τ it used (``tau``) and how it was chosen (``tau_source``)."""
+    settings, its metrics, and the τ it used (``tau``) and how it was chosen (``tau_source``).
+    A plugin's rows (:mod:`finetail.plugins`) are labelled with its name and parameters and
+    marked ``[plugin, <distribution> <version>]`` (or ``[plugin, code <digest>]``), from the
+    runs' records; columns ``plugin``, ``plugin_version``, ``plugin_digest``."""
     rows = []
     layout = Layout.at(results)
+    marks: dict[tuple, str] = {}  # (dataset, imbalance, loss) -> a plugin loss's mark
     for ds in cb["datasets"]:
         for imb in cb["imbalance"]:
             for name, spec in cb["losses"].items():
+                runs = []
                 for seed in replicates:
                     path = Path(layout.train("cbloss", dataset=ds, imbalance=imb, loss=name, seed=seed))
-                    rows.append(_run_row(path, "cbloss", ds, imb, name, _loss_label(spec), spec, seed)[0])
+                    row, m = _run_row(path, "cbloss", ds, imb, name, _loss_label(spec), spec, seed)
+                    rows.append({**row, **_plugin_columns(m)})
+                    runs.append((path, m))
+                if spec["type"] == "plugin":
+                    marks[(ds, imb, name)] = plugin_mark(runs)
+                    for row in rows[-len(runs):]:
+                        row["setting"] += marks[(ds, imb, name)]
     for name, ph in (cb.get("posthoc") or {}).items():
         for ds in cb["datasets"]:
             for imb in cb["imbalance"]:
                 for loss in ph["losses"]:
                     spec = cb["losses"][loss]
+                    runs = []
                     for seed in replicates:
                         path = Path(layout.train("posthoc", dataset=ds, imbalance=imb, loss=loss, method=name, seed=seed))
                         row, m = _run_row(path, "posthoc", ds, imb, f"{loss}+{name}", _posthoc_label(spec, ph), spec, seed)
                         how = m.extra.get("posthoc", {})
-                        rows.append({**row, "tau": how.get("tau"), "tau_source": how.get("source")})
+                        rows.append({**row, "tau": how.get("tau"), "tau_source": how.get("source"),
+                                     **_plugin_columns(m)})
+                        runs.append((path, m))
+                    base = marks.get((ds, imb, loss), "")
+                    mark = plugin_mark(runs) if ph["method"] == "plugin" else ""
+                    for row in rows[-len(runs):]:
+                        row["setting"] = row["setting"].replace(" + ", base + " + ", 1) + mark
     return pd.DataFrame(rows)
 
 

@@ -181,8 +181,9 @@ REPORT_FILES: tuple[ReportFile, ...] = (
 def halves_of(config: Mapping) -> list[str]:
     """The halves a study (config or report spec) has, in :data:`CATEGORIES` order, provenance last."""
     tr = config.get("transfer") or {}
-    # transferability scores are on unless a study lists none (the schema's default: all of them)
-    parts = {"transferability": bool(tr) and bool((tr.get("transferability") or {}).get("scores", True)),
+    # transferability scores are on unless a study lists none (the schema's default: all of them) and no plugin
+    ts = (tr or {}).get("transferability") or {}
+    parts = {"transferability": bool(tr) and (bool(ts.get("scores", True)) or bool(ts.get("plugins"))),
              "selection_random": bool((tr.get("selection") or {}).get("random"))}
     return [h for h in CATEGORIES if h == "provenance" or (parts[h] if h in parts else config.get(h))]
 

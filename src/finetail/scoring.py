@@ -14,6 +14,14 @@ no more than the feature dimensions: the plain H-score is then C - 1 for every n
 ``regularized_hscore``), each score and its seconds. A score
 that comes out NaN or infinite fails the job, naming the pair and the score.
 
+Score plugins (``spec["plugins"]``: name -> an entry point of ``finetail.scores`` or
+``module:callable``, :mod:`finetail.plugins`) are loaded and checked before any image is read,
+then called on the same features and labels (and the softmax, when they declare ``probs``),
+timed like the built-in scores. Their columns are ``<name>``, ``<name>_s`` and
+``<name>_plugin`` (the plugin's ref, distribution and version if installed, and code digest). A plugin that
+raises, or returns anything but a finite number, fails the job in one line naming it, and no
+``scores.csv`` is written.
+
 Images reach the network as its own fine-tuning test images do (:func:`finetail.features.split_images`:
 an array store as stored, image files decoded and centre-cropped at the recipe's size by
 :mod:`finetail.loader`, the large-image path), on the GPU where there is one.
@@ -34,7 +42,7 @@ from .features import FeatureModel, Preprocess, load_feature_model, split_images
 from .fileio import atomic_write, file_sha256
 from .transferability import SCORES, all_scores
 
-__all__ = ["model_outputs", "pair_scores", "write_scores"]
+__all__ = ["load_score_plugins", "model_outputs", "pair_scores", "plugin_scores", "write_scores"]
 
 
 @torch.no_grad()
@@ -63,6 +71,49 @@ def pair_scores(features: np.ndarray, probs: np.ndarray, labels: np.ndarray, sco
     return all_scores(features, probs, labels, k=min(knn_k, len(labels) - 1), names=scores)
 
 
+def load_score_plugins(plugins: dict[str, str]) -> dict[str, tuple]:
+    """name -> (plugin, declared keywords) of each score plugin, imported and checked against
+    the score contract (:func:`finetail.plugins.check_signature`)."""
+    from .plugins import PluginError, check_signature, load
+
+    out = {}
+    for name, ref in plugins.items():
+        if name in SCORES or name == "emd":
+            raise PluginError(f"score plugin {name!r}: the name is a built-in score's; rename it")
+        plugin = load("score", ref)
+        out[name] = (plugin, check_signature(plugin))
+    return out
+
+
+def plugin_scores(loaded: dict[str, tuple], features: np.ndarray, probs: np.ndarray,
+                  labels: np.ndarray) -> dict[str, tuple[float, float]]:
+    """Each loaded score plugin's value and seconds: ``fn(features, labels)`` (with
+    ``probs=`` when it declares it), on float64 features and probabilities and int64 labels
+    (copies: a plugin cannot change what the next one sees). One line naming the plugin
+    (:class:`~finetail.plugins.PluginError`) when it raises or returns no finite number."""
+    from .plugins import PluginError
+
+    out = {}
+    for name, (plugin, declared) in loaded.items():
+        kwargs = {"probs": np.array(probs, dtype=np.float64)} if declared.get("probs") else {}
+        t0 = time.perf_counter()
+        try:
+            value = plugin.fn(np.array(features, dtype=np.float64), np.array(labels, dtype=np.int64), **kwargs)
+        except Exception as e:  # the plugin's own error, reported in one line
+            raise PluginError(f"score plugin {name!r} ({plugin.ref}) raised {type(e).__name__}: {e}; "
+                              "no scores.csv is written") from None
+        secs = time.perf_counter() - t0
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise PluginError(f"score plugin {name!r} ({plugin.ref}) returned a {type(value).__name__}, not a number; "
+                              "no scores.csv is written") from None
+        if not math.isfinite(value):
+            raise PluginError(f"score plugin {name!r} ({plugin.ref}) returned {value}; no scores.csv is written")
+        out[name] = (value, secs)
+    return out
+
+
 def _device(device: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
@@ -78,6 +129,7 @@ def write_scores(models: list[str], seeds: list[int], manifest: str | Path, out:
     dev = _device(device)
     scores = list(spec.get("scores", SCORES))
     knn_k = int(spec.get("knn_k", 10))
+    plugins = load_score_plugins(spec.get("plugins") or {})  # before any image is read
     manifest_sha = file_sha256(manifest)
     rows = []
     for path, seed in zip(models, seeds, strict=True):
@@ -100,12 +152,14 @@ def write_scores(models: list[str], seeds: list[int], manifest: str | Path, out:
                 raise NonFiniteError(f"{name} of {spec.get('source')} (seed {seed}) on {spec.get('target')} "
                                      f"is {value}: not written")
             row[name], row[f"{name}_s"] = value, secs
+        for name, (value, secs) in plugin_scores(plugins, feats, probs, part.labels).items():
+            row[name], row[f"{name}_s"], row[f"{name}_plugin"] = value, secs, plugins[name][0].label()
         rows.append(row)
     df = pd.DataFrame(rows)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, lambda tmp: df.to_csv(tmp, index=False, float_format="%.10g"))
-    means = ", ".join(f"{n} {df[n].mean():.4g}" for n in scores)
+    means = ", ".join(f"{n} {df[n].mean():.4g}" for n in [*scores, *plugins])
     return (f"scored {spec.get('source')} -> {spec.get('target')}: {len(rows)} network(s), {rows[0]['n_images']} "
             f"images, {rows[0]['feature_dim']}-d features, {rows[0]['source_classes']} source classes on {dev}; "
             f"seed means: {means} -> {out}")

@@ -45,6 +45,7 @@ from .stats import Summary, format_mean_std, holm, summarize
 __all__ = [
     "EMD",
     "SCORE_LABELS",
+    "plugin_labels",
     "rank_agreement",
     "score_pairs",
     "scores_frame",
@@ -110,7 +111,8 @@ def scores_frame(results: Path, sources: list[str], targets: list[str], seeds: l
                     raise ValueError(f"{path}: {score} of seed {int(r['seed'])} is {v}")
                 rows.append({"source": s, "target": t, "seed": int(r["seed"]), "score": score, "value": v,
                              "seconds": float(r[f"{score}_s"]), "extract_s": float(r["extract_s"]),
-                             "model_run_id": r.get("model_run_id", ""), "n_le_d": _n_le_d(r)})
+                             "model_run_id": r.get("model_run_id", ""), "n_le_d": _n_le_d(r),
+                             "plugin": r.get(f"{score}_plugin")})
     return pd.DataFrame(rows)
 
 
@@ -203,15 +205,33 @@ def _nanmean(values) -> float:
     return float(np.mean(v)) if v else math.nan
 
 
-def rank_agreement(pairs: pd.DataFrame, targets: list[str], order: list[str]) -> tuple[pd.DataFrame, dict]:
+def plugin_labels(long: pd.DataFrame, plugins: dict[str, str]) -> dict[str, str]:
+    """Each score plugin's row label, ``<name> [plugin <ref>, <distribution> <version>]`` (or
+    ``code <digest>``), from its ``scores.csv`` column ``<name>_plugin``. Pairs scored by
+    different code of one plugin raise, naming the score: they cannot be ranked together."""
+    out = {}
+    for name in plugins:
+        seen = sorted({str(v) for v in long.loc[long["score"] == name, "plugin"].dropna()})
+        if len(seen) != 1:
+            raise ValueError(f"score plugin {name!r}: its scores.csv files record "
+                             + (f"different code ({'; '.join(seen)})" if seen else "no plugin")
+                             + ": rerun the stale transferability jobs")
+        out[name] = f"{name} [{seen[0]}]"
+    return out
+
+
+def rank_agreement(pairs: pd.DataFrame, targets: list[str], order: list[str],
+                   labels: dict[str, str] | None = None) -> tuple[pd.DataFrame, dict]:
     """Per score (rows in ``order``): Kendall τ per target on the seed means, its mean over
     targets, the mean weighted τ, the per-seed mean τ (mean ± std over seeds) and seconds per
-    pair. Also returns score -> {seed: mean τ over targets} for paired comparisons."""
+    pair. Also returns score -> {seed: mean τ over targets} for paired comparisons.
+    ``labels``: row labels over :data:`SCORE_LABELS` (score plugins')."""
+    labels = {**SCORE_LABELS, **(labels or {})}
     rows, per_seed_all = [], {}
     for score in order:
         g = pairs[pairs["score"] == score]
         means = g.groupby(["target", "source"], sort=False)[["value", "top1_acc"]].mean().reset_index()
-        row: dict = {"score": score, "label": SCORE_LABELS.get(score, score)}
+        row: dict = {"score": score, "label": labels.get(score, score)}
         taus, wtaus = [], []
         for t in targets:
             m = means[means["target"] == t]
@@ -412,7 +432,8 @@ def transferability_section(results: Path, spec: dict, out: Path,
     rep = Replicates.of(spec)
     targets, seeds = tr["targets"], list(rep.ids)
     sources = list(spec["sources"])
-    scores = list((tr.get("transferability") or {}).get("scores", []))
+    plugins = (tr.get("transferability") or {}).get("plugins") or {}  # score plugins, ranked like the built-ins
+    scores = [*(tr.get("transferability") or {}).get("scores", []), *plugins]
     lines: list[str] = []
     files: list[Path] = []
     claims: list[str] = []
@@ -422,7 +443,7 @@ def transferability_section(results: Path, spec: dict, out: Path,
                           scores_frame(results, sources, targets, seeds, scores, rep)], ignore_index=True)
         pairs = score_pairs(long, acc[acc["source"].isin(sources)])
         pairs.to_csv(out / "transferability_pairs.csv", index=False)
-        table, per_seed = rank_agreement(pairs, targets, [EMD, *scores])
+        table, per_seed = rank_agreement(pairs, targets, [EMD, *scores], plugin_labels(long, plugins))
         table.to_csv(out / "transferability.csv", index=False)
         plot_scores_vs_accuracy(pairs, table, out / "transferability_vs_accuracy.png")
         files += [out / "transferability.csv", out / "transferability_pairs.csv", out / "transferability_vs_accuracy.png"]

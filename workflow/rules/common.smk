@@ -1,4 +1,5 @@
 # Helpers shared by the stages: paths, config subtrees as JSON, wildcard alternations.
+import functools
 import json
 import shutil
 import sys
@@ -6,12 +7,26 @@ from pathlib import Path
 
 from finetail.code import PKG as INSTALLED_PKG, code_digest
 from finetail.config import check_config
+from finetail.plugins import PATH_ENV, plugin_digest
 from finetail.layout import Layout, imbalance_tag
 from finetail.replicates import Replicates
 from finetail.training.recipe import crt_spec
 from finetail.report_files import commit_label, halves_of, report_entry, report_files
 
-check_config(config)
+# Plugins (finetail.plugins): a `module:callable` is found on PYTHONPATH, then beside the study
+# file. Jobs find that folder in FINETAIL_PLUGIN_PATH (where a plugin lies is not part of a
+# result; the digest of its code is, below).
+STUDY_DIRS = [str(Path(f).resolve().parent) for f in workflow.configfiles] or [workflow.basedir]
+os.environ[PATH_ENV] = os.pathsep.join(
+    dict.fromkeys([*STUDY_DIRS, *filter(None, os.environ.get(PATH_ENV, "").split(os.pathsep))])
+)
+
+
+envvars:
+    PATH_ENV,
+
+
+check_config(config, plugin_dirs=STUDY_DIRS)
 
 # Jobs call `finetail`, found on PATH (passed on to remote jobs too). When Snakemake runs
 # from a virtual environment that is not activated (.venv/bin/snakemake), put that
@@ -55,6 +70,26 @@ if not (PKG / "cli.py").is_file():
 
 def code(command):
     return code_digest(command, PKG)
+
+
+@functools.cache
+def plugin_code(kind, ref):
+    """The digest of a plugin's code (finetail.plugins.plugin_digest: its files, found
+    without importing it)."""
+    return plugin_digest(kind, ref)
+
+
+def code_with_plugins(command, plugins):
+    """``finetail <command>``'s code digest, followed by that of each plugin (kind, ref) the job
+    runs: editing a plugin reruns exactly the jobs that run it. A job without plugins keeps
+    the plain digest."""
+    return "+".join([code(command), *(plugin_code(kind, ref) for kind, ref in plugins)])
+
+
+def loss_plugins(spec_json):
+    """The plugin a training job's spec (JSON) trains with, as [(kind, ref)] (none: [])."""
+    loss = json.loads(spec_json).get("loss") or {}
+    return [("loss", loss["plugin"])] if loss.get("type") == "plugin" else []
 
 
 def as_json(obj):
@@ -153,7 +188,8 @@ def get_cbloss_metrics():
 # Post-hoc corrections (posthoc.smk): name -> {method, tau, losses}; one job per corrected cell.
 POSTHOC = (CB or {}).get("posthoc", {})
 CRT = [n for n, ph in POSTHOC.items() if ph["method"] == "crt"]  # training jobs (rule crt)
-ADJUST = [n for n in POSTHOC if n not in CRT]  # no retraining (rule posthoc)
+PLUGIN_POSTHOC = [n for n, ph in POSTHOC.items() if ph["method"] == "plugin"]  # a plugin's (rule posthoc_plugin)
+ADJUST = [n for n in POSTHOC if n not in CRT and n not in PLUGIN_POSTHOC]  # no retraining (rule posthoc)
 POSTHOC_WILDCARDS = {w: f"{{{w}}}" for w in ("dataset", "imbalance", "loss", "method", "seed")}
 
 
@@ -190,6 +226,7 @@ SOURCES = list(TR["sources"]) if TR else []
 ALL_SOURCES = SOURCES + ([SELECTED] if SELECTED else []) + ([RANDOM] if RANDOM else [])
 TARGETS = list(TR["targets"]) if TR else []
 SCORES = (TR or {}).get("transferability", {}).get("scores", [])  # transferability scores (none: no scoring jobs)
+SCORE_PLUGINS = (TR or {}).get("transferability", {}).get("plugins", {})  # name -> a score plugin
 
 # ---------------------------------------------------------------- the feature model
 # Similarity and selection read the class-mean features of one model, FMODEL: a feature
@@ -296,7 +333,7 @@ def get_transfer_metrics():
 
 def get_scores():
     """Every (source, target, replicate)'s transferability scores (transferability.smk)."""
-    if not SCORES:
+    if not SCORES and not SCORE_PLUGINS:
         return []
     return [L.scores(s, t, rep=r) for s in ALL_SOURCES for t in TARGETS for r in REPS]
 
@@ -329,7 +366,7 @@ def training_params(stage, spec, **options):
     job's optional arguments (init, save_model) as argument lists."""
     return {
         "stage": stage,
-        "code": code("train"),
+        "code": lambda wildcards: code_with_plugins("train", loss_plugins(spec(wildcards))),
         "spec": spec,
         "wildcards": get_wildcards_json,
         "out_dir": lambda wildcards, output: os.path.dirname(output.metrics),

@@ -14,7 +14,8 @@ rule transferability:
     output:
         L.scores("{source}", "{target}", rep="{rep}"),
     params:
-        code=code("transferability"),
+        # with score plugins (transfer.transferability.plugins), their code's digests too
+        code=code_with_plugins("transferability", [("score", ref) for ref in SCORE_PLUGINS.values()]),
         spec=lambda wildcards: as_json(
             {"source": wildcards.source, "target": wildcards.target, **TR["transferability"]}
         ),

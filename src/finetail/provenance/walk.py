@@ -127,6 +127,8 @@ class Walker:
             "metrics_json": str(metrics_path) if metrics_path is not None else None,
         }
         node["inputs"] = self._inputs(rec, tags, warnings)
+        if rec.extra.get("plugin"):
+            node["plugin"] = plugin_node(rec.extra["plugin"])
         if rec.model_sha256 is not None and metrics_path is not None:
             model = metrics_path.parent / "model.pt"
             actual, status = self.hash.check(model, rec.model_sha256)
@@ -375,6 +377,8 @@ def _fmt_run(node: dict, indent: int, label: str = "run") -> list[str]:
     if node.get("model"):
         m = node["model"]
         lines.append(f"{p2}model {m['path']} sha256 {short(m['sha256'])} {m['status']}")
+    if node.get("plugin"):
+        lines += _fmt_plugin(node["plugin"], p2)
     for inp in node.get("inputs", []):
         note = "" if inp["status"] in (OK, "unrecorded") else f" (now {short(inp['actual'])})" if inp["actual"] else ""
         kind = f" [{inp['kind']}]" if inp.get("kind") else ""
@@ -385,6 +389,31 @@ def _fmt_run(node: dict, indent: int, label: str = "run") -> list[str]:
         lines.append(f"{p2}! {w}")
     for parent in node.get("parents", []):
         lines += _fmt_run(parent, indent + 1, "parent run")
+    return lines
+
+
+def plugin_node(info: dict) -> dict:
+    """A run's plugin (its ``metrics.json`` record, :meth:`finetail.plugins.Plugin.info`) with
+    the digest of its files as they are now: ``ok``, ``changed`` (edited since the run: a
+    rerun would train other code) or ``missing``."""
+    from ..plugins import files_digest
+
+    files = [(rel, Path(path)) for rel, path in info.get("files") or []]
+    if not files or not all(p.is_file() for _, p in files):
+        status, now = "missing", None
+    else:
+        now = files_digest(files)
+        status = OK if now == info.get("digest") else "changed"
+    return {**info, "status": status, "actual": now}
+
+
+def _fmt_plugin(p: dict, pad: str) -> list[str]:
+    dist = f"  {p['distribution']} {p.get('version') or '?'}" if p.get("distribution") else "  (not installed)"
+    ep = f"  entry point {p['entry_point']}" if p.get("entry_point") else ""
+    note = f" (now {short(p['actual'])})" if p.get("status") == "changed" and p.get("actual") else ""
+    lines = [f"{pad}plugin {p.get('kind')} {p.get('ref')} -> {p.get('module')}:{p.get('callable')}{dist}{ep}",
+             f"{pad}  code sha256 {p.get('digest')} {p.get('status')}{note}"]
+    lines += [f"{pad}  file {rel} {path}" for rel, path in p.get("files") or []]
     return lines
 
 

@@ -80,9 +80,15 @@ def digest_data(train_images, train_labels: np.ndarray, test_images, test_labels
 def resume_key(cfg: TrainConfig, train_counts: np.ndarray, init_digest: str | None, data: str | None) -> dict:
     """What a checkpoint must have been written for to be resumed: the recipe (less speed-only
     switches and added settings at their neutral values), the data's bytes (both splits), the
-    initial weights and the training code."""
-    return {"cfg": key_settings(cfg), "train_counts": [int(c) for c in train_counts], "init": init_digest or "",
-            "data": data or "", "code": code_digest("train")}
+    initial weights and the training code (with a plugin loss, the plugin's code too:
+    :func:`finetail.plugins.plugin_digest`)."""
+    key = {"cfg": key_settings(cfg), "train_counts": [int(c) for c in train_counts], "init": init_digest or "",
+           "data": data or "", "code": code_digest("train")}
+    if cfg.loss == "plugin":
+        from ..plugins import plugin_digest
+
+        key["plugin"] = plugin_digest("loss", cfg.plugin)
+    return key
 
 
 def _counts(train_labels: np.ndarray, num_classes: int) -> np.ndarray:

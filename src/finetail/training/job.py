@@ -141,6 +141,7 @@ class _Job:
     parent_run: str | None  # the run that wrote the init model
     data: str  # digest of both splits' bytes (manifest + verified stores)
     job_key: str  # the resume key's digest
+    plugin: dict | None = None  # a plugin loss's record (finetail.plugins.Plugin.info)
 
     @property
     def init_digest(self) -> str | None:
@@ -172,6 +173,9 @@ def _load(a: argparse.Namespace) -> _Job:
 
     spec = json.loads(a.spec)
     cfg = TrainConfig.from_spec(spec)
+    plugin = None
+    if cfg.loss == "plugin":
+        spec, cfg, plugin = _plugin_loss(spec, cfg)
     tr, te, inputs = load_splits(Path(a.manifest))
     if cfg.holdout > 0:  # the held-out slice (for a post-hoc tau) is not trained on
         tr = split_subset(tr, ~holdout_of(tr.labels, cfg))
@@ -190,7 +194,23 @@ def _load(a: argparse.Namespace) -> _Job:
                           if k == "manifest_sha256" or (k.startswith("store.") and k.endswith("_sha256"))})
     num_classes = len(tr.class_names)
     key = job_key_digest(cfg, tr.labels, num_classes, inputs.get("init_model_sha256"), data)
-    return _Job(spec, cfg, inputs, tr, te, num_classes, init_backbone, normalisation, parent_run, data, key)
+    return _Job(spec, cfg, inputs, tr, te, num_classes, init_backbone, normalisation, parent_run, data, key, plugin)
+
+
+def _plugin_loss(spec: dict, cfg):
+    """A plugin loss, loaded and checked before any data is read (:mod:`finetail.plugins`: it
+    imports, its callable exists, the study's params fit its signature). The head it asks for
+    joins the spec (``loss.head``), so the model.pt's readers (post-hoc jobs) build the same
+    network. Returns the spec, its recipe and the plugin's record."""
+    from ..plugins import check_signature, load
+    from .recipe import TrainConfig
+
+    plugin = load("loss", cfg.plugin)
+    check_signature(plugin, cfg.plugin_params or {})
+    if plugin.head != cfg.plugin_head:
+        spec = {**spec, "loss": {**spec["loss"], "head": plugin.head}}
+        cfg = TrainConfig.from_spec(spec)
+    return spec, cfg, plugin.info()
 
 
 def load_splits(manifest: Path) -> tuple[Any, Any, dict[str, str]]:
@@ -275,7 +295,8 @@ def _open_run(a: argparse.Namespace, job: _Job, say, tracker, dev) -> _Run:
     out_dir = str(Path(a.out_dir).resolve())
     tags = job_tags(a.rule, wildcards, git_commit=commit, git_dirty=dirty, config_digest=config_digest(job.spec),
                     job_key=job.job_key, output_dir=out_dir, world_size=distributed.world_size(),
-                    inputs=job.inputs, parent_run=job.parent_run, precision=precision(job.cfg, dev.type))
+                    inputs=job.inputs, parent_run=job.parent_run, precision=precision(job.cfg, dev.type),
+                    plugin=job.plugin)
     run_file = Path(a.checkpoint).with_name(RUN_JSON)
     resume_id, why = (prev or {}).get("run_id"), "checkpoint"
     if resume_id is None:
@@ -339,6 +360,7 @@ def _write_results(a: argparse.Namespace, job: _Job, run: _Run, res, wall: float
         precision=res.precision,
         world_size=res.world_size, torch=torch.__version__, wall_s=round(wall, 2),
         mean_images_per_s=float(np.mean([h["images_per_s"] for h in hist])) if hist else None,
+        extra={"plugin": job.plugin} if job.plugin else {},
     )
     partial = out / (METRICS_JSON + ".partial")
     written = {METRICS_JSON: partial, "per_class.csv": out / "per_class.csv", "history.csv": out / "history.csv"}

@@ -24,7 +24,9 @@ __all__ = [
     "MANY_SHOT",
     "LONGTAIL_CIFAR_RECIPE",
     "PAPER_RECIPES",
+    "PLUGIN_FIELDS",
     "POSTHOC_METHODS",
+    "POSTHOC_PLUGIN",
     "SAMPLERS",
     "SHORTCUTS",
     "SOFTMAX_LOSSES",
@@ -43,10 +45,11 @@ CB_LOSS_TYPES = ("softmax", "sigmoid", "focal")
 # Every loss the engine trains with: the class-balanced ones, then the later long-tail
 # methods (LDAM, Cao et al. 2019; balanced softmax, Ren et al. 2020; logit-adjusted, Menon et
 # al. 2021). See finetail.losses.
-LOSS_TYPES = (*CB_LOSS_TYPES, "ldam", "balanced_softmax", "logit_adjusted")
+# "plugin": a researcher's own loss (finetail.plugins), named in the study file.
+LOSS_TYPES = (*CB_LOSS_TYPES, "ldam", "balanced_softmax", "logit_adjusted", "plugin")
 # Losses whose model of the class probabilities is a softmax over the logits (the others,
-# sigmoid and focal, train one sigmoid per class).
-SOFTMAX_LOSSES = ("softmax", "ldam", "balanced_softmax", "logit_adjusted")
+# sigmoid and focal, train one sigmoid per class). A plugin loss's is, by its contract.
+SOFTMAX_LOSSES = ("softmax", "ldam", "balanced_softmax", "logit_adjusted", "plugin")
 # The keys a loss setting ({"type": ..., ...}, the config's cbloss.losses) may carry besides
 # its type, by type. beta and gamma at 0 are accepted by every type (the schema's defaults).
 LOSS_KEYS: dict[str, tuple[str, ...]] = {
@@ -56,7 +59,11 @@ LOSS_KEYS: dict[str, tuple[str, ...]] = {
     "ldam": ("max_margin", "scale", "drw_epoch", "beta"),
     "balanced_softmax": (),
     "logit_adjusted": ("tau",),
+    # the plugin's name, its parameters, and its head (which the training job reads from the plugin)
+    "plugin": ("plugin", "params", "head"),
 }
+# A plugin loss setting's keys as TrainConfig fields.
+PLUGIN_FIELDS = {"plugin": "plugin", "params": "plugin_params", "head": "plugin_head"}
 # The beta of deferred re-weighting's class-balanced weights when a setting gives none
 # (Cao et al.'s LDAM-DRW).
 DRW_BETA = 0.9999
@@ -67,6 +74,8 @@ SAMPLERS = ("instance", "sqrt", "class_balanced")
 # Post-hoc corrections of a trained softmax model (finetail.posthoc): Kang et al.'s
 # tau-normalised classifier, Menon et al.'s logit adjustment.
 POSTHOC_METHODS = ("tau_norm", "logit_adjust")
+# A post-hoc plugin's method (finetail.plugins): a researcher's own correction.
+POSTHOC_PLUGIN = "plugin"
 
 # Choices where the CB-loss reference code (github.com/richardaecn/class-balanced-loss, src/,
 # TensorFlow) differs from ours; ours first (the default), the reference's second.
@@ -128,6 +137,9 @@ class TrainConfig:
     scale: float = 30.0  # LDAM: the logits the softmax sees are scale * cosine
     tau: float = 1.0  # logit-adjusted loss: the weight of the log prior
     drw_epoch: int | None = None  # softmax, LDAM: 0-based epoch from which class-balanced weights apply (None: never)
+    plugin: str | None = None  # loss "plugin": an entry point of finetail.losses or module:callable (finetail.plugins)
+    plugin_params: dict | None = None  # ... the keyword arguments it is called with
+    plugin_head: str = "linear"  # ... the head it needs: linear | normed (the plugin says which)
     sampler: str = "instance"  # instance | sqrt | class_balanced (SAMPLERS)
     holdout: float = 0.0  # fraction of each class's training images kept out of training (post-hoc tau choice)
     many_shot: int = MANY_SHOT  # classes with > many_shot training images are many-shot
@@ -147,6 +159,8 @@ class TrainConfig:
     def head(self) -> str:
         """The classifier head the loss needs: ``"normed"`` (cosine, no bias) for LDAM, else
         ``"linear"`` (see :func:`finetail.models.build_model`)."""
+        if self.loss == "plugin":
+            return self.plugin_head
         return "normed" if self.loss == "ldam" else "linear"
 
     @classmethod
@@ -170,6 +184,8 @@ class TrainConfig:
                 raise ValueError(f"loss {kind!r} takes no {key!r} (it takes {allowed})")
         if loss.get("drw_epoch") is not None and "beta" not in loss:
             loss["beta"] = DRW_BETA
+        if kind == "plugin":
+            loss = {PLUGIN_FIELDS.get(k, k): v for k, v in loss.items()}
         shots = spec.get("shots", {})
         return cls.from_dict({**spec.get("recipe", {}), "loss": kind, **loss,
                               "many_shot": shots.get("many", MANY_SHOT), "few_shot": shots.get("few", FEW_SHOT)})
@@ -260,6 +276,22 @@ class TrainConfig:
                 raise ValueError(f"{name} applies to the {own} loss only, not {loss!r}")
         if not math.isfinite(self.tau):
             raise ValueError(f"tau must be finite, got {self.tau}")
+        self._validate_plugin()
+
+    def _validate_plugin(self) -> None:
+        if self.loss != "plugin":
+            for name in ("plugin", "plugin_params", "plugin_head"):
+                if getattr(self, name) != ADDED_SETTINGS[name]:
+                    raise ValueError(f"{name} applies to a plugin loss only, not {self.loss!r}")
+            return
+        if not isinstance(self.plugin, str) or not self.plugin:
+            raise ValueError("a plugin loss needs plugin: an entry point of finetail.losses or module:callable")
+        if self.plugin_params is not None and not isinstance(self.plugin_params, dict):
+            raise ValueError(f"a plugin loss's params are a mapping, got {self.plugin_params!r}")
+        if self.plugin_head not in ("linear", "normed"):
+            raise ValueError(f"plugin_head must be linear or normed, got {self.plugin_head!r}")
+        if self.beta != 0:
+            raise ValueError(f"beta={self.beta} does not apply to a plugin loss (give the plugin its own params)")
 
 
 # Settings added after the first results were recorded, with the value that leaves training
@@ -274,6 +306,9 @@ ADDED_SETTINGS: dict[str, Any] = {
     "holdout": 0.0,
     "cpu_bf16": False,  # the CPU's precision and memory format: they change the floats a run computes
     "cpu_channels_last": False,
+    "plugin": None,
+    "plugin_params": None,
+    "plugin_head": "linear",
 }
 
 
