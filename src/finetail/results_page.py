@@ -78,17 +78,21 @@ def git_commit() -> str:
 
 
 def publish(report: Path, name: str, wall_s: float | None, out: Path = RESULTS, speed: Path | None = None,
-            extra: dict[str, Path] | None = None) -> list[Path]:
+            extra: dict[str, Path] | None = None, commit: str | None = None, note: str | None = None) -> list[Path]:
     """Copy ``report``'s :data:`TABLES` to ``out/<name>_<table>`` with the run's header lines
     (and ``speed``, a ``bench/bench_study.py --compare-worker`` JSON, to ``out/<name>_speed.json``;
-    each ``extra`` file, a benchmark's output, to ``out/<name>_<key>``)."""
+    each ``extra`` file, a benchmark's output, to ``out/<name>_<key>``). ``commit``: the commit
+    that made the run, when it is not this checkout's; ``note``: how the run was made (e.g. what
+    else ran on the machine), shown beside its provenance."""
     claims = pd.read_csv(report / "claims.csv")
     replicates = int(claims["replicates"].max()) if len(claims) else 0
-    header = [f"# commit: {git_commit()}", f"# date: {datetime.now(UTC).strftime('%Y-%m-%d')}",
+    header = [f"# commit: {commit or git_commit()}", f"# date: {datetime.now(UTC).strftime('%Y-%m-%d')}",
               f"# cpu: {cpu_model()} ({os.cpu_count()} cores)", f"# replicates: {replicates}",
               f"# study: {report.parent.name}"]
     if wall_s is not None:
         header.append(f"# wall_s: {wall_s:.0f}")
+    if note:
+        header.append(f"# note: {' '.join(note.split())}")
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for table in TABLES:
@@ -238,8 +242,9 @@ def _scores_lines(s: pd.DataFrame) -> list[str]:
 
 def _provenance(meta: dict[str, str]) -> str:
     wall = f", {float(meta['wall_s']) / 60:.1f} minutes" if meta.get("wall_s") else ""
+    note = f" {meta['note'].rstrip('.')}." if meta.get("note") else ""
     return (f"Run of commit `{meta.get('commit', '?')[:12]}` on {meta.get('date', '?')}, {meta.get('cpu', '?')}, "
-            f"{meta.get('replicates', '?')} replicates{wall}.")
+            f"{meta.get('replicates', '?')} replicates{wall}.{note}")
 
 
 def render_page(results: Path = RESULTS, name: str = "default") -> str:
@@ -250,6 +255,9 @@ def render_page(results: Path = RESULTS, name: str = "default") -> str:
            "(each carries the commit, date, CPU, replicates and wall time of its run); "
            "`python -m finetail.results_page check` (a test) fails when this page differs from them.", "",
            _provenance(meta), ""]
+    others = [n for n in studies(results) if n != name] if name == "default" else []
+    if others:
+        out += ["Other published studies: " + ", ".join(f"[`{n}`]({page_path(n).name})" for n in others) + ".", ""]
     head = _claims_lines(claims)
     if len(head) > 2:
         out += ["## Claims", "", *head, ""]
@@ -371,6 +379,8 @@ def main(argv: list[str] | None = None) -> None:
     pub.add_argument("--name", default="default")
     pub.add_argument("--wall-s", type=float, default=None, help="the study's wall time, seconds")
     pub.add_argument("--speed", type=Path, default=None, help="bench/out/study_worker.json (bench_study.py --compare-worker)")
+    pub.add_argument("--commit", default=None, help="the commit that made the run (default: this checkout's)")
+    pub.add_argument("--note", default=None, help="how the run was made, shown beside its provenance")
     pub.add_argument("--extra", action="append", default=[], metavar="FILE:KEY",
                      help="a benchmark's output published as docs/results/<name>_<KEY> (throughput.json, precision.csv)")
     sub.add_parser("render", help="write the results pages and the README's blocks from docs/results/")
@@ -383,7 +393,7 @@ def main(argv: list[str] | None = None) -> None:
             if not sep or not src or not key:
                 p.error(f"--extra {item!r}: expected FILE:KEY")
             extra[key] = Path(src)
-        for path in publish(a.report, a.name, a.wall_s, speed=a.speed, extra=extra):
+        for path in publish(a.report, a.name, a.wall_s, speed=a.speed, extra=extra, commit=a.commit, note=a.note):
             print(f"wrote {path}")
     elif a.cmd == "render":
         for name in studies():
