@@ -200,13 +200,15 @@ def _throughput_lines(results: Path, name: str) -> list[str]:
     if not path.is_file():
         return []
     t = json.loads(path.read_text())
-    out = ["| torch threads | batch | precision | memory format | images/s | vs first | test error after "
-           f"{t['epochs']} epochs |", "|---|---|---|---|---|---|---|"]
+    out = ["| torch threads | batch | precision | memory format | images/s | vs first | each round | test error after "
+           f"{t['epochs']} epochs |", "|---|---|---|---|---|---|---|---|"]
     out += [f"| {v['threads']} | {v['batch_size']} | {v['precision']} | {v['memory_format']} | {v['images_per_s']:.0f} | "
-            f"{v['ratio_to_first']:.2f} | {100 * v['top1_error']:.1f}% |" for v in t["variants"]]
+            f"{v['ratio_to_first']:.2f} | {', '.join(f'{r:.0f}' for r in v['rounds'])} | {100 * v['top1_error']:.1f}% |"
+            for v in t["variants"]]
     out += ["", f"`{t['command']}` on {t['date']}: {t['cpu']} ({t['cpus']} cores; bf16 flags: "
             f"{', '.join(t['cpu_bf16_flags']) or 'none'}), torch {t['torch']}, {t['train_images']:,} training images, "
-            f"{t['rounds']} alternated rounds ({t['measured']})."]
+            f"{t['rounds']} alternated rounds ({t['measured']}); 1-minute load average after the runs "
+            f"{t.get('loadavg_1min_after', float('nan')):.1f}: rounds that differ widely ran beside other work."]
     return out
 
 
