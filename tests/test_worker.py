@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 from conftest import ROOT, assert_same_weights, write_toy_manifest
-from test_preemption import _kill_after_epoch
+from helpers import kill_after_epoch
 
 from finetail.training.checkpoint import load_checkpoint
 from finetail.worker import ENV, LocalWorker, socket_path, starting_path, wanted
@@ -133,7 +133,7 @@ def test_worker_and_in_process_give_identical_results(worker, manifest, tmp_path
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_signal_through_the_worker_checkpoints_and_resumes(worker, manifest, tmp_path, sig):
     ck = tmp_path / "killed" / "ck" / "last.pt"
-    rc, out, _ = _kill_after_epoch(_train_cmd(manifest, tmp_path, "killed"), ck, sig, env=_env(worker.path))
+    rc, out, _ = kill_after_epoch(_train_cmd(manifest, tmp_path, "killed"), ck, sig, env=_env(worker.path))
     assert "in-process" not in out
     if sig == signal.SIGTERM:
         assert rc == 143, out  # the job checkpointed and exited on its own
