@@ -367,9 +367,17 @@ def main(argv: list[str] | None = None) -> None:
     from .errors import UserError
     from .tracking import TrackingUnavailable
 
+    from .fileio import disk_full_error
+
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        try:
+            args.func(args)
+        except Exception as e:
+            full = disk_full_error(e)  # a full device, wherever it surfaced: one line, not a traceback
+            if full is None or full is e:
+                raise
+            raise full from e
     except (UserError, ValueError, FileNotFoundError, TrackingUnavailable) as e:
         if os.environ.get("FINETAIL_DEBUG"):
             raise

@@ -34,6 +34,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
 import pickle
@@ -49,7 +50,7 @@ from pathlib import Path
 from typing import Self
 from urllib.parse import unquote, urlparse
 
-from .fileio import log
+from .fileio import disk_full_error, log
 from .record import RESUMED, flatten, job_params
 
 __all__ = [
@@ -625,15 +626,37 @@ class TrackerProcess:
         self.close()
 
 
+class _NotDiskFull(logging.Filter):
+    """Drops MLflow's own log record of a database error that is a full device: the error is
+    raised to the job anyway, as one line (:class:`~finetail.errors.DiskFull`), and MLflow's
+    record of it is a traceback of its own."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and disk_full_error(record.exc_info[1]))
+
+
+def _as_user_error(e: Exception, folders: list[Path]) -> Exception:
+    """A full device as :class:`~finetail.errors.DiskFull` (naming the folder of ``folders``
+    with the least room), with the original as its cause; anything else unchanged."""
+    full = disk_full_error(e, folders)
+    if full is None:
+        return e
+    full.__cause__ = e  # in the traceback note _send adds (FINETAIL_DEBUG=1 shows it)
+    return full
+
+
 def _serve_tracker(conn, parent_end, uri: str, experiment: str, artifact_root) -> None:
     """The child of :class:`TrackerProcess`: build the Tracker, then serve calls until the pipe closes."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the parent ends the run, then the pipe
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent_end.close()  # else the pipe would never close while this process lives
+    logging.getLogger("mlflow.store.db.utils").addFilter(_NotDiskFull())
+    db = sqlite_path(uri)
+    folders = [Path(p) for p in (db.parent if db else None, artifact_root) if p]  # where the store writes
     try:
         tracker = Tracker(uri, experiment, artifact_root=artifact_root)
     except Exception as e:  # noqa: BLE001 - raised again in the parent
-        _send(conn, False, e)
+        _send(conn, False, _as_user_error(e, folders))
         return
     if not _send(conn, True, tracker.uri):
         return
@@ -645,7 +668,7 @@ def _serve_tracker(conn, parent_end, uri: str, experiment: str, artifact_root) -
         try:
             reply = (True, getattr(tracker, method)(*args, **kwargs))
         except Exception as e:  # noqa: BLE001 - raised again in the parent
-            reply = (False, e)
+            reply = (False, _as_user_error(e, folders))
         if not _send(conn, *reply):
             return
 

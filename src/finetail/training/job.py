@@ -13,6 +13,7 @@ start-up overlaps torch's instead of following it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..fileio import file_sha256, log, write_json
+from ..fileio import disk_full_error, file_sha256, log, write_json
 
 __all__ = ["add_run_args", "add_train_args", "holdout_of", "launch", "load_splits", "per_class_table", "run_job", "run_name",
            "split_subset", "tracking_uri", "train_argv"]
@@ -95,6 +96,13 @@ def launch(a: argparse.Namespace) -> None:
             run_job(a, dev, tracker)
         finally:
             distributed.teardown()
+    except Exception as e:
+        # A full device is one line naming the folder (the result folder, the checkpoint's or
+        # the study's, whichever has the least room when the write named no file).
+        full = disk_full_error(e, [a.out_dir, Path(a.checkpoint).parent, a.study_dir])
+        if full is None or full is e:
+            raise
+        raise full from e
     finally:
         if tracker is not None:
             tracker.close()
@@ -394,7 +402,12 @@ def run_job(a: argparse.Namespace, dev, tracker) -> None:
         run.tracker.end("KILLED")
         raise SystemExit(143) from None
     except BaseException:
-        run.tracker.end("FAILED")
+        from ..errors import DiskFull
+
+        # On a full device marking the run FAILED fails too: the error that stopped the job
+        # is the one to report (the rerun continues this run and finishes it).
+        with contextlib.suppress(DiskFull):
+            run.tracker.end("FAILED")
         raise
     wall = time.perf_counter() - t0
     final = _write_results(a, job, run, res, wall)
