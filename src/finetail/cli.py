@@ -127,6 +127,7 @@ def cmd_ui(a: argparse.Namespace) -> None:
     from .tracking import (
         mark_experiments,
         relocate_artifacts,
+        serve_ui,
         sqlite_uri,
         study_experiments,
         ui_command,
@@ -150,8 +151,8 @@ def cmd_ui(a: argparse.Namespace) -> None:
     if a.no_serve:
         print(shlex.join(cmd))
         return
-    log(f"starting the MLflow UI on http://{a.host}:{a.port} (Ctrl-C stops it)")
-    os.execv(cmd[0], cmd)
+    log(f"starting the MLflow UI on http://{a.host}:{a.port} (Ctrl-C or SIGTERM stops it and all its processes)")
+    raise SystemExit(serve_ui(cmd))
 
 
 def cmd_lineage(a: argparse.Namespace) -> None:

@@ -68,6 +68,7 @@ __all__ = [
     "git_commit",
     "mark_experiments",
     "relocate_artifacts",
+    "serve_ui",
     "sqlite_path",
     "sqlite_uri",
     "store_exists",
@@ -358,6 +359,75 @@ def ui_command(db: str | os.PathLike, artifact_root: str | os.PathLike, host: st
     uploads goes to the study's artifact folder."""
     return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", sqlite_uri(db),
             "--artifacts-destination", str(Path(artifact_root).resolve()), "--host", host, "--port", str(port)]
+
+
+def serve_ui(cmd: list[str], grace: float = 15.0) -> int:
+    """Run the MLflow UI (:func:`ui_command`) until it ends or this process is told to stop.
+
+    ``mlflow ui`` starts a uvicorn server with its workers, and a job runner with huey
+    consumers; a SIGTERM to ``mlflow ui`` alone leaves the job runner and its consumers
+    running, and ``mlflow ui`` waiting for them. So the UI runs in a process group of its own,
+    and SIGTERM, SIGHUP (a closed terminal, a process manager) and SIGINT (Ctrl-C) to this
+    process stop that whole group: SIGTERM to every member, SIGKILL to what is left after
+    ``grace`` seconds. The group is stopped the same way when the UI ends by itself (members
+    it left behind).
+
+    Returns
+    -------
+    int : the UI's exit status, or 128 + the signal that stopped it (143 for SIGTERM).
+    """
+    proc = subprocess.Popen(cmd, process_group=0)
+    received: list[int] = []
+
+    def stop(signum, _frame):
+        received.append(signum)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+
+    stops = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+    before = {s: signal.signal(s, stop) for s in stops}
+    try:
+        code = proc.wait()  # a handler that returns lets the wait go on (PEP 475)
+    finally:
+        _stop_group(proc.pid, grace)
+        for s, handler in before.items():
+            signal.signal(s, handler)
+    return 128 + received[0] if received else code
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether process group ``pgid`` has a member that is not a zombie (a zombie holds no
+    port; orphans' zombies wait for init to reap them)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # ended while we looked
+        if int(fields[2]) == pgid and fields[0] != "Z":  # fields after the name: state, ppid, pgrp
+            return True
+    return False
+
+
+def _stop_group(pgid: int, grace: float) -> None:
+    """SIGTERM to every process of group ``pgid``, SIGKILL to those alive after ``grace`` s."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if not _group_alive(pgid):
+            return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
 
 
 class Tracker:
