@@ -368,17 +368,12 @@ def main(argv: list[str] | None = None) -> None:
     from .errors import UserError
     from .tracking import TrackingUnavailable
 
-    from .fileio import disk_full_error
+    from .fileio import disk_full_is_one_line
 
     args = build_parser().parse_args(argv)
     try:
-        try:
+        with disk_full_is_one_line():  # a full device, wherever it surfaced: one line, not a traceback
             args.func(args)
-        except Exception as e:
-            full = disk_full_error(e)  # a full device, wherever it surfaced: one line, not a traceback
-            if full is None or full is e:
-                raise
-            raise full from e
     except (UserError, ValueError, FileNotFoundError, TrackingUnavailable) as e:
         if os.environ.get("FINETAIL_DEBUG"):
             raise

@@ -20,14 +20,15 @@ Example
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["atomic_write", "disk_full_error", "file_digest", "file_sha256", "log", "read_json", "write_json"]
+__all__ = ["atomic_write", "disk_full_error", "disk_full_is_one_line", "file_digest", "file_sha256", "log", "read_json", "write_json"]
 
 _CHUNK = 1 << 20
 ALGORITHMS = ("sha256", "md5")
@@ -166,6 +167,19 @@ def disk_full_error(exc: BaseException, folders=()):
     else:
         detail, folder = _SQLITE_FULL, _least_room(folders)
     return DiskFull(None if folder is None else str(folder), detail)
+
+
+@contextlib.contextmanager
+def disk_full_is_one_line(folders=()) -> Iterator[None]:
+    """Raise a full device met in the block as :class:`~finetail.errors.DiskFull` (a user
+    error: one line), naming the folder as :func:`disk_full_error` does; other errors pass."""
+    try:
+        yield
+    except Exception as e:
+        full = disk_full_error(e, folders)
+        if full is None or full is e:
+            raise
+        raise full from e
 
 
 def _least_room(folders) -> Path | None:

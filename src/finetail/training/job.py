@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..fileio import disk_full_error, file_sha256, log, write_json
+from ..fileio import disk_full_is_one_line, file_sha256, log, write_json
 
 __all__ = ["add_run_args", "add_train_args", "holdout_of", "launch", "load_splits", "per_class_table", "run_job", "run_name",
            "split_subset", "tracking_uri", "train_argv"]
@@ -91,18 +91,14 @@ def launch(a: argparse.Namespace) -> None:
     try:
         from .. import distributed
 
-        dev = distributed.init(a.device)
-        try:
-            run_job(a, dev, tracker)
-        finally:
-            distributed.teardown()
-    except Exception as e:
         # A full device is one line naming the folder (the result folder, the checkpoint's or
-        # the study's, whichever has the least room when the write named no file).
-        full = disk_full_error(e, [a.out_dir, Path(a.checkpoint).parent, a.study_dir])
-        if full is None or full is e:
-            raise
-        raise full from e
+        # the study's, whichever has the least room when the failed write named no file).
+        with disk_full_is_one_line([a.out_dir, Path(a.checkpoint).parent, a.study_dir]):
+            dev = distributed.init(a.device)
+            try:
+                run_job(a, dev, tracker)
+            finally:
+                distributed.teardown()
     finally:
         if tracker is not None:
             tracker.close()
