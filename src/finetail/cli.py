@@ -366,9 +366,8 @@ def main(argv: list[str] | None = None) -> None:
         if code is not None:
             raise SystemExit(code)
     from .errors import UserError
-    from .tracking import TrackingUnavailable
-
     from .fileio import disk_full_is_one_line
+    from .tracking import TrackingUnavailable
 
     args = build_parser().parse_args(argv)
     try:
