@@ -227,7 +227,7 @@ def test_a_worker_refuses_a_client_it_cannot_stand_for(worker):
 # --------------------------------------------------------------------------- the workflow
 def _study(name: str, epochs: int) -> dict:
     """test_workflow's tiny study, long-tail half only, one imbalance factor."""
-    from test_workflow import TINY
+    from helpers import TINY
 
     cb = TINY["cbloss"] | {"imbalance": [4], "recipe": TINY["cbloss"]["recipe"] | {"epochs": epochs}}
     keep = {k: v for k, v in TINY.items() if k not in ("cbloss_natural", "transfer")}

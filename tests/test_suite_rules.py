@@ -1,6 +1,9 @@
-"""conftest.require: a test that lacks its environment (data, a browser, Slurm, mount rights)
-is skipped, saying why, except under CI (CI=true or 1, which .ci/run sets), where it fails."""
+"""The suite's own rules: a test that lacks its environment (data, a browser, Slurm, mount
+rights) is skipped, saying why, except under CI (CI=true or 1, which .ci/run sets), where it
+fails (conftest.require); test modules share helpers through helpers.py and conftest.py,
+never by importing each other."""
 
+import ast
 import os
 import subprocess
 import sys
@@ -34,3 +37,13 @@ def test_require_skips_or_fails_under_ci(tmp_path, ci, outcome):
 def test_which_values_of_ci_count(monkeypatch, value, ci):
     monkeypatch.setenv("CI", value)
     assert under_ci() is ci
+
+
+def test_no_test_module_imports_another():
+    found = []
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [(path.name, n) for n in names if n.split(".")[0].startswith("test_")]
+    assert found == []
