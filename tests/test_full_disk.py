@@ -100,6 +100,8 @@ def test_snakemake_shows_the_one_line_and_the_rerun_with_room_finishes(tmp_path)
         assert _the_one_line(log, results).is_relative_to(results / "full")
         line = log.strip().splitlines()[-1]
         assert line.split("] ", 1)[1] in r.stdout + r.stderr  # Snakemake shows it (show-failed-logs)
+        assert "Traceback" not in r.stdout + r.stderr and "Error in rule cbloss" in r.stderr
+        assert "finetail worker not started" in r.stderr  # its files could not be written: jobs ran in-process
 
         filler.unlink()
         r = snakemake(work, STUDY)
