@@ -39,9 +39,15 @@ include: "workflow/rules/datasets.smk"
 include: "workflow/rules/longtail.smk"
 include: "workflow/rules/training.smk"
 include: "workflow/rules/posthoc.smk"
-include: "workflow/rules/similarity.smk"
-include: "workflow/rules/transfer.smk"
-include: "workflow/rules/transferability.smk"
+# The transfer half's own stages exist only in a study that has one: a disabled stage builds no
+# path patterns (a cbloss-only study would otherwise plan results/<study>/features//...).
+if TR:
+
+    include: "workflow/rules/similarity.smk"
+    include: "workflow/rules/transfer.smk"
+    include: "workflow/rules/transferability.smk"
+
+
 include: "workflow/rules/report.smk"
 
 

@@ -1,5 +1,8 @@
-"""Shared fixtures: a tiny learnable image dataset written as a real manifest + array store."""
+"""Shared fixtures: a tiny learnable image dataset written as a real manifest + array store;
+:func:`require`, the one rule for a test whose environment lacks something (data, a browser,
+Slurm, mount rights). Shared helpers that are not fixtures live in ``helpers.py``."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +12,22 @@ import torch
 from finetail.manifest import write_array_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def under_ci() -> bool:
+    """``CI`` is set to true/1/yes (``.ci/run`` sets ``CI=true``)."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def require(condition: object, why: str) -> None:
+    """Skip the calling test unless ``condition`` holds, saying ``why``; under CI (:func:`under_ci`)
+    fail it instead: CI proves everything, so a missing data copy, browser or Slurm is a failure
+    there, never a silent skip."""
+    if condition:
+        return
+    if under_ci():
+        pytest.fail(f"{why} (CI is set: a test that cannot run fails)", pytrace=False)
+    pytest.skip(why)
 
 
 def toy_images(n_per_class: int, num_classes: int = 3, size: int = 16, seed: int = 0):

@@ -13,17 +13,19 @@ import pytest
 
 from finetail.longtail import class_counts
 
+from conftest import require
+
 ROOT = Path(__file__).resolve().parents[1]
 ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 TRAIN_PER_CLASS, TEST_PER_CLASS = 100, 20
 LT_COUNTS = class_counts(TRAIN_PER_CLASS, 10, 100)  # [100, 59, 35, 21, 12, 7, 4, 2, 1, 1]
 
-pytestmark = pytest.mark.skipif(not ARCHIVE.exists(), reason=f"{ARCHIVE} not present")
 
 
 @pytest.fixture(scope="module")
 def small_archive(tmp_path_factory):
     """The first 100 training and 20 test JPEGs of each class of the real archive, same layout."""
+    require(ARCHIVE.exists(), f"{ARCHIVE} not present (the clone is not beside shared/)")
     out = tmp_path_factory.mktemp("archive") / "cifar10-small.tar.gz"
     seen: Counter = Counter()
     with tarfile.open(ARCHIVE, "r:gz") as tin, tarfile.open(out, "w:gz") as tout:

@@ -76,7 +76,9 @@ def test_check_config_cli(tmp_path):
     r = subprocess.run([sys.executable, "-m", "finetail.cli", "check-config", str(ROOT / "config.yaml")],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert "valid" in r.stdout
+    # the whole line: "valid" alone would also match "invalid"
+    datasets = len(yaml.safe_load((ROOT / "config.yaml").read_text())["datasets"])
+    assert r.stdout == f"{ROOT / 'config.yaml'}: valid (study 'default', {datasets} datasets)\n"
 
 
 def test_random_source_name_must_not_clash(tmp_path):
@@ -98,6 +100,10 @@ def test_paper_grid_study_plans_the_full_grid():
         cwd=ROOT, capture_output=True, text=True,
     )
     assert r.returncode == 0, r.stderr[-2000:]
+    # A study without a transfer half plans no path of its disabled stages (issue 26: Snakemake
+    # warned about results/<study>/features//{fdataset,^$}.npz, similarity//matrix.csv, ...).
+    assert "//" not in r.stdout + r.stderr, r.stderr[-2000:]
+    assert "transfer" not in yaml.safe_load((ROOT / "workflow/studies/cbloss_paper_grid.yaml").read_text())
     # 5 plain losses + 4 betas x (softmax, sigmoid, 3 focal gammas) = 25 losses; x 6 IFs x 2 sets
     assert re.search(r"^cbloss\s+300$", r.stdout, flags=re.M)
     assert re.search(r"^longtail\s+12$", r.stdout, flags=re.M)

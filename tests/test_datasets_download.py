@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import tarfile
 import zipfile
@@ -15,6 +16,8 @@ from finetail.datasets.download import (
     ChecksumError,
     DownloadError,
     UnsafeArchiveError,
+    cache_dir,
+    cached_file_digest,
     download,
     safe_extract,
     verify,
@@ -177,7 +180,7 @@ def test_unsafe_tar_is_refused_and_nothing_remains(case, tmp_path):
     assert sorted(p.name for p in (work / "sub").iterdir()) == []  # no temp folder left
     assert not (tmp_path / "evil").exists() and not (tmp_path / "outside").exists()
     assert not os.path.exists("/tmp/finetail-evil-abs")
-    assert sorted(p.name for p in work.iterdir()) == sorted(["a.tar.gz", ".a.tar.gz.digests.json", "sub"])
+    assert sorted(p.name for p in work.iterdir()) == ["a.tar.gz", "sub"]  # nothing written beside the archive
 
 
 @pytest.mark.parametrize("name", ["../evil.txt", "/abs/evil.txt", "a/../../evil.txt"])
@@ -231,3 +234,29 @@ def test_safe_extract_refuses_a_foreign_folder_and_non_archives(tmp_path):
     (tmp_path / "f.mat").write_bytes(b"")
     with pytest.raises(ValueError, match="not a tar or zip"):
         safe_extract(tmp_path / "f.mat", tmp_path / "o2")
+
+
+def test_the_digest_cache_lives_in_the_user_cache_never_beside_the_file(tmp_path, monkeypatch):
+    """Issue 26: the cache was a hidden ``.<name>.digests.json`` beside the user's archive."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert cache_dir() == tmp_path / "cache" / "finetail"
+    data = tmp_path / "data"
+    data.mkdir()
+    archive = data / "a.bin"
+    archive.write_bytes(DATA)
+    assert cached_file_digest(archive) == hashlib.sha256(DATA).hexdigest()
+    assert cached_file_digest(archive, "md5") == hashlib.md5(DATA).hexdigest()
+    assert [p.name for p in data.iterdir()] == ["a.bin"]
+    [entry] = (tmp_path / "cache" / "finetail" / "digests").iterdir()
+    # The cache is read: a digest planted under the same key is what comes back ...
+    record = json.loads(entry.read_text())
+    assert record["path"] == str(archive.resolve())
+    entry.write_text(json.dumps(record | {"sha256": "0" * 64}))
+    assert cached_file_digest(archive) == "0" * 64
+    # ... until the file changes (here: same size, new bytes), when it is hashed again.
+    archive.write_bytes(DATA[::-1])
+    assert cached_file_digest(archive) == hashlib.sha256(DATA[::-1]).hexdigest()
+    # Without XDG_CACHE_HOME: ~/.cache/finetail.
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home" / ".cache" / "finetail"

@@ -15,6 +15,8 @@ from data_builders import jpeg, make_tar
 from finetail.datasets import imagefolder, pre_resize, prepare_imagefolder, to_array_store
 from finetail.manifest import load_array_split, read_manifest
 
+from conftest import require
+
 CIFAR_JPEG = Path("/work/shared/data/cifar10-jpeg.tar.gz")
 ROOT = Path(__file__).resolve().parents[1]
 for candidate in (ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz", CIFAR_JPEG):
@@ -109,9 +111,9 @@ def test_pre_resize(tmp_path):
         pre_resize(src, tmp_path / "x", short_side=0)
 
 
-@pytest.mark.skipif(not CIFAR_JPEG.exists(), reason="cifar10-jpeg.tar.gz not present")
 def test_array_store_on_real_cifar10_jpeg_subset(tmp_path):
     """A subset of the real CIFAR-10 JPEG release (first 12 train / 4 test images a class) as an archive."""
+    require(CIFAR_JPEG.exists(), f"{CIFAR_JPEG} not present (the clone is not beside shared/)")
     keep: dict[str, bytes] = {}
     per: dict[tuple[str, str], int] = {}
     with tarfile.open(CIFAR_JPEG, "r:gz") as tf:

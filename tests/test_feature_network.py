@@ -127,7 +127,7 @@ def _jobs(out: str) -> list[tuple[str, str]]:
 
 @pytest.mark.slow
 def test_default_dag_trains_the_feature_network_once_and_never_ranks_or_finetunes_it(tmp_path):
-    from test_workflow import planned, snakemake
+    from helpers import planned, snakemake
 
     cfg = _default()
     r = snakemake(tmp_path, cfg, "-n", "-p")

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import pickle
+import sqlite3
 import stat
 
 import pytest
 
 from finetail import manifest
-from finetail.fileio import atomic_write, file_digest, file_sha256
+from finetail.errors import DiskFull, UserError
+from finetail.fileio import atomic_write, disk_full_error, disk_full_is_one_line, file_digest, file_sha256, write_json
+
+from helpers import fill, tmpfs
 
 
 def test_atomic_write_creates_folder_and_replaces(tmp_path):
@@ -86,3 +92,39 @@ def test_one_atomic_writer_and_one_file_hash():
     assert found == ["fileio.py:atomic_write", "fileio.py:file_digest", "fileio.py:file_sha256",
                      "fileio.py:write_json"]
     assert "atomic_write" not in manifest.__all__ and "file_sha256" not in manifest.__all__
+
+
+def test_a_full_device_is_one_line_naming_the_folder(tmp_path):
+    """A write on a full device (a real tmpfs) names the file it wrote; disk_full_error turns it,
+    or SQLite's "database or disk is full" anywhere in an exception's chain, into one line."""
+    with tmpfs(tmp_path / "fs", 64) as fs:
+        fill(fs)
+        with pytest.raises(OSError) as e:
+            write_json({"a": "x" * 10_000}, fs / "sub" / "r.json")
+        assert e.value.errno == errno.ENOSPC and e.value.filename == str(fs / "sub" / "r.json")
+        assert not [p for p in (fs / "sub").iterdir()]  # no temp file left
+        full = disk_full_error(e.value)
+        assert isinstance(full, UserError)
+        assert str(full) == (f"the device holding {fs / 'sub'} is full (No space left on device); "
+                             "nothing was lost: rerun when there is room")
+        assert str(pickle.loads(pickle.dumps(full))) == str(full)  # the tracking process sends it
+
+        # SQLite's wording, wrapped (as SQLAlchemy and MLflow do): the folder with the least room
+        try:
+            try:
+                raise sqlite3.OperationalError("database or disk is full")
+            except sqlite3.OperationalError as inner:
+                raise RuntimeError("(raised as a result of Query-invoked autoflush)") from inner
+        except RuntimeError as wrapped:
+            full = disk_full_error(wrapped, [tmp_path, fs / "study" / "not-yet"])
+        assert str(full).startswith(f"the device holding {fs / 'study' / 'not-yet'} is full (database or disk is full)")
+
+        # a write that names no file, and no folder to suspect: still one line
+        with pytest.raises(DiskFull, match=r"^a device finetail writes to is full \(No space left on device\)"), \
+                disk_full_is_one_line():
+            (fs / "big").write_bytes(b"x" * 10_000)
+        with pytest.raises(DiskFull, match=f"^the device holding {fs} is full"), disk_full_is_one_line([fs, tmp_path]):
+            (fs / "big").write_bytes(b"x" * 10_000)
+    assert disk_full_error(ValueError("database is locked")) is None
+    with pytest.raises(ValueError), disk_full_is_one_line():
+        raise ValueError("not a full device")

@@ -13,7 +13,7 @@ import yaml
 
 from finetail.longtail import class_counts
 
-from conftest import ROOT
+from conftest import ROOT, require
 
 pytestmark = pytest.mark.slow
 ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -22,8 +22,7 @@ ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 @pytest.fixture(scope="module")
 def small_archive(tmp_path_factory):
     """40 train / 10 test JPEGs per class, copied out of the real archive in its layout."""
-    if not ARCHIVE.exists():
-        pytest.skip(f"{ARCHIVE} not present")
+    require(ARCHIVE.exists(), f"{ARCHIVE} not present (the clone is not beside shared/)")
     out = tmp_path_factory.mktemp("data") / "cifar10-small.tar.gz"
     quota = {"train": 40, "test": 10}
     taken: dict[tuple[str, str], int] = {}

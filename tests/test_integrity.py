@@ -132,6 +132,7 @@ def test_changed_training_code_is_not_resumed(finished, tmp_path, monkeypatch):
     assert r.returncode == 0, r.stderr
     assert "resuming" not in r.stderr and "starting afresh" in r.stderr
     r = _run(_train(man, job, study))  # the same code again: its finished checkpoint is now the edited code's
+    assert r.returncode == 0, r.stderr
     assert "starting afresh" in r.stderr
 
 

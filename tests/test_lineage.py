@@ -11,7 +11,7 @@ import pytest
 from finetail.provenance import audit, audit_exit_code, format_audit, format_lineage, lineage
 from finetail.fileio import file_sha256
 
-from test_workflow import TINY, snakemake
+from helpers import TINY, snakemake
 
 # The workflow test's study, trimmed to what lineage needs (about 50 s on 2 cores): one
 # CB-loss imbalance, two sources (one pooled from two world datasets), one target, no

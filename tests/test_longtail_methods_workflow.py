@@ -10,10 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import ROOT
-from test_workflow import (  # the same runner and plan parser as the main DAG tests
-    planned,
-    snakemake,
-)
+from helpers import planned, snakemake  # the same runner and plan parser as the main DAG tests
 
 pytestmark = pytest.mark.slow
 

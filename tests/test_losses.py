@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from finetail.losses import ClassBalancedLoss, class_balanced_weights, effective_number, head_bias_prior
 from finetail.models import build_model, init_head_bias, param_groups
 
+from conftest import toy_images
+
 
 def test_effective_number_by_hand():
     # E_n = (1 - beta^n) / (1 - beta): beta=0.5 -> E_1 = 1, E_3 = 0.875 / 0.5 = 1.75
@@ -121,9 +123,14 @@ def test_head_bias_prior_and_no_weight_decay():
     assert len(no_decay) == 1 and no_decay[0]["params"] == [model.head.bias]
     n_params = sum(len(g["params"]) for g in groups)
     assert n_params == len(list(model.parameters()))
-    # sigmoid outputs start at the prior 1/C
+    # the network's sigmoid outputs on real images start near the prior 1/C = 0.1 (about 1/2 without)
+    torch.manual_seed(0)
+    net = build_model("resnet8", 10)
+    x = torch.from_numpy(toy_images(4, num_classes=10, size=16)[0]).permute(0, 3, 1, 2).float() / 255
     with torch.no_grad():
-        p = torch.sigmoid(model(torch.zeros(2, 3, 16, 16)) * 0 + model.head.bias)
-    assert torch.allclose(p, torch.full_like(p, 0.1))
+        before = torch.sigmoid(net(x)).mean().item()
+        init_head_bias(net, "focal")
+        after = torch.sigmoid(net(x)).mean().item()
+    assert abs(before - 0.5) < 0.1 and abs(after - 0.1) < 0.05, (before, after)
     init_head_bias(model, "softmax")
     assert torch.all(model.head.bias == 0)

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from test_workflow import TINY
+from helpers import TINY
 
 pytestmark = pytest.mark.slow
 

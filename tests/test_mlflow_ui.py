@@ -3,8 +3,15 @@ on its GenAI overview), and a moved or copied study that keeps its artifacts (`f
 and a training job that opens the copied store). The real UI in a browser:
 tests/test_snakemake_report.py."""
 
+import os
 import shutil
+import signal
+import socket
 import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -157,3 +164,57 @@ def test_finetail_ui_names_a_missing_store(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         main(["ui", "--results", str(tmp_path / "results" / "none")])
     assert "no MLflow store there (run the study first" in capsys.readouterr().err
+
+
+def _session(sid: int) -> set[int]:
+    """The running (not zombie) processes of session ``sid``, from /proc."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # state, ppid, pgrp, session, ...
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            found.add(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.slow  # a real MLflow server: 20-30 s on 2 cores
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the processes from /proc")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_signal_to_finetail_ui_stops_every_process_of_its_mlflow_server(template, tmp_path, sig):
+    """Issue 26: a process manager's SIGTERM (or a closed terminal's SIGHUP) to `finetail ui`
+    left `mlflow ui`, its job runner and their workers running, holding the port. `finetail ui`
+    starts in a session of its own here (as under a process manager): every process it starts
+    is in that session, wherever it is reparented."""
+    res, _ = _copy(template, tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    with open(tmp_path / "ui.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "finetail.cli", "ui", "--results", str(res), "--port", str(port)],
+                                stdout=subprocess.DEVNULL, stderr=log, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
+                    break
+            except OSError:
+                assert proc.poll() is None, (tmp_path / "ui.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "the MLflow UI did not answer /health in 180 s"
+                time.sleep(0.5)
+        time.sleep(2)  # the server's workers and the job runner's consumers come up after /health
+        assert len(_session(proc.pid) - {proc.pid}) >= 3  # mlflow ui, uvicorn and its workers at least
+
+        proc.send_signal(sig)
+        code = proc.wait(timeout=60)
+        left = _session(proc.pid)
+        assert not left, [Path(f"/proc/{pid}/cmdline").read_bytes()[:120] for pid in left]
+        assert code == 128 + sig  # stopped by that signal, as a shell reports it
+        with socket.socket() as s:  # the port is free: nothing listens there any more
+            assert s.connect_ex(("127.0.0.1", port)) != 0
+    finally:
+        for pid in _session(proc.pid):  # what this test started, should anything be left
+            os.kill(pid, signal.SIGKILL)

@@ -5,14 +5,13 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from finetail.training.checkpoint import load_checkpoint
 
 from conftest import assert_same_weights, write_toy_manifest
+from helpers import kill_after_epoch
 
 pytestmark = pytest.mark.slow  # starts training subprocesses
 
@@ -36,26 +35,10 @@ def _cmd(manifest, tmp_path, name):
             "--save-model", str(tmp_path / name / "model.pt"), "--device", "cpu"]
 
 
-def _kill_after_epoch(cmd, checkpoint, sig, min_epoch=2, timeout=120, env=None):
-    """Start ``cmd`` (with ``env``, default this process's), send ``sig`` once its checkpoint has
-    reached ``min_epoch``: its return code, output and the checkpoint it left."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if checkpoint.exists() and load_checkpoint(checkpoint)["epoch"] >= min_epoch:
-            break
-        if proc.poll() is not None:
-            pytest.fail("training ended before it could be killed:\n" + proc.stdout.read())
-        time.sleep(0.02)
-    proc.send_signal(sig)
-    out, _ = proc.communicate(timeout=60)
-    return proc.returncode, out, load_checkpoint(checkpoint)
-
-
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_killed_training_resumes_to_identical_weights(manifest, tmp_path, sig):
     ck = tmp_path / "killed" / "ck" / "last.pt"
-    rc, out, state = _kill_after_epoch(_cmd(manifest, tmp_path, "killed"), ck, sig)
+    rc, out, state = kill_after_epoch(_cmd(manifest, tmp_path, "killed"), ck, sig)
     if sig == signal.SIGTERM:
         assert rc == 143, out  # checkpointed and exited on its own
         assert "SIGTERM received" in out

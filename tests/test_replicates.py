@@ -122,7 +122,7 @@ def test_old_seeds_keys_are_refused_with_what_replaced_them(tmp_path):
 def test_default_study_dry_run_reseeds_every_stage(tmp_path):
     """The default study plans each replicate's world (world seed + r), long-tailed subset
     (longtail seed + r), feature network (seed r) and random draw (seed + r)."""
-    from test_workflow import snakemake
+    from helpers import snakemake
 
     cfg = load_config("config.yaml")
     r = snakemake(tmp_path, cfg, "-n", "-p")
@@ -209,7 +209,7 @@ SUBSET_FIXED = ["world", "features", "random", "training"]  # the long-tailed su
 
 @pytest.fixture(scope="module")
 def two_replicates(tmp_path_factory):
-    from test_workflow import TINY, planned, snakemake
+    from helpers import TINY, planned, snakemake
 
     cfg = json.loads(json.dumps(TINY))
     cfg.pop("cbloss_natural")

@@ -5,8 +5,6 @@ which ``.ci/run`` does). Without one the test is skipped, except under CI, where
 """
 
 import json
-import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -16,10 +14,10 @@ import pytest
 import yaml
 
 from conftest import ROOT
+from helpers import PROFILE, require_slurm
 
 pytestmark = pytest.mark.slow
 
-PROFILE = ROOT / "workflow" / "profiles" / "slurm"
 RECIPE = {"model": "resnet8", "width": 4, "epochs": 2, "batch_size": 32, "lr": 0.05, "warmup_epochs": 1,
           "milestones": [1], "lr_factors": [0.1], "eval_every": 1, "crop_pad": 2}
 STUDY = {
@@ -48,19 +46,6 @@ STUDY = {
 }
 
 
-def slurm_up() -> str | None:
-    """None when a Slurm controller answers and has an idle node, else why not."""
-    if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
-        return "Slurm client tools are not installed (.ci/slurm-local install)"
-    try:
-        r = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
-    except subprocess.TimeoutExpired:
-        return "sinfo timed out"
-    if r.returncode != 0 or not any(s.startswith(("idle", "mixed", "alloc")) for s in r.stdout.split()):
-        return f"no Slurm node is up (sinfo: {(r.stdout + r.stderr).strip()!r}; .ci/slurm-local start)"
-    return None
-
-
 def slurm_jobs(workdir: Path) -> dict[str, dict]:
     """Slurm's record of the jobs submitted from ``workdir``: comment (rule_<rule>[_wildcards_...]) -> fields."""
     r = subprocess.run(["scontrol", "show", "job", "-o"], capture_output=True, text=True, check=True)
@@ -70,15 +55,6 @@ def slurm_jobs(workdir: Path) -> dict[str, dict]:
         if fields.get("WorkDir") == str(workdir) and fields.get("Comment", "").startswith("rule_"):
             jobs[fields["Comment"]] = fields
     return jobs
-
-
-def require_slurm(what: str) -> None:
-    """Skip when no Slurm answers; under CI=true fail instead: CI must run ``what``."""
-    why = slurm_up()
-    if why:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run {what}: {why}")
-        pytest.skip(why)
 
 
 @pytest.fixture(scope="module")

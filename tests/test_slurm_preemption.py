@@ -28,7 +28,7 @@ import torch
 import yaml
 
 from conftest import ROOT, assert_same_weights, toy_images
-from test_slurm import PROFILE, require_slurm
+from helpers import PROFILE, require_slurm
 
 pytestmark = pytest.mark.slow
 

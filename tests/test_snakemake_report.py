@@ -2,7 +2,8 @@
 opened in headless Chromium; and the study's MLflow store, copied elsewhere, in the MLflow UI.
 
 Chromium is Debian's ``chromium`` package (.ci/run installs it); without it the browser tests
-are skipped and say so, the checks of the report file itself still run.
+are skipped and say so (the checks of the report file and of the UI's REST API still run), and
+under CI they fail (``conftest.require``).
 """
 
 import json
@@ -20,7 +21,7 @@ import pandas as pd
 import pytest
 import yaml
 from chromium import Chromium, find_chromium, png_is_blank, png_size
-from conftest import ROOT
+from conftest import ROOT, require
 
 from finetail.report_files import CATEGORIES, commit_label, halves_of, report_files
 
@@ -53,8 +54,7 @@ STUDY = {
     },
 }
 CHROMIUM = find_chromium()
-needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (Debian: apt-get install chromium; "
-                                                               ".ci/run installs it)")
+NO_CHROMIUM = "no chromium on PATH (Debian: apt-get install chromium; .ci/run installs it)"
 
 
 def snakemake(workdir: Path, config: dict, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -121,10 +121,10 @@ def test_the_report_holds_every_table_and_figure_with_its_caption_and_commit(stu
         assert commit in desc
 
 
-@needs_chromium
 def test_the_report_renders_in_headless_chromium(study, tmp_path):
     """Open report.html as a person would: each category, each subcategory, each result's view
     button; figures must load as images of their PNG's size, tables as HTML tables."""
+    require(CHROMIUM, NO_CHROMIUM)
     t0 = time.monotonic()
     pngs = {p.name: p for p in (study / "results" / "rep").rglob("*.png")}
     with Chromium(CHROMIUM) as browser:
@@ -252,6 +252,8 @@ def test_a_copied_study_keeps_its_artifacts_in_the_mlflow_ui(study, tmp_path):
             except OSError:
                 assert proc.poll() is None, (tmp_path / "ui.log").read_text()[-3000:]
                 time.sleep(0.5)
+        else:
+            pytest.fail("the MLflow UI did not answer /health in 2 minutes:\n" + (tmp_path / "ui.log").read_text()[-3000:])
         log = (tmp_path / "ui.log").read_text()
         assert "artifact location file://" in log and f"-> {(copy / 'mlartifacts').as_uri()}, 7 run(s) moved" in log
         for run_id in prov["run_id"]:
@@ -279,3 +281,4 @@ def test_a_copied_study_keeps_its_artifacts_in_the_mlflow_ui(study, tmp_path):
     original = MlflowClient(f"sqlite:///{study / 'results' / 'rep' / 'mlflow.db'}")
     exp = original.get_experiment_by_name("finetail-rep")
     assert exp.artifact_location == (study / "results" / "rep" / "mlartifacts").resolve().as_uri()
+    require(CHROMIUM, NO_CHROMIUM + ": the printed URL was not opened in a browser")

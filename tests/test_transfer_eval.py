@@ -167,12 +167,17 @@ def test_best_score_claim_says_plainly_when_no_score_leads_beyond_noise():
     # claims.csv: p vs q, and the pooled "best over every other score" (Holm over one rival: its raw p)
     assert [r.claim for r in rows] == ["transfer:score:p-vs-q:tau", "transfer:best_score:p"]
     assert rows[0].p_holm == pytest.approx(rows[1].p_holm)
-    # p leads q on both seeds by a wide margin, but with two seeds and unequal gaps the t interval
-    # decides: check the verdict matches the paired test directly
-    from finetail.stats import paired_difference
-
-    d = paired_difference([per_seed["p"][s] for s in (0, 1)], [per_seed["q"][s] for s in (0, 1)])
-    assert ("no score beats the others" in claim) == (not d.excludes_zero())
+    # By hand: mean within-target tau per replicate, p: seed 0 (1 + 1) / 2 = 1, seed 1 (2/3 + 1) / 2
+    # = 5/6 (a and b swapped on t1: 5 concordant, 1 discordant of 6 pairs); q the negatives. p - q:
+    # 2 and 5/3, mean 11/6, std (1/3) / sqrt(2); t(0.975, 1 df) = 12.706, so the interval is
+    # 11/6 +- 12.706 * (1/3) / 2 = [-0.284, 3.951]: it holds 0, a lead on both replicates but not clear;
+    # t = (11/6) / (1/6) = 11, p = 1 - 2 atan(11) / pi = 0.0577.
+    assert per_seed["p"] == {0: pytest.approx(1.0), 1: pytest.approx(5 / 6)}
+    assert per_seed["q"] == {0: pytest.approx(-1.0), 1: pytest.approx(-5 / 6)}
+    r = rows[0]
+    assert (r.estimate, r.low, r.high) == pytest.approx((11 / 6, -0.2844, 3.9510), abs=1e-4)
+    assert r.verdict == "not clear" and r.p_holm == pytest.approx(1 - 2 * math.atan(11) / math.pi)
+    assert "**no score beats the others** beyond replicate noise" in claim
     # two scores with identical rankings: never a winner beyond noise
     same = score_pairs(_scores({"p": {"t1": [1, 2, 3, 4], "t2": [4, 3, 2, 1]},
                                 "p2": {"t1": [2, 3, 4, 5], "t2": [5, 4, 3, 2]}}), _acc())

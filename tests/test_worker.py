@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 from conftest import ROOT, assert_same_weights, write_toy_manifest
-from test_preemption import _kill_after_epoch
+from helpers import kill_after_epoch
 
 from finetail.training.checkpoint import load_checkpoint
 from finetail.worker import ENV, LocalWorker, socket_path, starting_path, wanted
@@ -134,7 +134,7 @@ def test_worker_and_in_process_give_identical_results(worker, manifest, tmp_path
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_signal_through_the_worker_checkpoints_and_resumes(worker, manifest, tmp_path, sig):
     ck = tmp_path / "killed" / "ck" / "last.pt"
-    rc, out, _ = _kill_after_epoch(_train_cmd(manifest, tmp_path, "killed"), ck, sig, env=_env(worker.path))
+    rc, out, _ = kill_after_epoch(_train_cmd(manifest, tmp_path, "killed"), ck, sig, env=_env(worker.path))
     assert "in-process" not in out
     if sig == signal.SIGTERM:
         assert rc == 143, out  # the job checkpointed and exited on its own
@@ -228,7 +228,7 @@ def test_a_worker_refuses_a_client_it_cannot_stand_for(worker):
 # --------------------------------------------------------------------------- the workflow
 def _study(name: str, epochs: int) -> dict:
     """test_workflow's tiny study, long-tail half only, one imbalance factor."""
-    from test_workflow import TINY
+    from helpers import TINY
 
     cb = TINY["cbloss"] | {"imbalance": [4], "recipe": TINY["cbloss"]["recipe"] | {"epochs": epochs}}
     keep = {k: v for k, v in TINY.items() if k not in ("cbloss_natural", "transfer")}

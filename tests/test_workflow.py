@@ -16,58 +16,9 @@ from finetail.longtail import class_counts
 from finetail.fileio import file_sha256
 
 from conftest import ROOT
+from helpers import TINY, planned, snakemake
 
 pytestmark = pytest.mark.slow
-
-TINY = {
-    "study": "tiny",
-    "replicates": {"count": 2},  # each reseeds the world, the long-tailed subsets, the random draw, training
-    "world": {"seed": 0, "image_size": 16},
-    "datasets": {"gen10": {"kind": "world", "train_per_class": 40, "test_per_class": 10}},
-    "cbloss": {
-        "datasets": ["gen10"],
-        "imbalance": [4, 10],
-        "losses": {"softmax": {"type": "softmax"}, "cb_focal": {"type": "focal", "beta": 0.99, "gamma": 0.5}},
-        "recipe": {"model": "resnet8", "width": 4, "epochs": 3, "batch_size": 32, "lr": 0.05, "warmup_epochs": 1,
-                   "milestones": [2], "lr_factors": [0.1], "eval_every": 1, "crop_pad": 2},
-    },
-    "shots": {"many": 30, "few": 10},
-}
-TINY["datasets"].update({d: {"kind": "world", "train_per_class": 12, "test_per_class": 6}
-                         for d in ("generic", "natural", "cub200", "stanford_cars")})
-TINY["cbloss_natural"] = {
-    "datasets": ["natural"],
-    "models": ["resnet8"],
-    "losses": {"softmax": {"type": "softmax"}, "cb_focal": {"type": "focal", "beta": 0.999, "gamma": 0.5}},
-    "recipe": TINY["cbloss"]["recipe"] | {"epochs": 1},
-}
-TINY["transfer"] = {
-    "sources": {"generic": ["generic"], "natural": ["natural"], "generic+natural": ["generic", "natural"]},
-    "selection": {"pool": ["generic", "natural"], "top_k": 3, "random": {"name": "random", "seed": 0}},
-    "targets": ["cub200", "stanford_cars"],
-    "features": {"model": "generic+natural"},
-    "similarity": {"min_source_images": 2},
-    "pretrain": {"recipe": TINY["cbloss"]["recipe"] | {"epochs": 1}},
-    "finetune": {"recipe": TINY["cbloss"]["recipe"] | {"epochs": 2}},
-}
-
-
-def snakemake(workdir: Path, config: dict, *args: str) -> subprocess.CompletedProcess:
-    cfg = workdir / "study.yaml"
-    cfg.write_text(yaml.safe_dump(config, sort_keys=False))
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(workdir),
-           "--configfile", str(cfg), "--cores", "2", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-
-
-def planned(result: subprocess.CompletedProcess) -> dict[str, int]:
-    """Job counts from a dry run's 'Job stats' table."""
-    out = result.stdout + result.stderr
-    if "Nothing to be done" in out:
-        return {}
-    table = out.split("Job stats:", 1)[1].split("\n\n", 1)[0]
-    return {m[0]: int(m[1]) for m in re.findall(r"^(\w+)\s+(\d+)$", table, flags=re.M) if m[0] != "total"}
-
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):

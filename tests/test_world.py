@@ -123,10 +123,12 @@ def test_balanced(name, n_classes):
 def test_natural_long_tailed():
     ds = generate("natural", W16, train_per_class=40, test_per_class=1)
     counts = ds.class_info.train_count.to_numpy()
-    c = len(counts)
-    expected = [max(1, int(40 * 0.1 ** (i / (c - 1)))) for i in range(c)]
-    assert sorted(counts, reverse=True) == expected
-    assert counts.max() == 40 and counts.min() == 4
+    # 96 classes, class of rank r gets int(40 * 0.1 ** (r / 95)) images, worked out by hand:
+    # >= 20 while 0.1 ** (r / 95) >= 1/2, r <= 95 log10(2) = 28.6: 29 classes; >= 10 while
+    # r <= 95 log10(4) = 57.2: 58 classes; >= 5 while r <= 95 log10(8) = 85.8: 86 classes.
+    assert len(counts) == 96 and counts.max() == 40 and counts.min() == 4
+    assert [(counts >= n).sum() for n in (20, 10, 5)] == [29, 58, 86]
+    assert np.all(np.diff(np.sort(counts)) >= 0) and np.median(counts) == 12  # rank 47.5: 40 * 10 ** -0.5 = 12.6
     assert (ds.class_info.test_count == 1).all()
     # the head is not one family: ranks are shuffled across classes
     head = ds.class_info.nlargest(10, "train_count")
@@ -168,9 +170,14 @@ def test_targets_come_from_families_the_sources_cover():
 
 def test_class_renders_the_same_everywhere():
     shared = sorted(set(dataset_classes("cub200")) & set(dataset_classes("nabirds")))[0]
-    assert class_spec(shared, 0, 1.0) == class_spec(shared, 0, 1.0)
+    spec = class_spec(shared, 0, 1.0)
     a = generate("cub200", W16, 3, 1)
     b = generate("nabirds", W16, 3, 1)
+    # a pure function of (seed, detail, class): the same after both sets drew their images, and
+    # another seed or another species of the genus looks different
+    assert class_spec(shared, 0, 1.0) == spec
+    assert class_spec(shared, 1, 1.0) != spec
+    assert class_spec(shared[:-2] + f"{(int(shared[-2:]) + 1) % 16:02d}", 0, 1.0) != spec
     ia = a.images[(a.labels == a.class_names.index(shared)) & (a.split == "train")]
     ib = b.images[(b.labels == b.class_names.index(shared)) & (b.split == "train")]
     # each data set holds its own photographs of the species ...

@@ -141,6 +141,7 @@ def cmd_ui(a: argparse.Namespace) -> None:
     from .tracking import (
         mark_experiments,
         relocate_artifacts,
+        serve_ui,
         sqlite_uri,
         study_experiments,
         ui_command,
@@ -164,8 +165,8 @@ def cmd_ui(a: argparse.Namespace) -> None:
     if a.no_serve:
         print(shlex.join(cmd))
         return
-    log(f"starting the MLflow UI on http://{a.host}:{a.port} (Ctrl-C stops it)")
-    os.execv(cmd[0], cmd)
+    log(f"starting the MLflow UI on http://{a.host}:{a.port} (Ctrl-C or SIGTERM stops it and all its processes)")
+    raise SystemExit(serve_ui(cmd))
 
 
 def cmd_lineage(a: argparse.Namespace) -> None:
@@ -380,11 +381,13 @@ def main(argv: list[str] | None = None) -> None:
         if code is not None:
             raise SystemExit(code)
     from .errors import UserError
+    from .fileio import disk_full_is_one_line
     from .tracking import TrackingUnavailable
 
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        with disk_full_is_one_line():  # a full device, wherever it surfaced: one line, not a traceback
+            args.func(args)
     except (UserError, ValueError, FileNotFoundError, TrackingUnavailable) as e:
         if os.environ.get("FINETAIL_DEBUG"):
             raise

@@ -6,6 +6,8 @@
   file's bytes, streamed in 1 MiB blocks.
 - :func:`write_json`: JSON through :func:`atomic_write`; :func:`read_json`, its reader.
 - :func:`log`: the one timestamped stderr line every command reports with.
+- :func:`disk_full_error`: a write's exception as a one-line :class:`~finetail.errors.DiskFull`
+  when the device was full.
 
 Example
 -------
@@ -18,13 +20,15 @@ Example
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["atomic_write", "file_digest", "file_sha256", "log", "read_json", "write_json"]
+__all__ = ["atomic_write", "disk_full_error", "disk_full_is_one_line", "file_digest", "file_sha256", "log", "read_json", "write_json"]
 
 _CHUNK = 1 << 20
 ALGORITHMS = ("sha256", "md5")
@@ -68,8 +72,10 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
         os.chmod(tmp, _FILE_MODE)
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(path)  # a failed write() names no file: name the one being written
         raise
 
 
@@ -124,3 +130,72 @@ def log(msg: str) -> None:
     import time
 
     print(f"[finetail {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_SQLITE_FULL = "database or disk is full"  # SQLITE_FULL as sqlite3, SQLAlchemy and MLflow word it
+
+
+def disk_full_error(exc: BaseException, folders=()):
+    """``exc`` as a one-line :class:`~finetail.errors.DiskFull` when it, or an exception it was
+    raised from or while handling, says the device was full: an ``OSError`` with ``ENOSPC`` or
+    ``EDQUOT``, or SQLite's "database or disk is full". None otherwise.
+
+    The folder named is the parent of the file the ``OSError`` names, else the one of
+    ``folders`` (the places the command writes to) whose device has the least room left.
+    """
+    from .errors import DiskFull
+
+    seen: set[int] = set()
+    found = None
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, DiskFull):
+            return exc
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL_ERRNOS:
+            found = exc
+            break
+        if _SQLITE_FULL in str(exc):
+            found = exc
+            break
+        exc = exc.__cause__ or exc.__context__
+    if found is None:
+        return None
+    if isinstance(found, OSError):
+        detail = os.strerror(found.errno)
+        folder = Path(os.fsdecode(found.filename)).parent if found.filename else _least_room(folders)
+    else:
+        detail, folder = _SQLITE_FULL, _least_room(folders)
+    return DiskFull(None if folder is None else str(folder), detail)
+
+
+@contextlib.contextmanager
+def disk_full_is_one_line(folders=()) -> Iterator[None]:
+    """Raise a full device met in the block as :class:`~finetail.errors.DiskFull` (a user
+    error: one line), naming the folder as :func:`disk_full_error` does; other errors pass."""
+    try:
+        yield
+    except Exception as e:
+        full = disk_full_error(e, folders)
+        if full is None or full is e:
+            raise
+        raise full from e
+
+
+def _least_room(folders) -> Path | None:
+    """Of ``folders`` (each taken as its nearest existing ancestor), the one whose device has
+    the fewest bytes free; None for no folders."""
+    best, least = None, None
+    for folder in folders:
+        folder = Path(folder).absolute()
+        probe = folder
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        try:
+            st = os.statvfs(probe)
+        except OSError:
+            continue
+        room = st.f_bavail * st.f_frsize
+        if least is None or room < least:
+            best, least = folder, room
+    return best

@@ -20,13 +20,14 @@ training job's. A rerun of the same job (same inputs, settings and code) continu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import time
 from pathlib import Path
 
-from .fileio import file_sha256, log, write_json
+from .fileio import disk_full_is_one_line, file_sha256, log, write_json
 from .training.job import add_run_args
 
 __all__ = ["add_posthoc_args", "evaluate_cell", "launch", "load_cell", "parse_tau_grid", "posthoc_spec"]
@@ -103,7 +104,8 @@ def launch(a: argparse.Namespace) -> None:
     from .training.job import tracking_uri
 
     spec = posthoc_spec(a)
-    with TrackerProcess(tracking_uri(a), a.experiment, artifact_root=Layout.at(a.study_dir).artifacts()) as tracker:
+    with disk_full_is_one_line([a.out_dir, a.study_dir]), \
+            TrackerProcess(tracking_uri(a), a.experiment, artifact_root=Layout.at(a.study_dir).artifacts()) as tracker:
         _run(a, spec, tracker)
 
 
@@ -296,7 +298,10 @@ def _run(a: argparse.Namespace, spec: dict, tracker) -> None:
         tracker.log_artifacts(list(written.values()))
         tracker.end("FINISHED")
     except BaseException:
-        tracker.end("FAILED")
+        from .errors import DiskFull
+
+        with contextlib.suppress(DiskFull):  # on a full device this fails too: report the first error
+            tracker.end("FAILED")
         raise
     os.replace(partial, out / METRICS_JSON)
     how = f"plugin {spec['plugin']}" if choice is None else f"{a.method} at tau {choice.tau:g} ({choice.source})"

@@ -34,6 +34,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
 import pickle
@@ -49,7 +50,7 @@ from pathlib import Path
 from typing import Self
 from urllib.parse import unquote, urlparse
 
-from .fileio import log
+from .fileio import disk_full_error, log
 from .record import RESUMED, flatten, job_params
 
 __all__ = [
@@ -67,6 +68,7 @@ __all__ = [
     "git_commit",
     "mark_experiments",
     "relocate_artifacts",
+    "serve_ui",
     "sqlite_path",
     "sqlite_uri",
     "store_exists",
@@ -359,6 +361,75 @@ def ui_command(db: str | os.PathLike, artifact_root: str | os.PathLike, host: st
             "--artifacts-destination", str(Path(artifact_root).resolve()), "--host", host, "--port", str(port)]
 
 
+def serve_ui(cmd: list[str], grace: float = 15.0) -> int:
+    """Run the MLflow UI (:func:`ui_command`) until it ends or this process is told to stop.
+
+    ``mlflow ui`` starts a uvicorn server with its workers, and a job runner with huey
+    consumers; a SIGTERM to ``mlflow ui`` alone leaves the job runner and its consumers
+    running, and ``mlflow ui`` waiting for them. So the UI runs in a process group of its own,
+    and SIGTERM, SIGHUP (a closed terminal, a process manager) and SIGINT (Ctrl-C) to this
+    process stop that whole group: SIGTERM to every member, SIGKILL to what is left after
+    ``grace`` seconds. The group is stopped the same way when the UI ends by itself (members
+    it left behind).
+
+    Returns
+    -------
+    int : the UI's exit status, or 128 + the signal that stopped it (143 for SIGTERM).
+    """
+    proc = subprocess.Popen(cmd, process_group=0)
+    received: list[int] = []
+
+    def stop(signum, _frame):
+        received.append(signum)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+
+    stops = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+    before = {s: signal.signal(s, stop) for s in stops}
+    try:
+        code = proc.wait()  # a handler that returns lets the wait go on (PEP 475)
+    finally:
+        _stop_group(proc.pid, grace)
+        for s, handler in before.items():
+            signal.signal(s, handler)
+    return 128 + received[0] if received else code
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether process group ``pgid`` has a member that is not a zombie (a zombie holds no
+    port; orphans' zombies wait for init to reap them)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # ended while we looked
+        if int(fields[2]) == pgid and fields[0] != "Z":  # fields after the name: state, ppid, pgrp
+            return True
+    return False
+
+
+def _stop_group(pgid: int, grace: float) -> None:
+    """SIGTERM to every process of group ``pgid``, SIGKILL to those alive after ``grace`` s."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if not _group_alive(pgid):
+            return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
 class Tracker:
     """One MLflow run for one training job.
 
@@ -625,15 +696,37 @@ class TrackerProcess:
         self.close()
 
 
+class _NotDiskFull(logging.Filter):
+    """Drops MLflow's own log record of a database error that is a full device: the error is
+    raised to the job anyway, as one line (:class:`~finetail.errors.DiskFull`), and MLflow's
+    record of it is a traceback of its own."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and disk_full_error(record.exc_info[1]))
+
+
+def _as_user_error(e: Exception, folders: list[Path]) -> Exception:
+    """A full device as :class:`~finetail.errors.DiskFull` (naming the folder of ``folders``
+    with the least room), with the original as its cause; anything else unchanged."""
+    full = disk_full_error(e, folders)
+    if full is None:
+        return e
+    full.__cause__ = e  # in the traceback note _send adds (FINETAIL_DEBUG=1 shows it)
+    return full
+
+
 def _serve_tracker(conn, parent_end, uri: str, experiment: str, artifact_root) -> None:
     """The child of :class:`TrackerProcess`: build the Tracker, then serve calls until the pipe closes."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the parent ends the run, then the pipe
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent_end.close()  # else the pipe would never close while this process lives
+    logging.getLogger("mlflow.store.db.utils").addFilter(_NotDiskFull())
+    db = sqlite_path(uri)
+    folders = [Path(p) for p in (db.parent if db else None, artifact_root) if p]  # where the store writes
     try:
         tracker = Tracker(uri, experiment, artifact_root=artifact_root)
     except Exception as e:  # noqa: BLE001 - raised again in the parent
-        _send(conn, False, e)
+        _send(conn, False, _as_user_error(e, folders))
         return
     if not _send(conn, True, tracker.uri):
         return
@@ -645,7 +738,7 @@ def _serve_tracker(conn, parent_end, uri: str, experiment: str, artifact_root) -
         try:
             reply = (True, getattr(tracker, method)(*args, **kwargs))
         except Exception as e:  # noqa: BLE001 - raised again in the parent
-            reply = (False, e)
+            reply = (False, _as_user_error(e, folders))
         if not _send(conn, *reply):
             return
 

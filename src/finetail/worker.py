@@ -706,7 +706,9 @@ class LocalWorker:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> str:
-        """Start the worker; returns its socket path (for ``FINETAIL_WORKER``)."""
+        """Start the worker; returns its socket path (for ``FINETAIL_WORKER``). Raises
+        ``OSError`` (the worker stopped again) when its files cannot be written, e.g. on a
+        full device: the workflow then runs its jobs in-process."""
         self.log.parent.mkdir(parents=True, exist_ok=True)
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "finetail.worker", "serve", "--socket", self.path, "--parent", str(os.getpid())]
@@ -714,7 +716,11 @@ class LocalWorker:
         with open(self.log, "a") as log:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
                                          start_new_session=True, close_fds=True)
-        Path(starting_path(self.path)).write_text(f"{self.proc.pid}\n")  # jobs wait for the import
+        try:
+            Path(starting_path(self.path)).write_text(f"{self.proc.pid}\n")  # jobs wait for the import
+        except OSError:
+            self.stop()
+            raise
         return self.path
 
     def stop(self, timeout: float = 40.0) -> int | None:

@@ -22,8 +22,14 @@ def start_local_worker():
     global LOCAL_WORKER
     if not worker_wanted() or not workflow.local_exec or workflow.exec_mode != ExecMode.DEFAULT or workflow.touch:
         return
-    LOCAL_WORKER = LocalWorker(socket_path(L.root), L.log("worker", "worker"))
-    os.environ[WORKER_ENV] = LOCAL_WORKER.start()
+    worker = LocalWorker(socket_path(L.root), L.log("worker", "worker"))
+    try:
+        path = worker.start()
+    except OSError as e:  # e.g. a full device: the jobs say so themselves, in one line each
+        logger.warning(f"finetail worker not started ({e}): jobs run in-process")
+        return
+    LOCAL_WORKER = worker
+    os.environ[WORKER_ENV] = path
     atexit.register(stop_local_worker)
     logger.info(f"finetail worker: {LOCAL_WORKER.path} (pid {LOCAL_WORKER.proc.pid}, log {LOCAL_WORKER.log})")
 

@@ -22,6 +22,7 @@ Example
 from __future__ import annotations
 
 import gzip
+import hashlib
 import http.client
 import json
 import lzma
@@ -51,8 +52,9 @@ __all__ = [
     "ManualDownloadRequired",
     "UnsafeArchiveError",
     "archive_kind",
-    "download",
+    "cache_dir",
     "cached_file_digest",
+    "download",
     "safe_extract",
     "verify",
 ]
@@ -107,15 +109,27 @@ class ManualDownloadRequired(UserError, FileNotFoundError):
 # ----------------------------------------------------------------------------- digests
 
 
+def cache_dir() -> Path:
+    """finetail's cache folder: ``$XDG_CACHE_HOME/finetail`` (default ``~/.cache/finetail``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "finetail"
+
+
 def _cache_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.digests.json")
+    """The digest cache of ``path`` (made absolute, links resolved): one JSON file under
+    :func:`cache_dir` named by the sha256 of that path, never a file beside the data."""
+    name = hashlib.sha256(str(path.resolve()).encode()).hexdigest()
+    return cache_dir() / "digests" / f"{name}.json"
 
 
 def cached_file_digest(path: str | Path, algorithm: str = "sha256") -> str:
-    """:func:`finetail.fileio.file_digest`, cached next to the file by (size, mtime).
+    """:func:`finetail.fileio.file_digest`, cached by (device, inode, size, mtime, ctime).
 
-    Hashing a 150 GB archive takes minutes, so the digest is remembered in a hidden sidecar
-    ``.<name>.digests.json`` and recomputed only when the file's size or mtime changed.
+    Hashing a 150 GB archive takes minutes, so the digest is remembered in finetail's cache
+    folder (:func:`cache_dir`; one file per path, named by the sha256 of the resolved path)
+    and recomputed only when the file at that path is another file or changed. Nothing is
+    written beside the file: data folders may be shared or read-only. A cache that cannot be
+    written (a read-only home) only costs the next call a rehash.
 
     Parameters
     ----------
@@ -131,24 +145,23 @@ def cached_file_digest(path: str | Path, algorithm: str = "sha256") -> str:
     """
     path = Path(path)
     st = path.stat()
-    key = [st.st_size, st.st_mtime_ns]
+    key = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
     cache = _cache_path(path)
     data: dict = {}
-    if cache.exists():
-        try:
-            data = json.loads(cache.read_text())
-        except (OSError, ValueError):
-            data = {}
-        if data.get("key") != key:
-            data = {}
+    try:
+        data = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        data = {}
+    if not isinstance(data, dict) or data.get("key") != key or data.get("path") != str(path.resolve()):
+        data = {}
     if algorithm not in data:
         data[algorithm] = file_digest(path, algorithm)
-        data["key"] = key
+        data.update(path=str(path.resolve()), key=key)
         text = json.dumps(data)
         try:
             atomic_write(cache, lambda tmp: tmp.write_text(text))
         except OSError:
-            pass  # a read-only folder: the digest is still correct, just not cached
+            pass  # a cache folder that cannot be written: the digest is still correct, just not cached
     return data[algorithm]
 
 

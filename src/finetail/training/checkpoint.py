@@ -51,7 +51,14 @@ __all__ = [
 
 def save_state(obj: dict, path: str | Path) -> None:
     """``torch.save`` a dict of state_dicts atomically (checkpoints, model.pt)."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    atomic_write(path, lambda tmp: _save(obj, tmp))
+
+
+def _save(obj: dict, path: Path) -> None:
+    """``torch.save`` through a Python file: a full device raises ``OSError`` (``ENOSPC``),
+    not the "unexpected pos" RuntimeError of torch's own file writer."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def load_checkpoint(path: str | Path) -> dict:

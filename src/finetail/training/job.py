@@ -13,6 +13,7 @@ start-up overlaps torch's instead of following it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..fileio import file_sha256, log, write_json
+from ..fileio import disk_full_is_one_line, file_sha256, log, write_json
 
 __all__ = ["add_run_args", "add_train_args", "holdout_of", "launch", "load_splits", "per_class_table", "run_job", "run_name",
            "split_subset", "tracking_uri", "train_argv"]
@@ -90,11 +91,14 @@ def launch(a: argparse.Namespace) -> None:
     try:
         from .. import distributed
 
-        dev = distributed.init(a.device)
-        try:
-            run_job(a, dev, tracker)
-        finally:
-            distributed.teardown()
+        # A full device is one line naming the folder (the result folder, the checkpoint's or
+        # the study's, whichever has the least room when the failed write named no file).
+        with disk_full_is_one_line([a.out_dir, Path(a.checkpoint).parent, a.study_dir]):
+            dev = distributed.init(a.device)
+            try:
+                run_job(a, dev, tracker)
+            finally:
+                distributed.teardown()
     finally:
         if tracker is not None:
             tracker.close()
@@ -416,7 +420,12 @@ def run_job(a: argparse.Namespace, dev, tracker) -> None:
         run.tracker.end("KILLED")
         raise SystemExit(143) from None
     except BaseException:
-        run.tracker.end("FAILED")
+        from ..errors import DiskFull
+
+        # On a full device marking the run FAILED fails too: the error that stopped the job
+        # is the one to report (the rerun continues this run and finishes it).
+        with contextlib.suppress(DiskFull):
+            run.tracker.end("FAILED")
         raise
     wall = time.perf_counter() - t0
     final = _write_results(a, job, run, res, wall)
