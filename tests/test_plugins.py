@@ -27,7 +27,7 @@ from finetail.plugins import (
 )
 
 from conftest import ROOT
-from test_workflow import TINY, planned, snakemake
+from helpers import TINY, planned, snakemake
 
 EXAMPLE = ROOT / "examples" / "finetail-extras"
 
